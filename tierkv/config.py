@@ -1,0 +1,94 @@
+"""Engine configuration and the parsing of human-readable sizes such as ``"4GiB"``."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte count: an int, or a string such as ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(
+            f"cannot parse size {value!r}: use bytes or a number with one of "
+            "B, KB, MB, GB, KiB, MiB, GiB, TiB (e.g. '2GiB')"
+        )
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes one engine instance.
+
+    Attributes:
+        model: path to a local Hugging Face model folder.
+        dtype: compute dtype of the weights and activations; ``auto`` picks the fastest
+            measured choice for the device (see ``resolve_dtype``).
+        kv_cache_memory: bytes given to the KV page pool (int or string such as ``"2GiB"``).
+        max_model_len: longest sequence (prompt + output); defaults to the model's
+            ``max_position_embeddings``.
+        max_num_seqs: most requests running at once.
+        max_num_batched_tokens: token budget of one engine step (prefill chunks + decodes).
+        seed: seed of the engine's sampler for requests that carry no seed of their own.
+        kv_policy: KV cache policy of requests that do not choose one.
+        page_bytes: size of one KV page; ``None`` sizes it from the head dim.
+    """
+
+    model: str
+    dtype: str = "auto"
+    kv_cache_memory: int | str = "1GiB"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    seed: int = 0
+    kv_policy: str = "fp16"
+    page_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
+        """Build a config from keyword arguments, refusing unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown engine argument(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(known))}"
+            )
+        return cls(model=model, **kwargs)

@@ -1,0 +1,1 @@
+"""Requests, scheduling, the model runner, the step loop and the offline API."""

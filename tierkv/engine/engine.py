@@ -1,0 +1,242 @@
+"""Engine: ``step()`` = schedule -> run the model -> sample -> emit outputs."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from tierkv.config import EngineConfig
+from tierkv.engine.request import CompletionOutput, Request, RequestOutput
+from tierkv.engine.runner import ModelRunner
+from tierkv.engine.scheduler import Scheduler
+from tierkv.kv.attention import PagedAttention
+from tierkv.kv.policy import KVPolicy
+from tierkv.kv.pool import PagePool
+from tierkv.kv.quant import default_page_bytes
+from tierkv.kv.store import KVStore
+from tierkv.model.decoder import Decoder
+from tierkv.model.loader import ModelSpec, load_weights, read_spec
+from tierkv.sampling import Logprob, SampleRow, SamplingParams, sample
+from tierkv.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The compute dtype for a ``dtype`` option.
+
+    ``auto`` is bfloat16: on this project's reference CPU (AVX512-BF16) the engine decodes
+    faster in bfloat16 than in float32 (see BENCHMARKS.md), and it halves weight memory.
+    """
+    return torch.bfloat16 if name == "auto" else _DTYPES[name]
+
+
+class Engine:
+    """A model, its KV cache and a scheduler, driven one step at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.spec: ModelSpec = read_spec(config.model)
+        self.dtype = resolve_dtype(config.dtype)
+        self.tokenizer = Tokenizer(config.model)
+        self.model = Decoder(self.spec, self.dtype)
+        load_weights(self.model, config.model)
+        self.policy = KVPolicy.parse(config.kv_policy)
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+
+        page_bytes = config.page_bytes or default_page_bytes(self.spec.head_dim)
+        layout = self.policy.high.layout(self.spec.head_dim, self.dtype, page_bytes)
+        num_pages = config.kv_cache_memory // page_bytes
+        if num_pages < 1:
+            raise ValueError(
+                f"kv_cache_memory={config.kv_cache_memory} bytes is smaller than one "
+                f"{page_bytes}-byte KV page"
+            )
+        pool = PagePool(num_pages, page_bytes)
+        self.store = KVStore(
+            pool,
+            layout,
+            self.spec.num_layers,
+            self.spec.num_kv_heads,
+            config.max_num_seqs,
+            self.max_model_len,
+        )
+        needed = self.store.pages_for(self.max_model_len)
+        if needed > num_pages:
+            raise ValueError(
+                f"the KV pool ({num_pages} pages of {page_bytes} bytes = "
+                f"{config.kv_cache_memory} bytes) cannot hold even one request of "
+                f"max_model_len={self.max_model_len} tokens, which needs {needed} pages "
+                f"({needed * page_bytes} bytes); raise kv_cache_memory or lower max_model_len"
+            )
+        self.scheduler = Scheduler(self.store, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model, PagedAttention(self.store, list(self.spec.sliding_windows))
+        )
+        self._seed_source = torch.Generator().manual_seed(config.seed)
+        self._groups: dict[str, tuple[str | None, list[Request]]] = {}
+        self._ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id."""
+        params = params or SamplingParams()
+        if params.kv_policy is not None and KVPolicy.parse(params.kv_policy) != self.policy:
+            raise ValueError(
+                f"per-request kv_policy {params.kv_policy!r} differs from the engine's "
+                f"{self.policy.name!r}; only the engine policy is supported so far"
+            )
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        children = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._draw_seed()
+            req = Request(
+                request_id=f"{request_id}-{i}",
+                prompt=text,
+                prompt_token_ids=ids,
+                params=params,
+                generator=torch.Generator().manual_seed(seed),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                max_tokens=max_tokens,
+            )
+            children.append(req)
+            self.scheduler.add(req)
+        self._groups[request_id] = (text, children)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its pages return to the pool at once. Unknown ids are ignored."""
+        group = self._groups.pop(request_id, None)
+        for req in group[1] if group else []:
+            if not req.finished:
+                req.finish_reason = "abort"
+                self.scheduler.finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
+                "(prompt plus at least one generated token must fit)"
+            )
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
+            )
+
+    def _draw_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the current output of every request group that advanced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.requests:
+            return []
+        sampling, logits = self.runner.execute(scheduled)
+        if sampling:
+            rows = [
+                SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
+                for r in sampling
+            ]
+            result = sample(logits, rows)
+            for req, token, logprobs in zip(sampling, result.tokens, result.logprobs, strict=True):
+                self._append(req, token, logprobs)
+        advanced = {r.request_id.rsplit("-", 1)[0] for r in sampling}
+        return [self._output(gid) for gid in advanced if gid in self._groups]
+
+    def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output_token_ids.append(token)
+        if logprobs is not None:
+            req.logprobs.append(
+                {
+                    t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t], False))
+                    for t, lp in logprobs.items()
+                }
+            )
+        params = req.params
+        if token in params.stop_token_ids or (
+            token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        ):
+            req.finish_reason = "stop"
+        else:
+            delta = req.detokenizer.add(token)
+            req.text += delta
+            cut = find_stop(req.text, params.stop_strings, len(delta)) if delta else None
+            if cut is not None:
+                req.text = req.text[:cut]
+                req.finish_reason = "stop"
+        if req.finish_reason is None and len(req.output_token_ids) >= req.max_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            self.scheduler.finish(req)
+
+    def _output(self, group_id: str) -> RequestOutput:
+        text, children = self._groups[group_id]
+        finished = all(r.finished for r in children)
+        if finished:
+            del self._groups[group_id]
+        return RequestOutput(
+            request_id=group_id,
+            prompt=text,
+            prompt_token_ids=children[0].prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=i,
+                    text=r.text,
+                    token_ids=list(r.output_token_ids),
+                    finish_reason=r.finish_reason,
+                    logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
+                )
+                for i, r in enumerate(children)
+            ],
+            finished=finished,
+        )
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def kv_stats(self) -> dict[str, Any]:
+        """KV pool and scheduler counters; bytes per token include all metadata."""
+        pool = self.store.pool
+        running = self.scheduler.running
+        held = sum(r.num_computed_tokens for r in running)
+        in_use = self.store.bytes_in_use()
+        return {
+            "policy": self.policy.name,
+            "total_pages": pool.num_pages,
+            "free_pages": pool.num_free,
+            "used_pages": pool.num_used,
+            "page_bytes": pool.page_bytes,
+            "tokens_per_page": self.store.tokens_per_page,
+            "kv_bytes_per_token": self.store.bytes_per_token(),
+            "kv_bytes_per_token_measured": in_use / held if held else None,
+            "kv_bytes_in_use": in_use,
+            "preemptions": self.scheduler.num_preemptions,
+            "running": len(running),
+            "waiting": len(self.scheduler.waiting),
+            "max_running": self.scheduler.max_running,
+        }

@@ -1,0 +1,114 @@
+"""Scheduler: continuous batching under a token budget, chunked prefill, admission by pages.
+
+Each step, running requests come first (decodes and unfinished prefill chunks, oldest first),
+then waiting requests are admitted in arrival order while the token budget, ``max_num_seqs``
+and the pool allow. Admission reserves the pages of the whole prompt, so a running prefill
+never stalls for memory; a decode that needs a new page and finds none preempts the newest
+running request, whose pages return to the pool and whose tokens are recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from tierkv.engine.request import Request, RequestStatus
+from tierkv.kv.store import KVStore
+
+
+@dataclass
+class SchedulerOutput:
+    """The requests of one step and how many new tokens each computes."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def add(self, req: Request, n: int) -> None:
+        self.requests.append(req)
+        self.num_new_tokens.append(n)
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def __init__(self, store: KVStore, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.store = store
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.max_running = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work and reserve the pages it needs."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._ensure_pages(req):
+                break  # `req` itself was preempted: every later request is gone too
+            out.add(req, n)
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if self.store.pages_for(req.num_tokens) > self.store.pool.num_free:
+                break  # first come, first served: nothing jumps the queue
+            self.waiting.popleft()
+            req.slot = self.store.acquire_slot()
+            req.status = RequestStatus.RUNNING
+            self._reserve(req)
+            self.running.append(req)
+            n = min(req.num_tokens, budget)
+            out.add(req, n)
+            budget -= n
+        self.max_running = max(self.max_running, len(self.running))
+        return out
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free its pages at once."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+
+    def _ensure_pages(self, req: Request) -> bool:
+        """Reserve pages for ``req``'s tokens, preempting newer requests while short.
+
+        Returns False when ``req`` itself had to be preempted.
+        """
+        while self.store.pages_to_grow(req.slot, req.num_tokens) > self.store.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        self._reserve(req)
+        return True
+
+    def _reserve(self, req: Request) -> None:
+        self.store.reserve(torch.tensor([req.slot]), torch.tensor([req.num_tokens]))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _release(self, req: Request) -> None:
+        self.store.release_slot(req.slot)
+        req.slot = None

@@ -1,0 +1,1 @@
+"""The KV cache: formats, the page pool, per-head page tables, policies and attention."""

@@ -1,0 +1,143 @@
+"""Attention over the paged store: the reference path (gather, mask, softmax) in plain torch.
+
+One engine step mixes decodes (one query token per request) and prefill chunks (many). Decodes
+are attended in one batched call; each prefill chunk attends alone, since chunks are few per step
+and differ in length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tierkv.kv.store import KVStore
+
+
+@dataclass
+class AttentionBatch:
+    """Where each token of a step comes from and goes to, built once per step by the runner.
+
+    Attributes:
+        token_slots: [N] store slot of each new token.
+        token_index: [N] index of each new token in its request (its position).
+        query_lens: new tokens per request, in batch order.
+        context_lens: tokens each request had stored before this step.
+        slots: [B] store slot of each request.
+        decode_rows: [Bd] requests (batch indices) with exactly one new token.
+        prefill_rows: requests with more than one new token.
+        query_starts: offset of each request's first token in the flat token list.
+    """
+
+    token_slots: torch.Tensor
+    token_index: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    slots: torch.Tensor
+    decode_rows: torch.Tensor
+    prefill_rows: list[int]
+    query_starts: list[int]
+
+    @classmethod
+    def build(cls, slots: list[int], context_lens: list[int], query_lens: list[int]) -> AttentionBatch:
+        """Describe a step in which request ``i`` adds ``query_lens[i]`` tokens to ``slots[i]``."""
+        starts, total = [], 0
+        for n in query_lens:
+            starts.append(total)
+            total += n
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        lens_t = torch.tensor(query_lens, dtype=torch.int64)
+        ctx_t = torch.tensor(context_lens, dtype=torch.int64)
+        token_slots = torch.repeat_interleave(slot_t, lens_t)
+        first = torch.repeat_interleave(ctx_t - torch.tensor(starts, dtype=torch.int64), lens_t)
+        return cls(
+            token_slots=token_slots,
+            token_index=first + torch.arange(total),
+            query_lens=list(query_lens),
+            context_lens=list(context_lens),
+            slots=slot_t,
+            decode_rows=torch.nonzero(lens_t == 1).flatten(),
+            prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
+            query_starts=starts,
+        )
+
+    @property
+    def decode_tokens(self) -> torch.Tensor:
+        """Flat token index of each decode row's token."""
+        return torch.tensor(self.query_starts, dtype=torch.int64)[self.decode_rows]
+
+
+class PagedAttention:
+    """Appends a step's keys and values to the store, then attends over everything kept."""
+
+    def __init__(self, store: KVStore, sliding_windows: list[int | None]) -> None:
+        self.store = store
+        self.sliding_windows = sliding_windows
+
+    def __call__(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
+        self.store.write(layer, batch.token_slots, batch.token_index, k, v)
+        out = torch.empty_like(q)
+        window = self.sliding_windows[layer]
+        if batch.decode_rows.numel():
+            rows = batch.decode_rows
+            tokens = batch.decode_tokens
+            lens = torch.tensor(batch.context_lens, dtype=torch.int64)[rows] + 1
+            out[tokens] = self._decode(layer, q[tokens], batch.slots[rows], lens, window)
+        for row in batch.prefill_rows:
+            start, n = batch.query_starts[row], batch.query_lens[row]
+            out[start : start + n] = self._prefill(
+                layer, q[start : start + n], int(batch.slots[row]), batch.context_lens[row], window
+            )
+        return out
+
+    def _decode(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+        window: int | None,
+    ) -> torch.Tensor:
+        keys, values = self.store.gather(layer, slots, int(lens.max()))
+        b, heads, length, dim = keys.shape
+        group = q.shape[1] // heads
+        pos = torch.arange(length)
+        visible = pos[None, :] < lens[:, None]
+        if window is not None:
+            visible &= pos[None, :] > (lens[:, None] - 1 - window)
+        # The query heads that share a KV head become the "query rows" of one attention call.
+        qg = q.view(b, heads, group, dim)
+        out = F.scaled_dot_product_attention(
+            qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :]
+        )
+        return out.reshape(b, heads * group, dim)
+
+    def _prefill(
+        self, layer: int, q: torch.Tensor, slot: int, context: int, window: int | None
+    ) -> torch.Tensor:
+        n = q.shape[0]
+        total = context + n
+        keys, values = self.store.gather(layer, torch.tensor([slot]), total)
+        keys, values = keys[:, :, :total], values[:, :, :total]
+        qpos = torch.arange(context, total)[:, None]
+        kpos = torch.arange(total)[None, :]
+        visible = kpos <= qpos
+        if window is not None:
+            visible &= kpos > qpos - window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=visible,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Checkpoint loading and the decoder shared by the supported model families."""

@@ -1,0 +1,120 @@
+"""One decoder for Llama, Mistral, Qwen2 and Qwen3, switched by the flags of a ModelSpec.
+
+The decoder works on a flat list of tokens from many requests (no padding). Attention is
+delegated to a callable that stores the step's keys and values and attends over what the KV
+cache keeps, so the decoder knows nothing of pages or precisions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from tierkv.kv.attention import AttentionBatch
+from tierkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from tierkv.model.loader import ModelSpec
+
+
+class AttentionBackend(Protocol):
+    """Stores a layer's new keys/values and returns attention over the cache."""
+
+    def __call__(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor: ...
+
+
+class Attention(nn.Module):
+    """Projections, optional q/k norm and rotary; the attention itself is the backend's."""
+
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, q_out, bias=spec.qkv_bias, dtype=dtype)
+        self.k_proj = nn.Linear(spec.hidden_size, kv_out, bias=spec.qkv_bias, dtype=dtype)
+        self.v_proj = nn.Linear(spec.hidden_size, kv_out, bias=spec.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(q_out, spec.hidden_size, bias=spec.o_bias, dtype=dtype)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+        self.qk_norm = spec.qk_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attend: AttentionBackend,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = attend(self.layer, q, k, v, batch)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attend: AttentionBackend,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attend, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The whole causal LM; parameter names follow Hugging Face's without the ``model.`` prefix."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.rope)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        self.requires_grad_(False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: AttentionBackend,
+        batch: AttentionBatch,
+        logits_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run tokens ``input_ids`` [N]; return float32 logits of the rows ``logits_rows``."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, attend, batch)
+        x = self.norm(x[logits_rows])
+        head = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        return (x @ head.T).float()

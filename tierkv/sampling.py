@@ -1,0 +1,199 @@
+"""SamplingParams (vLLM's names and defaults) and the batched sampler.
+
+Each request samples with its own ``torch.Generator`` (seeded from ``seed`` when given), and
+the random draw of a step depends only on that generator and the request's own logits, so a
+seeded request gives the same output alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completion.
+
+    Attributes follow vLLM: ``temperature`` 0 means greedy; ``top_k`` 0 or -1 means all tokens;
+    ``stop`` strings are matched on the detokenized text and excluded from the output;
+    ``logprobs`` asks for the top-N log-probabilities of each generated token (plus the
+    sampled one); ``n`` completions are generated per prompt.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    kv_policy: str | None = None
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= -1, f"top_k must be -1 (disable), 0 (disable) or positive, got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (
+                self.max_tokens is None or self.max_tokens >= 1,
+                f"max_tokens must be at least 1, got {self.max_tokens}",
+            ),
+            (
+                self.repetition_penalty > 0,
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            ),
+            (
+                -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                self.logprobs is None or self.logprobs >= 0,
+                f"logprobs must be >= 0, got {self.logprobs}",
+            ),
+            (all(s for s in self.stop_strings), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """Log-probability of one token, its rank in the distribution and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs of one request: its params, generator and token history."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class SampleResult:
+    """Sampled tokens [R] and, for rows that asked, their top log-probs."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+    """Pick the next token of each row of ``logits`` [R, V] (float32)."""
+    want_logprobs = [r.params.logprobs is not None for r in rows]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    logits = logits.clone()
+    for i, r in enumerate(rows):
+        if r.params.penalized:
+            _apply_penalties(logits[i], r)
+
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
+    greedy = temps == 0
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        sampled_rows = torch.nonzero(~greedy).flatten()
+        scaled = logits[sampled_rows] / temps[sampled_rows, None]
+        probs = _filtered_probs(scaled, [rows[int(i)].params for i in sampled_rows])
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with one independent
+        # draw per row from the row's own generator.
+        noise = torch.stack(
+            [
+                torch.empty(probs.shape[1]).exponential_(generator=rows[int(i)].generator)
+                for i in sampled_rows
+            ]
+        )
+        tokens[sampled_rows] = (probs / noise).argmax(dim=-1)
+
+    out_logprobs: list[dict[int, Logprob] | None] = []
+    for i, r in enumerate(rows):
+        if raw_logprobs is None or r.params.logprobs is None:
+            out_logprobs.append(None)
+            continue
+        out_logprobs.append(_top_logprobs(raw_logprobs[i], int(tokens[i]), r.params.logprobs))
+    return SampleResult(tokens=tokens.tolist(), logprobs=out_logprobs)
+
+
+def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
+    p = row.params
+    vocab = logits.shape[0]
+    if p.repetition_penalty != 1.0:
+        # As in HF and vLLM: tokens of the prompt and the output are made less likely
+        # (positive logits divided, negative ones multiplied).
+        seen = torch.tensor(row.prompt_ids + row.output_ids, dtype=torch.int64).unique()
+        seen = seen[seen < vocab]
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(row.output_ids), minlength=vocab)[:vocab].float()
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Softmax after top-k, top-p and min-p filtering (each per row)."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    drop = ranks >= top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params])
+    # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    min_p = torch.tensor([p.min_p for p in params])
+    drop |= probs < (min_p * probs[:, :1])
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, order, probs)
+
+
+def _top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:
+    chosen = float(logprobs[token])
+    rank = int((logprobs > chosen).sum()) + 1
+    out = {token: Logprob(chosen, rank)}
+    if n > 0:
+        values, ids = logprobs.topk(min(n, logprobs.shape[0]))
+        for r, (v, t) in enumerate(zip(values.tolist(), ids.tolist(), strict=True), start=1):
+            out.setdefault(t, Logprob(v, r))
+    return out
