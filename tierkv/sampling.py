@@ -181,7 +181,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
     drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
     min_p = torch.tensor([p.min_p for p in params])
-    drop |= probs < (min_p * probs[:, :1])
+    drop |= probs < (min_p[:, None] * probs[:, :1])
     drop[:, 0] = False
     probs = probs.masked_fill(drop, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
