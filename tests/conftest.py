@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+# Everything runs offline; HF's progress bars only clutter the test log.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 VOCAB = 384
 CHAT_TEMPLATE = (
@@ -52,7 +58,12 @@ FAMILIES = {
     "qwen2": (
         Qwen2Config,
         "Qwen2ForCausalLM",
-        dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=24, max_window_layers=1),
+        dict(
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=24,
+            max_window_layers=1,
+        ),
     ),
     "qwen3": (Qwen3Config, "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)),
     "mistral": (MistralConfig, "MistralForCausalLM", dict(sliding_window=20, head_dim=16)),

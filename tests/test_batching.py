@@ -62,7 +62,9 @@ def test_chunked_prefill_mixes_with_decodes(checkpoints: dict[str, Path]) -> Non
 
 
 def test_abort_frees_pages_at_once(checkpoints: dict[str, Path]) -> None:
-    llm = LLM(str(checkpoints["mistral"]), dtype="float32", max_model_len=256, kv_cache_memory="8MiB")
+    llm = LLM(
+        str(checkpoints["mistral"]), dtype="float32", max_model_len=256, kv_cache_memory="8MiB"
+    )
     engine = llm.engine
     rid = engine.add_request(list(range(1, 100)), SamplingParams(max_tokens=50))
     engine.step()

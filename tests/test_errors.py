@@ -36,13 +36,17 @@ def test_empty_prompt_is_refused(llm: LLM) -> None:
 
 
 def test_generation_stops_at_max_model_len(llm: LLM) -> None:
-    out = llm.generate([list(range(1, 60))], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        [list(range(1, 60))], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False
+    )
     assert out[0].finish_reason == "length"
     assert len(out[0].token_ids) == 5
 
 
 def test_pool_too_small_for_one_request_names_the_sizes(checkpoints: dict[str, Path]) -> None:
-    with pytest.raises(ValueError, match=r"cannot hold even one request of max_model_len=2048 tokens"):
+    with pytest.raises(
+        ValueError, match=r"cannot hold even one request of max_model_len=2048 tokens"
+    ):
         LLM(str(checkpoints["llama"]), dtype="float32", kv_cache_memory="64KiB")
 
 

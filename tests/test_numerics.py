@@ -103,7 +103,9 @@ def test_missing_weight_tensor_is_named(tmp_path: Path) -> None:
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.bias"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing weight tensors: layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(
+        ValueError, match=r"missing weight tensors: layers\.1\.self_attn\.k_proj\.bias"
+    ):
         LLM(str(path))
 
 
@@ -113,5 +115,7 @@ def test_linear_rope_scaling_matches_transformers(tmp_path: Path) -> None:
     hf = _hf(path)
     llm = LLM(str(path), dtype="float32", max_model_len=256, kv_cache_memory="8MiB")
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    ref = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    ref = hf.generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=16, min_new_tokens=16, do_sample=False
+    )
     assert out[0].token_ids == ref[0, len(PROMPTS[0]) :].tolist()

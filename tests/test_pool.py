@@ -89,9 +89,9 @@ def test_store_reserve_release_keeps_exact_accounting(events: list[tuple[str, in
         assert pool.num_used == expected
         assert pool.num_used + pool.num_free == pool.num_pages
         held = [
-            store.page_table[s, l, h, : store.num_pages[s, l, h]]
+            store.page_table[s, layer, h, : store.num_pages[s, layer, h]]
             for s in slots.values()
-            for l in range(layers)
+            for layer in range(layers)
             for h in range(heads)
         ]
         owned = torch.cat(held) if held else torch.empty(0, dtype=torch.int64)

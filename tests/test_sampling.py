@@ -21,7 +21,9 @@ from tierkv.sampling import SampleRow, _apply_penalties, _filtered_probs, sample
 
 @pytest.fixture(scope="module")
 def llm(checkpoints: dict[str, Path]) -> LLM:
-    return LLM(str(checkpoints["llama"]), dtype="float32", max_model_len=512, kv_cache_memory="16MiB")
+    return LLM(
+        str(checkpoints["llama"]), dtype="float32", max_model_len=512, kv_cache_memory="16MiB"
+    )
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_batch(llm: LLM) -> None:
@@ -32,7 +34,9 @@ def test_seeded_request_is_the_same_alone_and_in_a_batch(llm: LLM) -> None:
     batch = llm.generate(prompts, [others[0], target, *others[1:]], use_tqdm=False)
     assert batch[1].token_ids == alone
     # A different seed really samples something else (the test could fail).
-    other_seed = SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_tokens=24, ignore_eos=True)
+    other_seed = SamplingParams(
+        temperature=0.9, top_p=0.95, seed=99, max_tokens=24, ignore_eos=True
+    )
     assert llm.generate([[7, 8, 9, 10]], other_seed, use_tqdm=False)[0].token_ids != alone
 
 
@@ -58,19 +62,25 @@ def test_n_completions_and_logprobs(llm: LLM) -> None:
 
 
 def test_stop_string_is_excluded_and_ends_generation(llm: LLM) -> None:
-    free = llm.generate("x", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    free = llm.generate(
+        "x", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )
     text = free[0].text
     assert len(text) > 6
     stop = text[3:6]
     out = llm.generate(
-        "x", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]), use_tqdm=False
+        "x",
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
     )[0]
     assert out.finish_reason == "stop"
     assert out.text == text[: text.index(stop)]
 
 
 def test_stop_token_ids_and_max_tokens_finish_reasons(llm: LLM) -> None:
-    free = llm.generate([[11, 12]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    free = llm.generate(
+        [[11, 12]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False
+    )[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 10
     stop_id = free.token_ids[4]
     out = llm.generate(
@@ -99,7 +109,9 @@ def test_repetition_penalty_matches_transformers(
     logits = torch.randn(50, generator=torch.Generator().manual_seed(seed))
     ours = logits.clone()
     _apply_penalties(ours, _row(SamplingParams(repetition_penalty=penalty), prompt, output))
-    ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output]), logits[None].clone())
+    ref = RepetitionPenaltyLogitsProcessor(penalty)(
+        torch.tensor([prompt + output]), logits[None].clone()
+    )
     torch.testing.assert_close(ours, ref[0])
 
 
@@ -120,7 +132,9 @@ def test_presence_and_frequency_penalties_follow_openai_formula() -> None:
     min_p=st.floats(0.0, 0.5),
     seed=st.integers(0, 1000),
 )
-def test_filters_keep_the_same_tokens_as_transformers(top_k: int, top_p: float, min_p: float, seed: int) -> None:
+def test_filters_keep_the_same_tokens_as_transformers(
+    top_k: int, top_p: float, min_p: float, seed: int
+) -> None:
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(seed)) * 3
     ours = _filtered_probs(logits, [SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)])
     ref = logits.clone()

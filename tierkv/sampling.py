@@ -50,7 +50,10 @@ class SamplingParams:
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= -1, f"top_k must be -1 (disable), 0 (disable) or positive, got {self.top_k}"),
+            (
+                self.top_k >= -1,
+                f"top_k must be -1 (disable), 0 (disable) or positive, got {self.top_k}",
+            ),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (
                 self.max_tokens is None or self.max_tokens >= 1,
@@ -162,7 +165,9 @@ def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
         seen = torch.tensor(row.prompt_ids + row.output_ids, dtype=torch.int64).unique()
         seen = seen[seen < vocab]
         vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        logits[seen] = torch.where(
+            vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+        )
     if row.output_ids and (p.presence_penalty or p.frequency_penalty):
         counts = torch.bincount(torch.tensor(row.output_ids), minlength=vocab)[:vocab].float()
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()

@@ -29,10 +29,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
         if not self.hf.chat_template:
-            raise ValueError("this model's tokenizer has no chat template; use generate() with text")
+            raise ValueError(
+                "this model's tokenizer has no chat template; use generate() with text"
+            )
         text = self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -58,7 +62,9 @@ class IncrementalDetokenizer:
     replacement character means a multi-byte character is incomplete, so it is held back.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         # Seed the window with the prompt's tail so the first token decodes with its context

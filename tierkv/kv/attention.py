@@ -40,7 +40,9 @@ class AttentionBatch:
     query_starts: list[int]
 
     @classmethod
-    def build(cls, slots: list[int], context_lens: list[int], query_lens: list[int]) -> AttentionBatch:
+    def build(
+        cls, slots: list[int], context_lens: list[int], query_lens: list[int]
+    ) -> AttentionBatch:
         """Describe a step in which request ``i`` adds ``query_lens[i]`` tokens to ``slots[i]``."""
         starts, total = [], 0
         for n in query_lens:

@@ -29,6 +29,4 @@ class KVPolicy:
         name = spec.strip().lower()
         if name == "fp16":
             return cls(name="fp16", high=FULL)
-        raise ValueError(
-            f"unknown KV policy {spec!r}; supported: {', '.join(SUPPORTED_POLICIES)}"
-        )
+        raise ValueError(f"unknown KV policy {spec!r}; supported: {', '.join(SUPPORTED_POLICIES)}")

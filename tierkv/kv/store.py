@@ -93,7 +93,9 @@ class KVStore:
     ) -> None:
         """Store token ``index`` of each slot: ``k``/``v`` are [N, heads, head_dim]."""
         heads = torch.arange(self.num_kv_heads)
-        pages = self.page_table[slots[:, None], layer, heads, (index // self.tokens_per_page)[:, None]]
+        pages = self.page_table[
+            slots[:, None], layer, heads, (index // self.tokens_per_page)[:, None]
+        ]
         offset = (index % self.tokens_per_page)[:, None]
         self.fields["k"][pages, offset] = k.to(self.fields["k"].dtype)
         self.fields["v"][pages, offset] = v.to(self.fields["v"].dtype)

@@ -36,7 +36,11 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+        )
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.q_proj = nn.Linear(spec.hidden_size, q_out, bias=spec.qkv_bias, dtype=dtype)
         self.k_proj = nn.Linear(spec.hidden_size, kv_out, bias=spec.qkv_bias, dtype=dtype)

@@ -61,7 +61,9 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
     """Parse and validate ``config.json`` of a local model folder."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face model folder")
+        raise FileNotFoundError(
+            f"no config.json in {model_dir}: expected a Hugging Face model folder"
+        )
     cfg: dict[str, Any] = json.loads(path.read_text())
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
@@ -128,7 +130,9 @@ def _read_sliding_windows(cfg: dict[str, Any], arch: str) -> tuple[int | None, .
             # Qwen2 slides only when asked, and only from `max_window_layers` on.
             on = bool(cfg.get("use_sliding_window")) and window is not None
             first = cfg.get("max_window_layers", layers)
-            layer_types = ["sliding_attention" if on and i >= first else "full" for i in range(layers)]
+            layer_types = [
+                "sliding_attention" if on and i >= first else "full" for i in range(layers)
+            ]
         else:
             layer_types = ["sliding_attention" if window else "full"] * layers
     if len(layer_types) != layers:
@@ -136,7 +140,8 @@ def _read_sliding_windows(cfg: dict[str, Any], arch: str) -> tuple[int | None, .
     unknown = set(layer_types) - {"sliding_attention", "full_attention", "full"}
     if unknown:
         raise ValueError(
-            f"unsupported layer types {sorted(unknown)}; supported: full_attention, sliding_attention"
+            f"unsupported layer types {sorted(unknown)}; "
+            "supported: full_attention, sliding_attention"
         )
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
@@ -181,5 +186,7 @@ def load_weights(module: torch.nn.Module, model_dir: str | Path) -> None:
                 loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise ValueError(f"checkpoint {model_dir} is missing weight tensors: {shown}")

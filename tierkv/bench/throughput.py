@@ -1,0 +1,164 @@
+"""Offline throughput: a fixed synthetic workload through our engine (per KV policy) and HF.
+
+Each row runs in a fresh process so that its peak resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tierkv.engine.engine import resolve_dtype
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``num_prompts`` random-token prompts of ``input_len``, each generating ``output_len``."""
+
+    model: str
+    num_prompts: int = 64
+    input_len: int = 512
+    output_len: int = 128
+    seed: int = 0
+    dtype: str = "auto"
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        rng = random.Random(self.seed)
+        # Token 0 is often a special token in small vocabularies; draw ordinary ids only.
+        return [
+            [rng.randrange(1, vocab_size) for _ in range(self.input_len)]
+            for _ in range(self.num_prompts)
+        ]
+
+
+@dataclass
+class ThroughputResult:
+    """One row of the benchmark."""
+
+    policy: str
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    elapsed_s: float
+    max_running: int
+    preemptions: int
+    peak_rss_mb: float
+
+
+def run_engine(
+    work: Workload, policy: str, kv_cache_memory: str, max_num_seqs: int
+) -> ThroughputResult:
+    """Our engine under one KV policy."""
+    from tierkv import LLM, SamplingParams
+
+    llm = LLM(
+        work.model,
+        dtype=work.dtype,
+        kv_policy=policy,
+        kv_cache_memory=kv_cache_memory,
+        max_num_seqs=max_num_seqs,
+        max_model_len=work.input_len + work.output_len,
+        seed=work.seed,
+    )
+    prompts = work.prompts(llm.engine.spec.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.token_ids) for o in outputs)
+    stats = llm.kv_stats()
+    return ThroughputResult(
+        policy=policy,
+        output_tokens_per_s=generated / elapsed,
+        total_tokens_per_s=(generated + work.num_prompts * work.input_len) / elapsed,
+        elapsed_s=elapsed,
+        max_running=stats["max_running"],
+        preemptions=stats["preemptions"],
+        peak_rss_mb=_peak_rss_mb(),
+    )
+
+
+def run_hf(work: Workload, batch_size: int) -> ThroughputResult:
+    """transformers' ``generate`` with its default dynamic cache, batches of ``batch_size``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(work.model, dtype=resolve_dtype(work.dtype)).eval()
+    prompts = torch.tensor(work.prompts(model.config.vocab_size))
+    kwargs = dict(
+        max_new_tokens=work.output_len,
+        min_new_tokens=work.output_len,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    with torch.inference_mode():
+        model.generate(prompts[:2, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        generated = 0
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), **kwargs)
+            generated += (out.shape[1] - batch.shape[1]) * batch.shape[0]
+        elapsed = time.perf_counter() - start
+    return ThroughputResult(
+        policy="hf-dynamic",
+        output_tokens_per_s=generated / elapsed,
+        total_tokens_per_s=(generated + prompts.numel()) / elapsed,
+        elapsed_s=elapsed,
+        max_running=batch_size,
+        preemptions=0,
+        peak_rss_mb=_peak_rss_mb(),
+    )
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_throughput(
+    work: Workload,
+    policies: list[str],
+    kv_cache_memory: str,
+    max_num_seqs: int,
+    compare_hf: bool,
+    hf_batch_size: int,
+) -> list[ThroughputResult]:
+    """Run every row, each in its own process, in the order given."""
+    jobs = [(run_engine, (work, p, kv_cache_memory, max_num_seqs)) for p in policies]
+    if compare_hf:
+        jobs.append((run_hf, (work, hf_batch_size)))
+    results = []
+    spawn = multiprocessing.get_context("spawn")
+    for fn, args in jobs:
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            results.append(pool.submit(fn, *args).result())
+    return results
+
+
+def format_table(results: list[ThroughputResult]) -> str:
+    """A plain-text table of the rows, with each row's speed relative to the first."""
+    head = (
+        f"{'policy':<14}{'out tok/s':>11}{'vs first':>9}{'max run':>9}{'preempt':>9}{'rss MB':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    base = results[0].output_tokens_per_s if results else 1.0
+    for r in results:
+        lines.append(
+            f"{r.policy:<14}{r.output_tokens_per_s:>11.1f}{r.output_tokens_per_s / base:>8.2f}x"
+            f"{r.max_running:>9}{r.preemptions:>9}{r.peak_rss_mb:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, work: Workload, results: list[ThroughputResult]) -> None:
+    """Write ``{"workload": ..., "results": [...]}``."""
+    payload = {"workload": asdict(work), "results": [asdict(r) for r in results]}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")

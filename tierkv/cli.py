@@ -1,0 +1,220 @@
+"""The ``tierkv`` command: generate, serve and bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """Flags that configure an engine, shared by every subcommand that builds one."""
+    if model_flag:
+        parser.add_argument(
+            "--model",
+            default=str(DEMO_MODEL),
+            help="local Hugging Face model folder (default: the bundled demo model)",
+        )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (auto = bfloat16, the faster one measured on CPU)",
+    )
+    parser.add_argument(
+        "--kv-policy", default="fp16", help="KV cache policy (default: fp16, uncompressed)"
+    )
+    parser.add_argument(
+        "--kv-cache-memory",
+        default="1GiB",
+        help="bytes for the KV page pool, e.g. 512MiB or 4GiB (default: 1GiB)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output (default: the model's context)",
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most requests running at once (default: 64)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one engine step (default: 2048)",
+    )
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """Engine keyword arguments from parsed ``add_engine_args`` flags."""
+    return dict(
+        dtype=args.dtype,
+        kv_policy=args.kv_policy,
+        kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="complete a prompt, streaming tokens to the terminal",
+        description="Complete PROMPT with a local model and stream the text as it is generated.",
+    )
+    p.add_argument("prompt", help="the text to complete (with --chat: the user message)")
+    add_engine_args(p)
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = all (default: 0)"
+    )
+    p.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep going past the end-of-sequence token"
+    )
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from tierkv.config import EngineConfig
+    from tierkv.engine.engine import Engine
+    from tierkv.sampling import SamplingParams
+
+    engine = Engine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.chat:
+        prompt: str | list[int] = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}]
+        )
+    else:
+        prompt = args.prompt
+        sys.stdout.write(prompt)
+    engine.add_request(prompt, params)
+    printed = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.text[printed:])
+            sys.stdout.flush()
+            printed = len(out.text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the engine.")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="{throughput}")
+    p = kinds.add_parser(
+        "throughput",
+        help="offline output tokens/s on a synthetic batch workload",
+        description=(
+            "Generate --num-prompts random-token prompts of --input-len tokens, "
+            "--output-len tokens each (EOS ignored, greedy), through the engine under each "
+            "--kv-policy and, with --compare-hf, through transformers' generate on the same "
+            "model and prompts. Each row runs in its own process."
+        ),
+    )
+    p.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--kv-policy",
+        action="append",
+        default=None,
+        help="policy to run (repeatable; default: fp16)",
+    )
+    p.add_argument(
+        "--kv-cache-memory", default="1GiB", help="KV pool size for every policy (default: 1GiB)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--compare-hf", action="store_true", help="add transformers' generate on the same prompts"
+    )
+    p.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=None,
+        help="HF batch size (default: all prompts at once)",
+    )
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=_run_throughput)
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    from tierkv.bench.throughput import Workload, format_table, run_throughput, write_json
+
+    work = Workload(
+        args.model, args.num_prompts, args.input_len, args.output_len, args.seed, args.dtype
+    )
+    results = run_throughput(
+        work,
+        args.kv_policy or ["fp16"],
+        args.kv_cache_memory,
+        args.max_num_seqs,
+        args.compare_hf,
+        args.hf_batch_size or args.num_prompts,
+    )
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, work, results)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``tierkv`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="tierkv",
+        description="An LLM inference engine with a differentiated, paged KV cache.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tierkv`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"tierkv: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
