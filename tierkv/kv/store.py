@@ -111,8 +111,11 @@ class KVStore:
         num = -(-length // self.tokens_per_page)
         pages = self.page_table[slots, layer, :, :num]
         b, h = pages.shape[:2]
-        k = self.fields["k"][pages].reshape(b, h, num * self.tokens_per_page, -1)
-        v = self.fields["v"][pages].reshape(b, h, num * self.tokens_per_page, -1)
+        # index_select on the flat page list is several times faster than advanced indexing
+        # of the strided arena view.
+        flat = pages.reshape(-1)
+        k = self.fields["k"].index_select(0, flat).view(b, h, num * self.tokens_per_page, -1)
+        v = self.fields["v"].index_select(0, flat).view(b, h, num * self.tokens_per_page, -1)
         return k, v
 
     # -- accounting ----------------------------------------------------------------------------
