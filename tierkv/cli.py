@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tierkv.server.cli import add_serve_parser
+
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 
 
@@ -200,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierkv",
         description="An LLM inference engine with a differentiated, paged KV cache.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench}")
     _add_generate(sub)
+    add_serve_parser(sub)
     _add_bench(sub)
     return parser
 

@@ -1,0 +1,349 @@
+"""AsyncEngine: one thread steps the engine while asyncio coroutines await their outputs.
+
+The engine is not thread-safe, so it is touched only by the loop thread. Coroutines hand it
+requests and aborts through a thread-safe inbox, which the loop drains before every step; all
+requests in flight are batched by the same ``Engine.step()``. Outputs travel back through one
+asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tierkv.engine.engine import Engine
+from tierkv.engine.request import RequestOutput
+from tierkv.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# A step can fail for reasons tied to its batch; failing this many steps in a row means the
+# engine itself is broken, and pretending otherwise would only fail every request slowly.
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped: no request can be served any more."""
+
+
+class StepError(RuntimeError):
+    """An engine step failed while this request was in it; the request was aborted."""
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """What one request cost; ``finish_reasons`` has one entry per completion."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reasons: tuple[str, ...]
+    ttft: float | None
+    tpot: float | None
+    e2e: float
+
+
+class StatsSink(Protocol):
+    """Receives statistics on the loop thread (implementations must be thread-safe)."""
+
+    def record_request(self, stats: RequestStats) -> None: ...
+
+    def record_engine(self, kv_stats: dict[str, Any]) -> None: ...
+
+
+Item = RequestOutput | BaseException
+
+
+@dataclass
+class _Tracked:
+    """Loop-side state of one accepted request, and the way back to its coroutine."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[Item]
+    prompt_tokens: int
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last: RequestOutput | None = None
+
+    def push(self, item: Item) -> None:
+        # A closed event loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    tracked: _Tracked
+    accepted: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_Command = _Add | _Abort | None  # None wakes the loop up to stop
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve an asyncio future from the loop thread (unless its waiter gave up)."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):
+        future.get_loop().call_soon_threadsafe(settle)
+
+
+class RequestStream:
+    """The outputs of one accepted request, as an async iterator.
+
+    Each item is the request's cumulative state; a slow reader skips intermediate states
+    rather than queueing them. Iteration ends after the finished output. ``abort()`` stops
+    the request and returns its KV pages to the pool; it is a no-op once finished.
+    """
+
+    def __init__(self, request_id: str, owner: AsyncEngine, outputs: asyncio.Queue[Item]) -> None:
+        self.request_id = request_id
+        self._owner = owner
+        self._outputs = outputs
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._outputs.get()
+        while not isinstance(item, BaseException) and not self._outputs.empty():
+            item = self._outputs.get_nowait()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def abort(self) -> None:
+        """Stop the request now (safe to call from ``finally`` blocks and more than once)."""
+        if not self._done:
+            self._done = True
+            self._owner._submit(_Abort(self.request_id))
+
+
+class AsyncEngine:
+    """Serves an ``Engine`` to asyncio code from a background loop thread.
+
+    Call ``start()`` once, then ``add_request``/``generate`` from coroutines; ``stop()`` ends
+    the loop. ``is_running`` turns false for good when the loop dies; a failing step fails only
+    the requests that were running in it.
+    """
+
+    def __init__(self, engine: Engine, stats: StatsSink | None = None) -> None:
+        self.engine = engine
+        self._stats = stats
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        # Guards the inbox against the loop's death, so no command is queued after the
+        # final drain and left unanswered.
+        self._lock = threading.Lock()
+        self._error: EngineDeadError | None = None
+        self._stopping = False
+        self._failures = 0
+        self._tracked: dict[str, _Tracked] = {}  # loop thread only
+        self._thread = threading.Thread(target=self._run, name="tierkv-engine-loop", daemon=True)
+
+    # -- asyncio side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine loop thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop after its current step; requests still in flight fail."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the loop is alive and accepting requests."""
+        return self._thread.is_alive() and self._error is None
+
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        """Queue a request and wait until the engine accepted it.
+
+        Raises the engine's ``ValueError`` for an invalid prompt and ``EngineDeadError`` when
+        the loop has stopped. ``request_id`` must be unique among requests in flight.
+        """
+        loop = asyncio.get_running_loop()
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
+        tracked = _Tracked(loop, asyncio.Queue(), prompt_tokens)
+        accepted: asyncio.Future[None] = loop.create_future()
+        if not self._submit(_Add(request_id, prompt, params, tracked, accepted)):
+            raise EngineDeadError("the engine loop has stopped") from self._error
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            # The caller gave up; the add may still be accepted, so abort right behind it.
+            self._submit(_Abort(request_id))
+            raise
+        return RequestStream(request_id, self, tracked.outputs)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative outputs until it finishes.
+
+        Closing the iterator early (or cancelling the task that reads it, as a client
+        disconnect does) aborts the request.
+        """
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def _submit(self, command: _Command) -> bool:
+        with self._lock:
+            if self._error is not None:
+                return False
+            self._inbox.put(command)
+            return True
+
+    # -- loop thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping:
+                    self._step()
+                if self._stats is not None:
+                    self._stats.record_engine(self.engine.kv_stats())
+            error = EngineDeadError("the engine was shut down")
+        except BaseException as exc:
+            logger.exception("the engine loop died")
+            error = EngineDeadError(f"the engine loop died: {exc!r}")
+            error.__cause__ = exc
+        self._close(error)
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self._abort(command.request_id)
+            else:
+                return
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.prompt, command.params, command.request_id)
+        except Exception as exc:  # a bad request is its caller's problem, not the loop's
+            _settle(command.accepted, exc)
+            return
+        self._tracked[command.request_id] = command.tracked
+        _settle(command.accepted, None)
+
+    def _abort(self, request_id: str) -> None:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None:
+            self.engine.abort(request_id)
+            self._record(tracked, "abort")
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self._step_failed(exc)
+            return
+        self._failures = 0
+        now = time.monotonic()
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue
+            if tracked.first_token is None and any(c.token_ids for c in output.outputs):
+                tracked.first_token = now
+            tracked.last = output
+            tracked.push(output)
+            if output.finished:
+                del self._tracked[output.request_id]
+                self._record(tracked, None)
+
+    def _step_failed(self, exc: Exception) -> None:
+        self._failures += 1
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:
+            raise EngineDeadError(f"{self._failures} engine steps failed in a row") from exc
+        logger.exception("an engine step failed; aborting the requests it was running")
+        # Child requests are named "<group>-<index>" by the engine.
+        running = {r.request_id.rsplit("-", 1)[0] for r in self.engine.scheduler.running}
+        victims = [rid for rid in self._tracked if rid in running] or list(self._tracked)
+        error = StepError(f"the engine failed while running this request: {exc!r}")
+        for request_id in victims:
+            tracked = self._tracked.pop(request_id)
+            self.engine.abort(request_id)
+            tracked.push(error)
+            self._record(tracked, "error")
+
+    def _close(self, error: EngineDeadError) -> None:
+        with self._lock:
+            self._error = error
+            while True:
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, _Add):
+                    _settle(command.accepted, error)
+        for tracked in self._tracked.values():
+            tracked.push(error)
+        self._tracked.clear()
+
+    def _record(self, tracked: _Tracked, reason: str | None) -> None:
+        """Report a request that ended; ``reason`` overrides the completions' own."""
+        if self._stats is None:
+            return
+        now = time.monotonic()
+        completions = tracked.last.outputs if tracked.last is not None else []
+        if reason is not None:
+            reasons = (reason,) * max(1, len(completions))
+        else:
+            reasons = tuple(c.finish_reason or "abort" for c in completions)
+        longest = max((len(c.token_ids) for c in completions), default=0)
+        first = tracked.first_token
+        prompt_tokens = tracked.prompt_tokens
+        if tracked.last is not None:
+            prompt_tokens = len(tracked.last.prompt_token_ids)
+        self._stats.record_request(
+            RequestStats(
+                prompt_tokens=prompt_tokens,
+                generation_tokens=sum(len(c.token_ids) for c in completions),
+                finish_reasons=reasons,
+                ttft=None if first is None else first - tracked.arrival,
+                tpot=None if first is None or longest < 2 else (now - first) / (longest - 1),
+                e2e=now - tracked.arrival,
+            )
+        )

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the server, named ``tierkv:*`` as vLLM names its own ``vllm:*``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tierkv.engine.async_engine import RequestStats
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class Metrics:
+    """The server's metrics in a registry of its own, so several servers fit in one process.
+
+    Implements ``StatsSink``: the engine loop thread reports every ended request and, after
+    each loop iteration, the KV pool and scheduler counters.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "tierkv:requests_finished",
+            "Completions ended, by finish reason (stop, length, abort, error).",
+            ["finish_reason"],
+            registry=reg,
+        )
+        self.prompt_tokens = Counter(
+            "tierkv:prompt_tokens", "Prompt tokens processed.", registry=reg
+        )
+        self.generation_tokens = Counter(
+            "tierkv:generation_tokens", "Tokens generated.", registry=reg
+        )
+        self.ttft = Histogram(
+            "tierkv:time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.tpot = Histogram(
+            "tierkv:time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request.",
+            buckets=_TPOT_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "tierkv:e2e_request_latency_seconds",
+            "Time from arrival to the end of a request.",
+            buckets=_E2E_BUCKETS,
+            registry=reg,
+        )
+        self.preemptions = Counter(
+            "tierkv:num_preemptions", "Requests preempted to free KV pages.", registry=reg
+        )
+        self._preemptions_seen = 0
+        self._gauges = {
+            key: Gauge(name, doc, registry=reg)
+            for key, name, doc in (
+                ("running", "tierkv:num_requests_running", "Requests running in the engine."),
+                ("waiting", "tierkv:num_requests_waiting", "Requests waiting for admission."),
+                ("total_pages", "tierkv:kv_pages_total", "KV pages in the pool."),
+                ("free_pages", "tierkv:kv_pages_free", "KV pages free."),
+                ("used_pages", "tierkv:kv_pages_used", "KV pages in use."),
+                (
+                    "kv_bytes_per_token",
+                    "tierkv:kv_bytes_per_token",
+                    "KV bytes one token costs under the policy, metadata included.",
+                ),
+                ("kv_bytes_in_use", "tierkv:kv_bytes_in_use", "KV bytes held by requests."),
+            )
+        }
+
+    def record_request(self, stats: RequestStats) -> None:
+        for reason in stats.finish_reasons:
+            self.requests.labels(finish_reason=reason).inc()
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.generation_tokens.inc(stats.generation_tokens)
+        if stats.ttft is not None:
+            self.ttft.observe(stats.ttft)
+        if stats.tpot is not None:
+            self.tpot.observe(stats.tpot)
+        self.e2e.observe(stats.e2e)
+
+    def record_engine(self, kv_stats: dict[str, Any]) -> None:
+        for key, gauge in self._gauges.items():
+            gauge.set(kv_stats[key])
+        preemptions = int(kv_stats["preemptions"])
+        self.preemptions.inc(preemptions - self._preemptions_seen)
+        self._preemptions_seen = preemptions
+
+    def render(self) -> bytes:
+        """The exposition text served at ``/metrics``."""
+        return generate_latest(self.registry)
