@@ -55,8 +55,8 @@ def test_chunked_prefill_mixes_with_decodes(checkpoints: dict[str, Path]) -> Non
     mixed = engine.scheduler.schedule()
     assert mixed.num_new_tokens == [1, 63]  # one decode, then a 63-token prefill chunk
     engine.runner.execute(mixed)
-    for req in list(engine.scheduler.running):
-        engine.abort(req.request_id.rsplit("-", 1)[0])
+    for group_id in engine.running_request_ids():
+        engine.abort(group_id)
     stats = llm.kv_stats()
     assert stats["free_pages"] == stats["total_pages"]
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tierkv.kv.pool import PageField, PageLayout, PagePool
-from tierkv.kv.quant import FULL, default_page_bytes
+from tierkv.kv.quant import default_page_bytes
 from tierkv.kv.store import KVStore
 
 
@@ -69,7 +69,7 @@ def test_store_reserve_release_keeps_exact_accounting(events: list[tuple[str, in
     layers, heads, head_dim = 2, 3, 8
     page_bytes = default_page_bytes(head_dim)
     pool = PagePool(200, page_bytes)
-    store = KVStore(pool, FULL.layout(head_dim, torch.float32, page_bytes), layers, heads, 4, 64)
+    store = KVStore(pool, layers, heads, head_dim, torch.float32, 4, 64)
     slots: dict[int, int] = {}  # request -> slot
     lengths: dict[int, int] = {}
     for kind, req, n in events:
@@ -105,7 +105,7 @@ def test_store_write_then_gather_round_trips_per_head() -> None:
     head_dim = 8
     page_bytes = default_page_bytes(head_dim)
     pool = PagePool(64, page_bytes)
-    store = KVStore(pool, FULL.layout(head_dim, torch.float32, page_bytes), 2, 2, 3, 100)
+    store = KVStore(pool, 2, 2, head_dim, torch.float32, 3, 100)
     a, b = store.acquire_slot(), store.acquire_slot()
     store.reserve(torch.tensor([a, b]), torch.tensor([37, 5]))
     k = torch.randn(42, 2, head_dim)
@@ -113,6 +113,6 @@ def test_store_write_then_gather_round_trips_per_head() -> None:
     slots = torch.tensor([a] * 37 + [b] * 5)
     index = torch.cat([torch.arange(37), torch.arange(5)])
     store.write(1, slots, index, k, v)
-    keys, values = store.gather(1, torch.tensor([a, b]), 37)
+    keys, values = store.gather(1, torch.tensor([a, b]), 37, torch.float32)
     torch.testing.assert_close(keys[0, :, :37], k[:37].transpose(0, 1))
     torch.testing.assert_close(values[1, :, :5], v[37:].transpose(0, 1))

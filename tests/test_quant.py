@@ -376,3 +376,12 @@ def test_decode_matches_dequantize_and_keeps_leading_dims() -> None:
         fmt.encode(k, v)
     full = FULL.encode(k, v, dtype=torch.bfloat16)
     assert full["k"].dtype == torch.bfloat16 and set(full) == {"k", "v"}
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_a_group_of_float32_subnormals_keeps_a_positive_step(bits: int) -> None:
+    # Found by hypothesis: the span 1.4e-45 divided by 2**bits - 1 underflows to 0 in float32.
+    x = torch.full((1, 1, 16), 1.4013e-45)
+    q = quantize(x, bits, 32)
+    assert float(q.scale) > 0 and float(q.zero) <= 1.4013e-45
+    assert (dequantize(q) - x).abs().max() <= float(q.scale) / 2

@@ -298,8 +298,7 @@ class AsyncEngine:
         if self._failures >= MAX_CONSECUTIVE_FAILURES:
             raise EngineDeadError(f"{self._failures} engine steps failed in a row") from exc
         logger.exception("an engine step failed; aborting the requests it was running")
-        # Child requests are named "<group>-<index>" by the engine.
-        running = {r.request_id.rsplit("-", 1)[0] for r in self.engine.scheduler.running}
+        running = self.engine.running_request_ids()
         victims = [rid for rid in self._tracked if rid in running] or list(self._tracked)
         error = StepError(f"the engine failed while running this request: {exc!r}")
         for request_id in victims:

@@ -48,7 +48,6 @@ class Engine:
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
 
         page_bytes = config.page_bytes or default_page_bytes(self.spec.head_dim)
-        layout = self.policy.high.layout(self.spec.head_dim, self.dtype, page_bytes)
         num_pages = config.kv_cache_memory // page_bytes
         if num_pages < 1:
             raise ValueError(
@@ -58,13 +57,14 @@ class Engine:
         pool = PagePool(num_pages, page_bytes)
         self.store = KVStore(
             pool,
-            layout,
             self.spec.num_layers,
             self.spec.num_kv_heads,
+            self.spec.head_dim,
+            self.dtype,
             config.max_num_seqs,
             self.max_model_len,
         )
-        needed = self.store.pages_for(self.max_model_len)
+        needed = self.store.pages_for(self.max_model_len, self.policy.high)
         if needed > num_pages:
             raise ValueError(
                 f"the KV pool ({num_pages} pages of {page_bytes} bytes = "
@@ -90,11 +90,6 @@ class Engine:
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id."""
         params = params or SamplingParams()
-        if params.kv_policy is not None and KVPolicy.parse(params.kv_policy) != self.policy:
-            raise ValueError(
-                f"per-request kv_policy {params.kv_policy!r} differs from the engine's "
-                f"{self.policy.name!r}; only the engine policy is supported so far"
-            )
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
@@ -103,19 +98,24 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        policy = self._request_policy(params, len(ids) + max_tokens)
         children = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._draw_seed()
             req = Request(
                 request_id=f"{request_id}-{i}",
+                group_id=request_id,
                 prompt=text,
                 prompt_token_ids=ids,
                 params=params,
                 generator=torch.Generator().manual_seed(seed),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
                 max_tokens=max_tokens,
+                kv_policy=policy,
             )
             children.append(req)
+        # Queue only once every child is built, so a failure leaves nothing behind.
+        for req in children:
             self.scheduler.add(req)
         self._groups[request_id] = (text, children)
         return request_id
@@ -131,6 +131,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def running_request_ids(self) -> set[str]:
+        """Ids of the request groups that have a request in the running batch."""
+        return {r.group_id for r in self.scheduler.running}
+
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
@@ -144,6 +148,24 @@ class Engine:
             raise ValueError(
                 f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
             )
+
+    def _request_policy(self, params: SamplingParams, num_tokens: int) -> KVPolicy:
+        """The request's KV policy: its own if it names one, else the engine's.
+
+        A policy of its own must suit the model and, for ``num_tokens`` tokens, fit the pool
+        (a request the whole pool cannot hold would wait forever).
+        """
+        if params.kv_policy is None:
+            return self.policy
+        policy = KVPolicy.parse(params.kv_policy)
+        self.store.register(policy.high)
+        needed = self.store.pages_for(num_tokens, policy.high)
+        if needed > self.store.pool.num_pages:
+            raise ValueError(
+                f"under kv_policy {policy.name!r} a request of {num_tokens} tokens needs "
+                f"{needed} KV pages, but the pool has {self.store.pool.num_pages}"
+            )
+        return policy
 
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
@@ -164,7 +186,7 @@ class Engine:
             result = sample(logits, rows)
             for req, token, logprobs in zip(sampling, result.tokens, result.logprobs, strict=True):
                 self._append(req, token, logprobs)
-        advanced = {r.request_id.rsplit("-", 1)[0] for r in sampling}
+        advanced = {r.group_id for r in sampling}
         return [self._output(gid) for gid in advanced if gid in self._groups]
 
     def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
@@ -220,23 +242,41 @@ class Engine:
     # -- introspection -------------------------------------------------------------------------
 
     def kv_stats(self) -> dict[str, Any]:
-        """KV pool and scheduler counters; bytes per token include all metadata."""
+        """KV pool and scheduler counters; bytes per token include all metadata.
+
+        ``kv_bytes_per_token`` is the engine policy's analytic cost (by tier in
+        ``kv_bytes_per_token_by_tier``), ``kv_bytes_per_token_measured`` the pool bytes held per
+        token computed by the running requests, ``tokens_per_head`` a histogram of the tokens
+        each running (request, layer, KV head) holds, and ``max_running`` the most requests
+        held running at once.
+        """
         pool = self.store.pool
         running = self.scheduler.running
         held = sum(r.num_computed_tokens for r in running)
         in_use = self.store.bytes_in_use()
+        slots = torch.tensor([r.slot for r in running], dtype=torch.int64)
         return {
             "policy": self.policy.name,
             "total_pages": pool.num_pages,
             "free_pages": pool.num_free,
             "used_pages": pool.num_used,
             "page_bytes": pool.page_bytes,
-            "tokens_per_page": self.store.tokens_per_page,
-            "kv_bytes_per_token": self.store.bytes_per_token(),
+            "tokens_per_page": self.store.tokens_per_page(self.policy.high),
+            "kv_bytes_per_token": self.store.bytes_per_token(self.policy.high),
+            "kv_bytes_per_token_by_tier": {"high": self.store.bytes_per_token(self.policy.high)},
             "kv_bytes_per_token_measured": in_use / held if held else None,
             "kv_bytes_in_use": in_use,
             "preemptions": self.scheduler.num_preemptions,
             "running": len(running),
             "waiting": len(self.scheduler.waiting),
             "max_running": self.scheduler.max_running,
+            "tokens_per_head": _histogram(self.store.tokens_per_head(slots)),
         }
+
+
+def _histogram(values: torch.Tensor, bins: int = 8) -> dict[str, list[float] | list[int]]:
+    """Counts of ``values`` in ``bins`` equal-width bins over [0, max]: ``edges`` has bins + 1."""
+    top = int(values.max()) if values.numel() else 0
+    edges = torch.linspace(0, max(top, 1), bins + 1)
+    counts = torch.histc(values.float(), bins=bins, min=0, max=float(edges[-1]))
+    return {"edges": [round(float(e), 1) for e in edges], "counts": counts.int().tolist()}

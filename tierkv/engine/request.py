@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tierkv.kv.policy import KVPolicy
 from tierkv.sampling import Logprob, SamplingParams
 from tierkv.tokenizer import IncrementalDetokenizer
 
@@ -25,15 +26,20 @@ class Request:
     ``num_computed_tokens`` catches up with ``num_tokens`` (prompt + output): a prefill is a run
     of steps that each compute a chunk, a decode step computes one token. Preemption resets it
     to zero; the generated tokens stay and are recomputed as part of the next prefill.
+    ``group_id`` is the id the caller gave: the ``n`` completions of one prompt are ``n``
+    requests of one group. ``kv_policy`` is the request's own KV policy (the engine's unless
+    its params chose one).
     """
 
     request_id: str
+    group_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     max_tokens: int
+    kv_policy: KVPolicy
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -1,4 +1,8 @@
-"""Attention over the paged store: the reference path (gather, mask, softmax) in plain torch.
+"""Attention over the paged store: the reference path (gather, dequantize, mask, softmax).
+
+The reference path materialises each request's kept tokens decoded to the compute dtype
+(``KVStore.gather``) and attends densely over them, so it equals dense attention over the
+dequantized cache by construction; fused fast paths must match it.
 
 One engine step mixes decodes (one query token per request) and prefill chunks (many). Decodes
 are attended in one batched call; each prefill chunk attends alone, since chunks are few per step
@@ -109,7 +113,7 @@ class PagedAttention:
         lens: torch.Tensor,
         window: int | None,
     ) -> torch.Tensor:
-        keys, values = self.store.gather(layer, slots, int(lens.max()))
+        keys, values = self.store.gather(layer, slots, int(lens.max()), q.dtype)
         b, heads, length, dim = keys.shape
         group = q.shape[1] // heads
         pos = torch.arange(length)
@@ -118,9 +122,7 @@ class PagedAttention:
             visible &= pos[None, :] > (lens[:, None] - 1 - window)
         # The query heads that share a KV head become the "query rows" of one attention call.
         qg = q.view(b, heads, group, dim)
-        out = F.scaled_dot_product_attention(
-            qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :]
-        )
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, None, None, :])
         return out.reshape(b, heads * group, dim)
 
     def _prefill(
@@ -128,7 +130,7 @@ class PagedAttention:
     ) -> torch.Tensor:
         n = q.shape[0]
         total = context + n
-        keys, values = self.store.gather(layer, torch.tensor([slot]), total)
+        keys, values = self.store.gather(layer, torch.tensor([slot]), total, q.dtype)
         keys, values = keys[:, :, :total], values[:, :, :total]
         qpos = torch.arange(context, total)[:, None]
         kpos = torch.arange(total)[None, :]
@@ -137,8 +139,8 @@ class PagedAttention:
             visible &= kpos > qpos - window
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
-            keys.to(q.dtype),
-            values.to(q.dtype),
+            keys,
+            values,
             attn_mask=visible,
             enable_gqa=True,
         )

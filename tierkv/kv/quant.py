@@ -127,7 +127,11 @@ def quantize(x: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
     grouped = x.float().reshape(*x.shape[:-1], head_dim // width, width)
     low, high = grouped.amin(-1), grouped.amax(-1)
     zero = _round_fp16(low, up=False)
-    scale = _round_fp16((high - zero.float()) / qmax, up=True)
+    span = high - zero.float()
+    # A span of a few float32 subnormals divides to 0, yet its step must still round up to a
+    # positive fp16 so the grid reaches the max; any positive float32 below fp16's tiny does.
+    ideal = torch.where(span > 0, (span / qmax).clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    scale = _round_fp16(ideal, up=True)
     step = scale.float()[..., None]
     # Only a constant group whose value is an fp16 number has a zero step; its codes are all 0,
     # so dividing by 1 instead keeps NaN out without changing anything.
