@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the engine.")
-    kinds = bench.add_subparsers(dest="bench", required=True, metavar="{throughput}")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="{throughput,decode,serve}")
     p = kinds.add_parser(
         "throughput",
         help="offline output tokens/s on a synthetic batch workload",
@@ -174,6 +175,110 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_throughput)
+
+    p = kinds.add_parser(
+        "decode",
+        help="single-request decode speed and achieved memory bandwidth vs context length",
+        description=(
+            "Time single-request decode steps after prompts of each --contexts length, and "
+            "report achieved bandwidth = (weight bytes + KV bytes read per step) / step time "
+            "next to this machine's measured copy and read bandwidth."
+        ),
+    )
+    p.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    p.add_argument("--contexts", default="512,1024,2048", help="comma-separated context lengths")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per context")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--kv-policy",
+        action="append",
+        default=None,
+        help="policy to run (repeatable; default: fp16)",
+    )
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=_run_decode)
+
+    p = kinds.add_parser(
+        "serve",
+        help="serving load against a running tierkv serve (TTFT, TPOT, ITL, E2E percentiles)",
+        description=(
+            "Stream --num-prompts synthetic completions (random token ids, EOS ignored) to a "
+            "running server at --base-url with Poisson arrivals at --request-rate and at most "
+            "--max-concurrency in flight; report latency percentiles and throughput."
+        ),
+    )
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server to load")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="local folder of the served model")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name to send (default: the server's first)"
+    )
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="requests/s (default: inf)"
+    )
+    p.add_argument("--max-concurrency", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the report to this JSON file")
+    p.set_defaults(func=_run_serve_bench)
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tierkv.bench.decode import format_table, measure_bandwidth, run_decode
+
+    bandwidth = measure_bandwidth()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    results = []
+    for policy in args.kv_policy or ["fp16"]:
+        results += run_decode(args.model, policy, contexts, args.steps, args.dtype, bandwidth)
+    print(format_table(results, bandwidth))
+    if args.json:
+        payload = {"bandwidth": asdict(bandwidth), "results": [asdict(r) for r in results]}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _run_serve_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    from dataclasses import asdict
+
+    import httpx
+
+    from tierkv.bench.serve import format_report, run_load, summarize
+    from tierkv.bench.throughput import Workload
+    from tierkv.model.loader import read_spec
+
+    name = args.served_model_name
+    if name is None:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+        models.raise_for_status()
+        name = models.json()["data"][0]["id"]
+    work = Workload(args.model, args.num_prompts, args.input_len, args.output_len, args.seed)
+    prompts = work.prompts(read_spec(args.model).vocab_size)
+    records, duration = asyncio.run(
+        run_load(
+            args.base_url,
+            name,
+            prompts,
+            args.output_len,
+            args.request_rate,
+            args.max_concurrency,
+            args.seed,
+            args.api_key,
+            args.timeout,
+        )
+    )
+    report = summarize(records, duration)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return 0 if report.failed == 0 else 1
 
 
 def _run_throughput(args: argparse.Namespace) -> int:

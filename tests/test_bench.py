@@ -1,0 +1,74 @@
+"""Benchmark tools produce well-formed, internally consistent reports (not timed assertions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from server_harness import MODEL_NAME, live_server
+
+from tierkv.bench.serve import run_load, summarize
+
+
+def test_bench_decode_reports_kv_bytes_and_bandwidth(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "decode.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tierkv.cli",
+            "bench",
+            "decode",
+            "--model",
+            str(checkpoints["llama"]),
+            "--dtype",
+            "float32",
+            "--contexts",
+            "64,256",
+            "--steps",
+            "4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(out.read_text())
+    assert payload["bandwidth"]["copy_gb_s"] > 0 and payload["bandwidth"]["read_gb_s"] > 0
+    short, long = payload["results"]
+    assert (short["context"], long["context"]) == (64, 256)
+    # The request's cache is alive while it is measured, and grows with the context.
+    assert 0 < short["kv_bytes"] < long["kv_bytes"]
+    assert short["weight_bytes"] == long["weight_bytes"] > 0
+
+
+def test_bench_serve_against_the_real_server(checkpoints: dict[str, Path]) -> None:
+    prompts = [[5, 6, 7, 8] * (i + 1) for i in range(12)]
+    with live_server(checkpoints["llama"]) as server:
+        records, duration = asyncio.run(
+            run_load(server.base_url, MODEL_NAME, prompts, 6, 50.0, 4, 0, None, 60.0)
+        )
+        stats = server.engine.kv_stats()
+    report = summarize(records, duration)
+    assert report.completed == 12 and report.failed == 0
+    assert report.output_tokens_per_s == 12 * 6 / duration
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        p = report.percentiles[name]
+        assert 0 < p["p50"] <= p["p90"] <= p["p99"]
+    assert report.percentiles["ttft"]["p50"] <= report.percentiles["e2e"]["p50"]
+    assert stats["free_pages"] == stats["total_pages"]
+
+
+def test_bench_serve_counts_failures() -> None:
+    records, duration = asyncio.run(
+        run_load("http://127.0.0.1:9", "none", [[1, 2]], 4, float("inf"), 1, 0, None, 5.0)
+    )
+    report = summarize(records, duration)
+    assert report.completed == 0 and report.failed == 1

@@ -1,0 +1,126 @@
+"""Single-request decode speed against context length, and the memory bandwidth it achieves.
+
+Decode is bound by memory bandwidth: each step reads every weight once and the request's whole
+KV cache. Achieved bandwidth = (weight bytes + KV bytes read per step) / step time, reported
+next to the machine's own measured copy and read bandwidth, which is the physical limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.sampling import SamplingParams
+
+
+@dataclass
+class Bandwidth:
+    """Measured memory bandwidth of this machine, in GB/s (10^9 bytes per second)."""
+
+    copy_gb_s: float  # bytes read + bytes written per second by a large tensor copy
+    read_gb_s: float  # bytes read per second by a large reduction
+
+
+@dataclass
+class DecodeResult:
+    """One context length under one policy."""
+
+    policy: str
+    context: int
+    ms_per_step: float
+    tokens_per_s: float
+    weight_bytes: int
+    kv_bytes: int
+    achieved_gb_s: float
+    fraction_of_read_bw: float
+
+
+def measure_bandwidth(size_bytes: int = 1 << 29, repeats: int = 5) -> Bandwidth:
+    """Best-of-``repeats`` copy and read bandwidth over ``size_bytes`` of float32."""
+    src = torch.ones(size_bytes // 4)
+    dst = torch.empty_like(src)
+    copy_s = read_s = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        copy_s = min(copy_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        src.sum()
+        read_s = min(read_s, time.perf_counter() - start)
+    return Bandwidth(copy_gb_s=2 * size_bytes / copy_s / 1e9, read_gb_s=size_bytes / read_s / 1e9)
+
+
+def run_decode(
+    model: str,
+    policy: str,
+    contexts: list[int],
+    steps: int,
+    dtype: str,
+    bandwidth: Bandwidth,
+) -> list[DecodeResult]:
+    """Time ``steps`` decode steps of one request after a prompt of each context length."""
+    from tierkv.config import EngineConfig
+    from tierkv.engine.engine import Engine
+
+    engine = Engine(
+        EngineConfig.from_kwargs(
+            model,
+            dtype=dtype,
+            kv_policy=policy,
+            kv_cache_memory="2GiB",
+            max_model_len=max(contexts) + steps + 2,
+            max_num_seqs=1,
+        )
+    )
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    vocab = engine.spec.vocab_size
+    results = []
+    for context in contexts:
+        prompt = [(i * 7919) % (vocab - 1) + 1 for i in range(context)]
+        # Room for the untimed steps too, so the request is still alive (its pages held) when
+        # its KV bytes are read.
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+        while not engine.step():  # prefill (possibly chunked) until the first token
+            pass
+        engine.step()  # one untimed decode step
+        start = time.perf_counter()
+        for _ in range(steps - 1):
+            engine.step()
+        elapsed = (time.perf_counter() - start) / (steps - 1)
+        kv_bytes = engine.store.bytes_in_use()
+        engine.abort(rid)
+        achieved = (weight_bytes + kv_bytes) / elapsed / 1e9
+        results.append(
+            DecodeResult(
+                policy=policy,
+                context=context,
+                ms_per_step=elapsed * 1e3,
+                tokens_per_s=1 / elapsed,
+                weight_bytes=weight_bytes,
+                kv_bytes=kv_bytes,
+                achieved_gb_s=achieved,
+                fraction_of_read_bw=achieved / bandwidth.read_gb_s,
+            )
+        )
+    return results
+
+
+def format_table(results: list[DecodeResult], bandwidth: Bandwidth) -> str:
+    """A plain-text table of the rows and the machine's bandwidth."""
+    head = (
+        f"{'policy':<10}{'context':>8}{'ms/step':>9}{'tok/s':>8}"
+        f"{'KV MB':>8}{'GB/s':>7}{'of read':>9}"
+    )
+    lines = [
+        f"machine: copy {bandwidth.copy_gb_s:.1f} GB/s, read {bandwidth.read_gb_s:.1f} GB/s",
+        head,
+        "-" * len(head),
+    ]
+    for r in results:
+        lines.append(
+            f"{r.policy:<10}{r.context:>8}{r.ms_per_step:>9.2f}{r.tokens_per_s:>8.1f}"
+            f"{r.kv_bytes / 1e6:>8.2f}{r.achieved_gb_s:>7.2f}{r.fraction_of_read_bw:>8.1%}"
+        )
+    return "\n".join(lines)

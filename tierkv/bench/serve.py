@@ -1,0 +1,160 @@
+"""Serving load: streamed completions against a running server, Poisson arrivals, a concurrency
+cap, and latency percentiles (TTFT, TPOT, ITL, end-to-end) as ``vllm bench serve`` reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class RequestRecord:
+    """Timings of one streamed request (seconds); ``error`` is set when it failed."""
+
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class ServeReport:
+    """Aggregates over all requests of a run."""
+
+    completed: int
+    failed: int
+    duration_s: float
+    request_throughput: float
+    output_tokens_per_s: float
+    percentiles: dict[str, dict[str, float]]  # metric -> {"p50", "p90", "p99", "mean"} in ms
+
+
+async def _one(
+    client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str]
+) -> RequestRecord:
+    record = RequestRecord()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                record.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return record
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    record.output_tokens = chunk["usage"]["completion_tokens"]
+                if not any(c.get("text") for c in chunk.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if record.ttft == 0.0:
+                    record.ttft = now - start
+                else:
+                    record.itls.append(now - last)
+                last = now
+    except httpx.HTTPError as exc:
+        record.error = repr(exc)
+        return record
+    record.e2e = time.perf_counter() - start
+    return record
+
+
+async def run_load(
+    base_url: str,
+    model: str,
+    prompts: list[list[int]],
+    output_len: int,
+    request_rate: float,
+    max_concurrency: int,
+    seed: int,
+    api_key: str | None,
+    timeout_s: float,
+) -> tuple[list[RequestRecord], float]:
+    """Send every prompt once; arrivals are Poisson at ``request_rate`` (inf: all at once)."""
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(max_concurrency)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/v1/completions"
+
+    async def guarded(client: httpx.AsyncClient, prompt: list[int]) -> RequestRecord:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": output_len,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with gate:
+            return await _one(client, url, body, headers)
+
+    limits = httpx.Limits(max_connections=max_concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(guarded(client, prompt)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        records = await asyncio.gather(*tasks)
+        return list(records), time.perf_counter() - start
+
+
+def summarize(records: list[RequestRecord], duration: float) -> ServeReport:
+    """Percentiles of the successful requests' latencies."""
+    ok = [r for r in records if r.error is None]
+    series = {
+        "ttft": [r.ttft for r in ok],
+        "tpot": [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1],
+        "itl": [x for r in ok for x in r.itls],
+        "e2e": [r.e2e for r in ok],
+    }
+    tokens = sum(r.output_tokens for r in ok)
+    return ServeReport(
+        completed=len(ok),
+        failed=len(records) - len(ok),
+        duration_s=duration,
+        request_throughput=len(ok) / duration,
+        output_tokens_per_s=tokens / duration,
+        percentiles={name: _percentiles(values) for name, values in series.items()},
+    )
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+
+    return {
+        "mean": sum(ordered) / len(ordered) * 1e3,
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "p99": pick(0.99),
+    }
+
+
+def format_report(report: ServeReport) -> str:
+    """The report as ``vllm bench serve`` lays it out, in milliseconds."""
+    lines = [
+        f"completed {report.completed}, failed {report.failed}, duration {report.duration_s:.1f} s",
+        f"request throughput {report.request_throughput:.2f} req/s, "
+        f"output {report.output_tokens_per_s:.1f} tok/s",
+        f"{'ms':<6}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
+    ]
+    for name, p in report.percentiles.items():
+        lines.append(
+            f"{name:<6}{p['mean']:>10.1f}{p['p50']:>10.1f}{p['p90']:>10.1f}{p['p99']:>10.1f}"
+        )
+    return "\n".join(lines)
