@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tierkv.kv.attention import AttentionBatch
-from tierkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from tierkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, fused_linear
 from tierkv.model.loader import ModelSpec
 
 
@@ -42,9 +42,9 @@ class Attention(nn.Module):
             spec.head_dim,
         )
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.q_proj = nn.Linear(spec.hidden_size, q_out, bias=spec.qkv_bias, dtype=dtype)
-        self.k_proj = nn.Linear(spec.hidden_size, kv_out, bias=spec.qkv_bias, dtype=dtype)
-        self.v_proj = nn.Linear(spec.hidden_size, kv_out, bias=spec.qkv_bias, dtype=dtype)
+        self.split = (q_out, kv_out, kv_out)
+        parts = (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out))
+        self.qkv_proj = fused_linear(spec.hidden_size, parts, bias=spec.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(q_out, spec.hidden_size, bias=spec.o_bias, dtype=dtype)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
@@ -60,9 +60,10 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)

@@ -24,17 +24,32 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def fused_linear(
+    in_features: int, parts: tuple[tuple[str, int], ...], bias: bool, dtype: torch.dtype
+) -> nn.Linear:
+    """One linear layer standing for several checkpoint projections stacked along the output.
+
+    ``parts`` names each projection as the checkpoint does (e.g. ``q_proj``) with its output
+    size; the loader fills the matching row slices. One matmul instead of several per layer
+    matters on CPU, where small models are bound by per-call overhead.
+    """
+    layer = nn.Linear(in_features, sum(size for _, size in parts), bias=bias, dtype=dtype)
+    layer.fused_from = parts
+    return layer
+
+
 class GatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``: the MLP of every supported family."""
 
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        parts = (("gate_proj", intermediate), ("up_proj", intermediate))
+        self.gate_up_proj = fused_linear(hidden, parts, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass(frozen=True)

@@ -165,9 +165,30 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     )
 
 
+def checkpoint_targets(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name (without ``model.``) -> the tensor of ``module`` it fills.
+
+    A fused layer (``fused_from``, see ``layers.fused_linear``) stands for several checkpoint
+    projections: each of them fills a row slice of the fused weight and bias.
+    """
+    targets = {}
+    for name, param in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        parts = getattr(module.get_submodule(owner), "fused_from", None)
+        if parts is None:
+            targets[name] = param.data
+            continue
+        parent = owner.rpartition(".")[0]
+        start = 0
+        for part, size in parts:
+            targets[f"{parent}.{part}.{leaf}"] = param.data[start : start + size]
+            start += size
+    return targets
+
+
 def load_weights(module: torch.nn.Module, model_dir: str | Path) -> None:
     """Copy checkpoint tensors into ``module``'s parameters, checking that none is missing."""
-    params = dict(module.named_parameters())
+    params = checkpoint_targets(module)
     loaded: set[str] = set()
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
@@ -182,7 +203,7 @@ def load_weights(module: torch.nn.Module, model_dir: str | Path) -> None:
                         f"tensor {name} has shape {tuple(tensor.shape)}, "
                         f"the config implies {tuple(param.shape)}"
                     )
-                param.data.copy_(tensor.to(param.dtype))
+                param.copy_(tensor.to(param.dtype))
                 loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:
