@@ -64,7 +64,8 @@ class Engine:
             config.max_num_seqs,
             self.max_model_len,
         )
-        needed = self.store.pages_for(self.max_model_len, self.policy.high)
+        self.store.register_policy(self.policy)
+        needed = self.store.pages_to_admit(self.max_model_len, self.policy)
         if needed > num_pages:
             raise ValueError(
                 f"the KV pool ({num_pages} pages of {page_bytes} bytes = "
@@ -158,8 +159,8 @@ class Engine:
         if params.kv_policy is None:
             return self.policy
         policy = KVPolicy.parse(params.kv_policy)
-        self.store.register(policy.high)
-        needed = self.store.pages_for(num_tokens, policy.high)
+        self.store.register_policy(policy)
+        needed = self.store.pages_to_admit(num_tokens, policy)
         if needed > self.store.pool.num_pages:
             raise ValueError(
                 f"under kv_policy {policy.name!r} a request of {num_tokens} tokens needs "
@@ -244,17 +245,23 @@ class Engine:
     def kv_stats(self) -> dict[str, Any]:
         """KV pool and scheduler counters; bytes per token include all metadata.
 
-        ``kv_bytes_per_token`` is the engine policy's analytic cost (by tier in
-        ``kv_bytes_per_token_by_tier``), ``kv_bytes_per_token_measured`` the pool bytes held per
-        token computed by the running requests, ``tokens_per_head`` a histogram of the tokens
-        each running (request, layer, KV head) holds, and ``max_running`` the most requests
-        held running at once.
+        ``kv_bytes_per_token`` is the engine policy's analytic cost of a kept token (of its high
+        tier: an upper bound for a tiered policy), ``kv_bytes_per_token_by_tier`` the analytic
+        cost of each tier, ``kv_bytes_per_token_measured`` the pool bytes held per token
+        computed by the running requests (pruned tokens count as computed, so this is the
+        effective cost), ``tiers`` the tokens and pages the running requests hold per tier,
+        ``tokens_per_head`` a histogram of the tokens each running (request, layer, KV head)
+        holds, and ``max_running`` the most requests held running at once.
         """
         pool = self.store.pool
         running = self.scheduler.running
         held = sum(r.num_computed_tokens for r in running)
         in_use = self.store.bytes_in_use()
         slots = torch.tensor([r.slot for r in running], dtype=torch.int64)
+        by_tier = {"high": self.store.bytes_per_token(self.policy.high)}
+        if self.policy.low is not None:
+            by_tier["low"] = self.store.bytes_per_token(self.policy.low)
+        usage = self.store.tier_usage(slots)
         return {
             "policy": self.policy.name,
             "total_pages": pool.num_pages,
@@ -263,13 +270,14 @@ class Engine:
             "page_bytes": pool.page_bytes,
             "tokens_per_page": self.store.tokens_per_page(self.policy.high),
             "kv_bytes_per_token": self.store.bytes_per_token(self.policy.high),
-            "kv_bytes_per_token_by_tier": {"high": self.store.bytes_per_token(self.policy.high)},
+            "kv_bytes_per_token_by_tier": by_tier,
             "kv_bytes_per_token_measured": in_use / held if held else None,
             "kv_bytes_in_use": in_use,
             "preemptions": self.scheduler.num_preemptions,
             "running": len(running),
             "waiting": len(self.scheduler.waiting),
             "max_running": self.scheduler.max_running,
+            "tiers": {t: {"tokens": n, "pages": p} for t, (n, p) in usage.items()},
             "tokens_per_head": _histogram(self.store.tokens_per_head(slots)),
         }
 

@@ -3,8 +3,8 @@
 Each step, running requests come first (decodes and unfinished prefill chunks, oldest first),
 then waiting requests are admitted in arrival order while the token budget, ``max_num_seqs``
 and the pool allow. Admission reserves the pages of the whole prompt in the request's own KV
-format (its policy's), so a running prefill
-never stalls for memory; a decode that needs a new page and finds none preempts the newest
+format (its policy's high tier, plus the spare low pages of a tiered policy), so a running
+prefill never stalls for memory; a decode that needs a new page and finds none preempts the newest
 running request, whose pages return to the pool and whose tokens are recomputed later.
 """
 
@@ -64,10 +64,10 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if self.store.pages_for(req.num_tokens, req.kv_policy.high) > self.store.pool.num_free:
+            if self.store.pages_to_admit(req.num_tokens, req.kv_policy) > self.store.pool.num_free:
                 break  # first come, first served: nothing jumps the queue
             self.waiting.popleft()
-            req.slot = self.store.acquire_slot(req.kv_policy.high)
+            req.slot = self.store.acquire_slot(req.kv_policy, req.num_tokens)
             req.status = RequestStatus.RUNNING
             self._reserve(req)
             self.running.append(req)

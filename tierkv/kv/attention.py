@@ -7,6 +7,11 @@ dequantized cache by construction; fused fast paths must match it.
 One engine step mixes decodes (one query token per request) and prefill chunks (many). Decodes
 are attended in one batched call; each prefill chunk attends alone, since chunks are few per step
 and differ in length.
+
+Requests under a differentiated policy (tiered slots) take ``tiered.attend``, an explicit
+softmax over both tiers that also returns the attention probabilities their scores need; the
+policy then decides and compacts their tiers. Uniform requests keep the SDPA path and pay
+nothing for tiers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tierkv.kv import tiered
 from tierkv.kv.store import KVStore
 
 
@@ -93,12 +99,18 @@ class PagedAttention:
         self.store.write(layer, batch.token_slots, batch.token_index, k, v)
         out = torch.empty_like(q)
         window = self.sliding_windows[layer]
-        if batch.decode_rows.numel():
-            rows = batch.decode_rows
-            tokens = batch.decode_tokens
+        decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
+        if self.store.num_tiered:
+            is_tiered = self.store.slot_format[batch.slots, 1] >= 0
+            decode_rows = decode_rows[~is_tiered[decode_rows]]
+            prefill_rows = [r for r in prefill_rows if not is_tiered[r]]
+            tiered.attend_rows(self.store, layer, q, batch, is_tiered, window, out)
+        if decode_rows.numel():
+            rows = decode_rows
+            tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[rows]
             lens = torch.tensor(batch.context_lens, dtype=torch.int64)[rows] + 1
             out[tokens] = self._decode(layer, q[tokens], batch.slots[rows], lens, window)
-        for row in batch.prefill_rows:
+        for row in prefill_rows:
             start, n = batch.query_starts[row], batch.query_lens[row]
             out[start : start + n] = self._prefill(
                 layer, q[start : start + n], int(batch.slots[row]), batch.context_lens[row], window

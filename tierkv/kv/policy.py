@@ -10,6 +10,40 @@ request):
   ``k4v4``, ``k4v2``...): every token is kept, keys quantized to X bits and values to Y bits,
   group-wise per token and KV head. An optional suffix ``-gN`` sets the group size to N
   channels (``k4v2-g64``); the default is ``quant.DEFAULT_GROUP_SIZE``.
+- ``HIGH/LOW``, differentiated (``k8v4/k4v2``): each (request, layer, KV head) keeps a token in
+  the high tier, demotes it to the low tier, or prunes it, by the attention it receives. The low
+  format may not have more key or value bits than the high one. The full syntax is
+  ``HIGH/LOW[-gN][@BUDGET][:key=value,...]`` with keys ``ah`` (alpha_high, default 1.0),
+  ``al`` (alpha_low, 0.02), ``w`` (protected recent window, 64 tokens) and ``sw`` (prefill
+  scoring window, 64 queries), e.g. ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64``.
+- ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
+- ``default``: the engine's compressing default, ``k8v4/k4v2`` with the defaults above; it
+  takes the same suffixes (``default@0.2``, ``default:w=32``).
+
+Scores. A query *counts* when its position is at least ``prompt_len - sw`` (``prompt_len`` is
+the length at admission): the last ``sw`` prompt queries and every decode query. Each counting
+query adds to every token it sees the attention it gives it, max over the query heads sharing
+the token's KV head (over a prefill chunk: the max over heads of the chunk's sums). A token's
+score is the mean over the counting queries that could see it,
+``sum / (N - max(prompt_len - sw, pos))`` with ``N`` the tokens seen so far: at the end of the
+prompt this is the prefill score, afterwards the running mean since the token arrived.
+
+Decisions, per (request, layer, KV head), once the prompt is complete and after every decode
+step, with ``N`` tokens seen: the newest ``w`` tokens stay high; a high token with mean
+``>= ah / N`` stays high, one with ``al / N <= mean < ah / N`` is demoted (dequantized and
+re-quantized to the low format), one below ``al / N`` is pruned; a low token below ``al / N`` is
+pruned. Low tokens are never promoted. Heads therefore hold different numbers of tokens, and
+pages emptied by demotion and pruning return to the pool at once.
+
+Budget mode (``@f``): after the same scoring, each (request, layer, KV head) may hold at most
+``floor(f * N / fp16_tokens_per_page)`` pages, the pages ``fp16`` would need for ``N`` tokens
+in a 16-bit dtype scaled by ``f``. Tokens are ranked by mean score (the recent window first, it
+is always kept); a token wants the high tier if it is high and recent or above ``ah / N``, else
+the low tier; tokens are kept in rank order while their summed per-token page costs stay one page
+under the limit (that page covers the two partly filled last pages). ``al`` is not used: the
+budget decides what is pruned. The bound holds between engine steps (a step first reserves a
+page per head for its new token and demotions) once ``f * N`` fp16 tokens can hold the recent
+window at the high precision; before that the recent window alone exceeds it.
 
 Bytes per token (``KVStore.bytes_per_token``): a page of ``page_bytes`` holds
 ``tokens_per_page`` tokens of one (request, layer, KV head) in one format, and its page-table
@@ -19,59 +53,162 @@ entry costs 8 bytes (int64), so one token costs, over all layers and KV heads::
 
 ``tokens_per_page`` already accounts for every per-token field (codes, fp16 scales and zeros,
 the f32 score, the i32 position) and the page's alignment waste; the measured use of a request
-exceeds this only by its partly filled last page per head.
+exceeds this only by its partly filled last page per head and tier. A differentiated request
+costs ``bytes_per_token(high)`` per high token plus ``bytes_per_token(low)`` per low token;
+admission reserves the prompt at the high precision (an upper bound) plus one low page per
+(layer, head), the room a decision needs to demote before it frees.
 
-Uniform policies are deterministic per token (a token's codes depend on its own key and value
-only), so a preempted request recomputes exactly the cache it had and its output is unchanged.
+Preemption. Uniform policies encode each token on its own, so a preempted request recomputes
+exactly the cache it had and its output is unchanged. A differentiated policy's recompute
+treats prompt and generated tokens as one new prompt and scores it with the prefill rule, so
+the kept set, and therefore the output after the preemption point, may differ from an
+uninterrupted run; the request still runs to its normal end and returns all its pages.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tierkv.kv.quant import FORMATS, FULL, KVFormat
 
 _FP16_NAMES = ("fp16", FULL.name)
 _QUANTIZED_NAMES = tuple(name for name, fmt in FORMATS.items() if fmt.quantized)
+DEFAULT_TIERS = "k8v4/k4v2"
 SUPPORTED_POLICIES = ("fp16", *_QUANTIZED_NAMES)
+"""The uniform policy names; tiered ones are written ``HIGH/LOW`` (see the module docstring)."""
 
 _UNIFORM = re.compile(r"(?P<format>k\d+v\d+)(?:-g(?P<group>\d+))?")
+_TIERED = re.compile(
+    r"(?P<high>k\d+v\d+)/(?P<low>k\d+v\d+)(?:-g(?P<group>\d+))?"
+    r"(?:@(?P<budget>[0-9]*\.?[0-9]+))?(?::(?P<params>.*))?"
+)
+# Parameter keys of the string syntax -> KVPolicy fields.
+_PARAMS = {"ah": "alpha_high", "al": "alpha_low", "w": "recent", "sw": "score_window"}
+_SYNTAX = (
+    "supported: fp16, {uniform} (optionally with a group size suffix such as k4v2-g64), "
+    "HIGH/LOW tiers such as k8v4/k4v2 written HIGH/LOW[-gN][@BUDGET][:ah=1.0,al=0.02,w=64,sw=64], "
+    "and default (= k8v4/k4v2, same suffixes)"
+)
 
 
 @dataclass(frozen=True)
 class KVPolicy:
-    """A parsed KV policy: the storage format of kept tokens.
+    """A parsed KV policy.
 
     Attributes:
-        name: the canonical spelling (``fp16``, ``k4v2``, ``k4v2-g64``).
-        high: the format every kept token is stored in.
+        name: the canonical spelling (``fp16``, ``k4v2-g64``, ``k8v4/k4v2@0.2``).
+        high: the format of kept tokens (of the high tier when tiered).
+        low: the low tier's format; ``None`` for uniform policies (every token kept in ``high``).
+        alpha_high: a token stays high while its mean score is at least ``alpha_high / N``.
+        alpha_low: below ``alpha_low / N`` a token is pruned (threshold mode only).
+        recent: the newest tokens always kept high.
+        score_window: the last prompt queries that score tokens at prefill.
+        budget: fraction of fp16 bytes each head may hold (budget mode), or ``None``.
     """
 
     name: str
     high: KVFormat
+    low: KVFormat | None = None
+    alpha_high: float = 1.0
+    alpha_low: float = 0.02
+    recent: int = 64
+    score_window: int = 64
+    budget: float | None = None
+
+    @property
+    def tiered(self) -> bool:
+        """Whether tokens are scored and split into tiers (else every token is kept)."""
+        return self.low is not None
 
     @classmethod
     def parse(cls, spec: str | KVPolicy) -> KVPolicy:
-        """Parse a policy name such as ``"fp16"`` or ``"k8v4-g64"``.
+        """Parse a policy string (see the module docstring for the syntax).
 
-        Unknown names raise ``ValueError`` listing the supported ones.
+        Unknown or malformed names raise ``ValueError`` listing what is supported.
         """
         if isinstance(spec, KVPolicy):
             return spec
         name = spec.strip().lower()
         if name in _FP16_NAMES:
             return cls(name="fp16", high=FULL)
+        if name.startswith("default"):
+            name = DEFAULT_TIERS + name[len("default") :]
         match = _UNIFORM.fullmatch(name)
         if match and match["format"] in _QUANTIZED_NAMES:
-            fmt = FORMATS[match["format"]]
-            if match["group"] is None:
-                return cls(name=fmt.name, high=fmt)
-            group = int(match["group"])
-            if group < 1:
-                raise ValueError(f"KV policy {spec!r}: the group size must be positive")
-            return cls(name=f"{fmt.name}-g{group}", high=fmt.with_group_size(group))
-        raise ValueError(
-            f"unknown KV policy {spec!r}; supported: {', '.join(SUPPORTED_POLICIES)} "
-            "(quantized ones optionally with a group size suffix such as k4v2-g64)"
-        )
+            fmt = _grouped(spec, FORMATS[match["format"]], match["group"])
+            suffix = f"-g{fmt.group_size}" if match["group"] else ""
+            return cls(name=fmt.name + suffix, high=fmt)
+        match = _TIERED.fullmatch(name)
+        if match and match["high"] in _QUANTIZED_NAMES and match["low"] in _QUANTIZED_NAMES:
+            return cls._tiered(spec, match)
+        raise ValueError(f"unknown KV policy {spec!r}; " + _SYNTAX.format(uniform=_uniform_list()))
+
+    @classmethod
+    def _tiered(cls, spec: str, match: re.Match[str]) -> KVPolicy:
+        high = _grouped(spec, FORMATS[match["high"]], match["group"])
+        low = _grouped(spec, FORMATS[match["low"]], match["group"])
+        if low.key_bits > high.key_bits or low.value_bits > high.value_bits or low == high:
+            raise ValueError(
+                f"KV policy {spec!r}: the low tier must have fewer bits than the high tier "
+                "(keys and values each no more)"
+            )
+        values: dict[str, float | int] = {}
+        for item in filter(None, (match["params"] or "").split(",")):
+            key, _, value = item.partition("=")
+            field = _PARAMS.get(key.strip())
+            if field is None or not value:
+                raise ValueError(
+                    f"KV policy {spec!r}: unknown parameter {item!r}; use key=value with keys "
+                    f"{', '.join(_PARAMS)} (alpha_high, alpha_low, recent window, score window)"
+                )
+            try:
+                values[field] = int(value) if field in ("recent", "score_window") else float(value)
+            except ValueError as err:
+                raise ValueError(f"KV policy {spec!r}: bad value in {item!r}") from err
+        budget = float(match["budget"]) if match["budget"] else None
+        policy = cls(name="", high=high, low=low, budget=budget, **values)  # type: ignore[arg-type]
+        policy._validate(spec)
+        return replace(policy, name=policy._canonical(match["group"]))
+
+    def with_budget(self, fraction: float) -> KVPolicy:
+        """This tiered policy in budget mode at ``fraction`` of fp16 bytes."""
+        if not self.tiered:
+            raise ValueError(f"a KV budget needs a tiered policy such as default, not {self.name}")
+        base = self.name.split(":")[0].split("@")[0]
+        params = self.name.partition(":")[2]
+        return KVPolicy.parse(f"{base}@{fraction:g}" + (f":{params}" if params else ""))
+
+    def _validate(self, spec: str) -> None:
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"KV policy {spec!r}: the budget must be a fraction in (0, 1]")
+        if not 0 <= self.alpha_low <= self.alpha_high:
+            raise ValueError(f"KV policy {spec!r}: need 0 <= al <= ah")
+        if self.recent < 0 or self.score_window < 1:
+            raise ValueError(f"KV policy {spec!r}: need w >= 0 and sw >= 1")
+
+    def _canonical(self, group: str | None) -> str:
+        assert self.low is not None
+        suffix = f"-g{self.high.group_size}" if group else ""
+        name = f"{self.high.name}/{self.low.name}{suffix}"
+        if self.budget is not None:
+            name += f"@{self.budget:g}"
+        defaults = KVPolicy(name="", high=self.high)
+        changed = [
+            f"{key}={getattr(self, field):g}"
+            for key, field in _PARAMS.items()
+            if getattr(self, field) != getattr(defaults, field)
+        ]
+        return name + (":" + ",".join(changed) if changed else "")
+
+
+def _grouped(spec: str, fmt: KVFormat, group: str | None) -> KVFormat:
+    if group is None:
+        return fmt
+    if int(group) < 1:
+        raise ValueError(f"KV policy {spec!r}: the group size must be positive")
+    return fmt.with_group_size(int(group))
+
+
+def _uniform_list() -> str:
+    return ", ".join(_QUANTIZED_NAMES)

@@ -1,25 +1,53 @@
-"""KVStore: per (request slot, layer, KV head) page tables over the shared PagePool.
+"""KVStore: per (request slot, layer, KV head, tier) page tables over the shared PagePool.
 
-Every (slot, layer, head) owns its own list of pages, so heads can later hold different numbers
-of tokens. Each slot stores its tokens in one ``KVFormat`` (its request's policy), so requests
-under different precisions share one batch: every format has its own typed views of the same
-arena (``PagePool.fields``), and the page size is the same for all of them, so a page freed by
-one format is reused by any other.
+Every (slot, layer, head) owns its own pages in each of two tiers, so heads can hold different
+numbers of tokens. A slot stores its high tier in one ``KVFormat`` and, under a differentiated
+policy, its low tier in another; requests under different precisions share one batch: every
+format has its own typed views of the same arena (``PagePool.fields``), and the page size is the
+same for all of them, so a page freed by one format is reused by any other.
 
-Growing and freeing are batched over all slots, layers and heads at once: the pages each head
-needs are counted, one ``PagePool.alloc`` hands them out, and a prefix sum over the counts tells
-each head which slice of the allocation is its own.
+Uniform slots store token ``i`` at index ``i`` of the high tier. Tiered slots store each tier as
+a dense prefix per head: new tokens are appended after the head's high tokens, and decisions
+(``compact.apply_decisions``) rewrite both tiers compactly; a token's position is its stored
+``pos`` field.
+
+Growing and freeing are batched over all slots, layers, heads and tiers at once: the pages each
+table row needs are counted, one ``PagePool.alloc`` hands them out, and a prefix sum over the
+counts tells each row which slice of the allocation is its own.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PageLayout, PagePool
 from tierkv.kv.quant import FULL, KVFormat
+from tierkv.kv.tiers import SlotTiers, TierCosts
+
+HIGH, LOW = 0, 1
 
 # Per-token fields that attention does not read: the policy's score and the token's position.
 _METADATA = ("score", "pos")
+
+
+@dataclass
+class TierRead:
+    """Every token of one tier of a group of slots at one layer, as raw page fields.
+
+    ``fields`` maps field names to ``[B, H, T, numel]``; entries at or past ``count`` [B, H]
+    are stale bytes.
+    """
+
+    fields: dict[str, torch.Tensor]
+    count: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        width = self.fields["pos"].shape[2]
+        return torch.arange(width) < self.count[..., None]
 
 
 class KVStore:
@@ -50,14 +78,38 @@ class KVStore:
         # sizes the page tables; a format needing more columns is refused by `register`.
         full_layout = FULL.layout(head_dim, dtype, pool.page_bytes)
         self.max_pages = -(-max_model_len // full_layout.tokens_per_page)
-        shape = (max_seqs, num_layers, num_kv_heads)
-        self.page_table = torch.zeros(*shape, self.max_pages, dtype=torch.int64)
-        self.num_pages = torch.zeros(shape, dtype=torch.int64)
-        # Tokens each (slot, layer, head) holds: equal across heads until a policy prunes.
-        self.num_tokens = torch.zeros(shape, dtype=torch.int64)
-        self.slot_format = torch.zeros(max_seqs, dtype=torch.int64)
+        # What fp16 costs at 2 bytes per element: the unit of budget mode.
+        self.fp16_tokens_per_page = FULL.layout(
+            head_dim, torch.float16, pool.page_bytes
+        ).tokens_per_page
+        shape = (max_seqs, num_layers, num_kv_heads, 2)
+        # One spare column: a low tier may hold one page beyond its tokens (the demotion room).
+        self.tables = torch.zeros(*shape, self.max_pages + 1, dtype=torch.int64)
+        self.held = torch.zeros(shape, dtype=torch.int64)
+        self.count = torch.zeros(shape, dtype=torch.int64)
+        # Tokens appended per (slot, layer): the next token's position.
+        self.seen = torch.zeros(max_seqs, num_layers, dtype=torch.int64)
+        # Format index of each slot's tiers (the low one is -1 for uniform slots).
+        self.slot_format = torch.zeros(max_seqs, 2, dtype=torch.int64)
+        self.tiers = SlotTiers(max_seqs)
+        self.num_tiered = 0
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.register(FULL)
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """The high tier's page table ``[slots, layers, heads, columns]`` (a view)."""
+        return self.tables[..., HIGH, :]
+
+    @property
+    def num_pages(self) -> torch.Tensor:
+        """Pages held by each (slot, layer, head) in the high tier (a view)."""
+        return self.held[..., HIGH]
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        """Tokens held by each (slot, layer, head), both tiers."""
+        return self.count.sum(-1)
 
     # -- formats -------------------------------------------------------------------------------
 
@@ -85,32 +137,52 @@ class KVStore:
         self._tokens_per_page = torch.tensor([lay.tokens_per_page for lay in self._layouts])
         return len(self._formats) - 1
 
+    def register_policy(self, policy: KVPolicy) -> None:
+        """Make every format of ``policy`` storable; ``ValueError`` if one does not fit."""
+        self.register(policy.high)
+        if policy.low is not None:
+            self.register(policy.low)
+
     def layout(self, fmt: KVFormat) -> PageLayout:
         """The page layout of ``fmt`` in this store."""
         return self._layouts[self.register(fmt)]
 
-    def format_of(self, slot: int) -> KVFormat:
-        """The format the slot stores its tokens in."""
-        return self._formats[int(self.slot_format[slot])]
+    def format_of(self, slot: int, tier: int = HIGH) -> KVFormat:
+        """The format the slot stores a tier's tokens in."""
+        return self._formats[int(self.slot_format[slot, tier])]
+
+    def costs(self, slot: int) -> TierCosts:
+        """Tokens per page of a tiered slot's tiers and of fp16 (for budget decisions)."""
+        per_page = self._tokens_per_page[self.slot_format[slot]]
+        return TierCosts(int(per_page[HIGH]), int(per_page[LOW]), self.fp16_tokens_per_page)
 
     # -- slots -------------------------------------------------------------------------------
 
-    def acquire_slot(self, fmt: KVFormat = FULL) -> int:
-        """Take a free request slot (its tables are empty) that stores tokens in ``fmt``."""
+    def acquire_slot(self, spec: KVFormat | KVPolicy = FULL, prompt_len: int = 0) -> int:
+        """Take a free request slot (its tables are empty) for a format or a policy.
+
+        ``prompt_len`` (tiered policies) is the prompt at admission: its last queries score
+        the tokens, and decisions start once it is complete.
+        """
         if not self._free_slots:
             raise RuntimeError("no free request slot: max_num_seqs requests are already held")
-        index = self.register(fmt)
+        policy = spec if isinstance(spec, KVPolicy) else None
+        high = self.register(policy.high if policy else spec)  # type: ignore[arg-type]
+        low = self.register(policy.low) if policy and policy.low is not None else -1
         slot = self._free_slots.pop()
-        self.slot_format[slot] = index
+        self.slot_format[slot] = torch.tensor([high, low])
+        self.tiers.assign(slot, policy, prompt_len)
+        self.num_tiered += int(low >= 0)
         return slot
 
     def release_slot(self, slot: int) -> None:
         """Free every page the slot holds and return the slot."""
-        held = self.num_pages[slot]
-        mask = torch.arange(self.max_pages) < held[..., None]
-        self.pool.free(self.page_table[slot][mask])
-        self.num_pages[slot] = 0
-        self.num_tokens[slot] = 0
+        mask = torch.arange(self.tables.shape[-1]) < self.held[slot][..., None]
+        self.pool.free(self.tables[slot][mask])
+        self.held[slot] = 0
+        self.count[slot] = 0
+        self.seen[slot] = 0
+        self.num_tiered -= int(self.slot_format[slot, LOW] >= 0)
         self._free_slots.append(slot)
 
     # -- capacity ------------------------------------------------------------------------------
@@ -124,34 +196,87 @@ class KVStore:
         per_head = -(-num_tokens // self.tokens_per_page(fmt))
         return self.num_layers * self.num_kv_heads * per_head
 
+    def pages_to_admit(self, num_tokens: int, policy: KVPolicy) -> int:
+        """Pages admission reserves: the prompt at high precision, plus one low page per head."""
+        spare = self.num_layers * self.num_kv_heads if policy.tiered else 0
+        return self.pages_for(num_tokens, policy.high) + spare
+
     def pages_to_grow(self, slot: int, num_tokens: int) -> int:
-        """Pages the slot still needs to hold ``num_tokens`` tokens."""
-        want = -(-num_tokens // int(self._tokens_per_page[self.slot_format[slot]]))
-        return int((want - self.num_pages[slot]).clamp(min=0).sum())
+        """Pages the slot still needs to hold ``num_tokens`` tokens (seen ones included)."""
+        want = self._want(torch.tensor([slot]), torch.tensor([num_tokens]))
+        return int((want - self.held[slot]).clamp(min=0).sum())
 
     def reserve(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """Grow each slot in ``slots`` to hold ``num_tokens`` tokens, in one allocation.
 
-        New pages are zeroed: the unwritten tail of a page then decodes to finite values in any
-        format, whatever format last used the page (attention masks those values, but a NaN
-        from stale bytes would survive the mask).
+        Tiered slots also get one spare low page per (layer, head), the room a decision needs
+        to demote tokens before the pages they leave are freed.
         """
+        need = (self._want(slots, num_tokens) - self.held[slots]).clamp(min=0)
+        self._grow(self._rows(slots), need.reshape(-1))
+
+    def resize(
+        self, layer: int, slots: torch.Tensor, high: torch.Tensor, low: torch.Tensor
+    ) -> None:
+        """Set the token counts [B, H] of both tiers of ``slots`` at ``layer`` and hold exactly
+        the pages they need: surplus pages are freed first, then missing ones allocated."""
+        counts = torch.stack([high, low], -1)
+        per_page = self._tokens_per_page[self.slot_format[slots]][:, None, :]
+        want = -(-counts // per_page)
+        heads = torch.arange(self.num_kv_heads)
+        tiers = torch.arange(2)
+        rows = (
+            ((slots[:, None, None] * self.num_layers + layer) * self.num_kv_heads + heads[:, None])
+            * 2
+            + tiers
+        ).reshape(-1)
+        want = want.reshape(-1)
+        self._shrink(rows, want)
+        self._grow(rows, (want - self.held.view(-1)[rows]).clamp(min=0))
+        self.count[slots, layer] = counts
+
+    def _want(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Pages each (slot, layer, head, tier) should hold before a step: ``[B, L, H, 2]``."""
         per_page = self._tokens_per_page[self.slot_format[slots]]
-        want = -(-num_tokens // per_page)
-        need = (want[:, None, None] - self.num_pages[slots]).clamp(min=0).reshape(-1)
+        new = (num_tokens - self.seen[slots, 0])[:, None, None]
+        high = -(-(self.count[slots, :, :, HIGH] + new) // per_page[:, None, None, HIGH])
+        tiered = (self.slot_format[slots, LOW] >= 0)[:, None, None]
+        low_pages = -(-self.count[slots, :, :, LOW] // per_page[:, None, None, LOW]) + 1
+        low = torch.where(tiered, low_pages, 0)
+        return torch.stack([high, low], -1)
+
+    def _rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Flat table rows of every (layer, head, tier) of ``slots``, slot-major."""
+        per_slot = self.num_layers * self.num_kv_heads * 2
+        return (slots[:, None] * per_slot + torch.arange(per_slot)).reshape(-1)
+
+    def _grow(self, rows: torch.Tensor, need: torch.Tensor) -> None:
+        """Append ``need[i]`` new zeroed pages to table row ``rows[i]``, in one allocation.
+
+        Zeroing keeps the unwritten tail of a page finite in any format, whatever format last
+        used the page (attention masks those values, but a NaN from stale bytes would survive
+        the mask).
+        """
         total = int(need.sum())
         if total == 0:
             return
         pages = self.pool.alloc(total)
         self.pool.arena.index_fill_(0, pages, 0)
-        heads = self.num_layers * self.num_kv_heads
-        rows = (slots[:, None] * heads + torch.arange(heads)).reshape(-1)
         owner = torch.repeat_interleave(torch.arange(need.numel()), need)
         start = torch.cumsum(need, 0) - need
-        held = self.num_pages.view(-1)
+        held = self.held.view(-1)
         column = held[rows[owner]] + torch.arange(total) - start[owner]
-        self.page_table.view(-1, self.max_pages)[rows[owner], column] = pages
+        self.tables.view(-1, self.tables.shape[-1])[rows[owner], column] = pages
         held[rows] += need
+
+    def _shrink(self, rows: torch.Tensor, keep: torch.Tensor) -> None:
+        """Free the pages of table row ``rows[i]`` past its first ``keep[i]``, in one batch."""
+        held = self.held.view(-1)
+        columns = torch.arange(self.tables.shape[-1])
+        surplus = (columns >= keep[:, None]) & (columns < held[rows][:, None])
+        if bool(surplus.any()):
+            self.pool.free(self.tables.view(-1, self.tables.shape[-1])[rows][surplus])
+            held[rows] = torch.minimum(held[rows], keep)
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -163,22 +288,27 @@ class KVStore:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        """Store token ``index`` of each slot: ``k``/``v`` are [N, heads, head_dim].
+        """Append token ``index`` (its position) of each slot: ``k``/``v`` are [N, heads, dim].
 
-        Each slot's tokens are encoded in its own format (one vectorised write per format).
+        A slot's tokens of one call are consecutive positions after those it has seen. They go
+        to the high tier, after the tokens each head holds there; each slot's tokens are encoded
+        in its own format (one vectorised write per format).
         """
+        # Uniform slots hold every seen token, so this is ``index`` itself for them.
+        dest = self.count[slots, layer, :, HIGH] + (index - self.seen[slots, layer])[:, None]
         for f, rows in self._by_format(slots):
             if rows is None:
-                self._write(f, layer, slots, index, k, v)
+                self._write(f, layer, slots, dest, index, k, v)
             else:
-                self._write(f, layer, slots[rows], index[rows], k[rows], v[rows])
-        added = torch.bincount(slots, minlength=self.num_tokens.shape[0])
-        self.num_tokens[:, layer] += added[:, None]
+                self._write(f, layer, slots[rows], dest[rows], index[rows], k[rows], v[rows])
+        added = torch.bincount(slots, minlength=self.seen.shape[0])
+        self.seen[:, layer] += added
+        self.count[:, layer, :, HIGH] += added[:, None]
 
     def gather(
         self, layer: int, slots: torch.Tensor, length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``length`` tokens, decoded to ``dtype``.
+        """Keys and values of the first ``length`` high-tier tokens, decoded to ``dtype``.
 
         Returns two [B, heads, length', head_dim] with ``length' >= length``; entries past a
         slot's own count are finite garbage the caller masks.
@@ -194,9 +324,50 @@ class KVStore:
             keys[rows], values[rows] = k[:, :, :length], v[:, :, :length]
         return keys, values
 
+    def read_tier(self, layer: int, slots: torch.Tensor, tier: int) -> TierRead:
+        """Every field of every token one tier of ``slots`` holds at ``layer``.
+
+        All ``slots`` must store that tier in the same format.
+        """
+        f = int(self.slot_format[slots[0], tier])
+        per_page = self._layouts[f].tokens_per_page
+        count = self.count[slots, layer, :, tier]
+        num = -(-int(count.max()) // per_page) if count.numel() else 0
+        pages = self.tables[slots, layer, :, tier, :num].reshape(-1)
+        b, h = count.shape
+        fields = {
+            name: view.index_select(0, pages).view(b, h, num * per_page, view.shape[-1])
+            for name, view in self._views[f].items()
+        }
+        return TierRead(fields=fields, count=count)
+
+    def put(
+        self,
+        layer: int,
+        tier: int,
+        slots: torch.Tensor,
+        heads: torch.Tensor,
+        index: torch.Tensor,
+        fields: dict[str, torch.Tensor],
+    ) -> None:
+        """Store ``fields`` (some or all of the layout's, each ``[M, numel]``) of tokens at
+        ``index`` of (``slots``, ``heads``) of one tier.
+
+        All ``slots`` must store that tier in the same format; their pages must be held.
+        """
+        if not index.numel():
+            return
+        f = int(self.slot_format[slots[0], tier])
+        per_page = self._layouts[f].tokens_per_page
+        pages = self.tables[slots, layer, heads, tier, index // per_page]
+        offset = index % per_page
+        views = self._views[f]
+        for name, value in fields.items():
+            views[name][pages, offset] = value
+
     def _by_format(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-        """The formats of ``slots`` with the rows of each; rows is None when all share one."""
-        formats = self.slot_format[slots]
+        """The high formats of ``slots`` with the rows of each; rows is None when all share one."""
+        formats = self.slot_format[slots, HIGH]
         present = formats.unique()
         if present.numel() == 1:
             return [(int(present), None)]
@@ -207,16 +378,17 @@ class KVStore:
         f: int,
         layer: int,
         slots: torch.Tensor,
-        index: torch.Tensor,
+        dest: torch.Tensor,
+        positions: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
         per_page = self._layouts[f].tokens_per_page
         heads = torch.arange(self.num_kv_heads)
-        pages = self.page_table[slots[:, None], layer, heads, (index // per_page)[:, None]]
-        offset = (index % per_page)[:, None]
+        pages = self.tables[slots[:, None], layer, heads, HIGH, dest // per_page]
+        offset = dest % per_page
         views = self._views[f]
-        encoded = self._formats[f].encode(k, v, positions=index, dtype=self.dtype)
+        encoded = self._formats[f].encode(k, v, positions=positions, dtype=self.dtype)
         for name, value in encoded.items():
             views[name][pages, offset] = value
 
@@ -225,11 +397,11 @@ class KVStore:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         per_page = self._layouts[f].tokens_per_page
         num = -(-length // per_page)
-        pages = self.page_table[slots, layer, :, :num]
+        pages = self.tables[slots, layer, :, HIGH, :num]
         b, h = pages.shape[:2]
         # Columns past a head's own pages hold stale ids, maybe of pages now holding another
         # format's bytes (which could read as NaN here): point them at the head's first page.
-        valid = torch.arange(num) < self.num_pages[slots, layer][..., None]
+        valid = torch.arange(num) < self.held[slots, layer, :, HIGH][..., None]
         pages = torch.where(valid, pages, pages[..., :1])
         # index_select on the flat page list is several times faster than advanced indexing
         # of the strided arena view.
@@ -249,14 +421,21 @@ class KVStore:
         ``num_layers * num_kv_heads * (page_bytes + page-table entry) / tokens_per_page``: every
         per-token field (codes, scales, zeros, score, position) and the page's waste included.
         """
-        per_page = self.pool.page_bytes + self.page_table.element_size()
+        per_page = self.pool.page_bytes + self.tables.element_size()
         return self.num_layers * self.num_kv_heads * per_page / self.tokens_per_page(fmt)
 
     def tokens_per_head(self, slots: torch.Tensor) -> torch.Tensor:
-        """Tokens held by every (layer, head) of ``slots``, flattened."""
-        return self.num_tokens[slots].reshape(-1)
+        """Tokens held by every (layer, head) of ``slots``, both tiers, flattened."""
+        return self.count[slots].sum(-1).reshape(-1)
 
-    def bytes_in_use(self) -> int:
-        """Bytes held by all slots' pages and their page-table entries."""
-        pages = int(self.num_pages.sum())
-        return pages * (self.pool.page_bytes + self.page_table.element_size())
+    def tier_usage(self, slots: torch.Tensor) -> dict[str, tuple[int, int]]:
+        """``tier -> (tokens, pages)`` held by ``slots`` over all layers and heads."""
+        return {
+            name: (int(self.count[slots, ..., tier].sum()), int(self.held[slots, ..., tier].sum()))
+            for name, tier in (("high", HIGH), ("low", LOW))
+        }
+
+    def bytes_in_use(self, slots: torch.Tensor | None = None) -> int:
+        """Bytes held by the pages of ``slots`` (all slots by default) and their table entries."""
+        held = self.held if slots is None else self.held[slots]
+        return int(held.sum()) * (self.pool.page_bytes + self.tables.element_size())

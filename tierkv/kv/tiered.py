@@ -1,0 +1,121 @@
+"""Reference attention over both tiers of differentiated (tiered) slots, and its bookkeeping.
+
+Tiered heads hold different numbers of tokens in two formats, with gaps in their positions, so
+attention is an explicit masked softmax: keys and values of both tiers are gathered and
+dequantized, masked by each head's counts and by the stored positions (causality and sliding
+windows), and the attention probabilities come out of the same pass. They update the tokens'
+scores, the policy decides every token's tier (``SlotTiers.decide``) and the tiers are
+compacted (``compact.apply_decisions``). It equals dense attention over the dequantized kept
+tokens; a fused fast path must match it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from tierkv.kv.compact import apply_decisions
+from tierkv.kv.store import HIGH, LOW, KVStore, TierRead
+
+if TYPE_CHECKING:
+    from tierkv.kv.attention import AttentionBatch
+
+
+@dataclass
+class TieredAttention:
+    """The result of ``attend``: the output, the probabilities and the tokens they cover.
+
+    Token columns ``T`` are the high tier's then the low tier's; ``probs`` is
+    ``[B, H, G, nq, T]`` (G query heads per KV head).
+    """
+
+    out: torch.Tensor
+    probs: torch.Tensor
+    high: TierRead
+    low: TierRead
+    pos: torch.Tensor
+    valid: torch.Tensor
+
+
+def attend(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    query_pos: torch.Tensor,
+    window: int | None,
+) -> TieredAttention:
+    """Attention of ``q`` [B, nq, Hq, D] at positions ``query_pos`` [B, nq] over what ``slots``
+    keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype."""
+    high = store.read_tier(layer, slots, HIGH)
+    low = store.read_tier(layer, slots, LOW)
+    slot = int(slots[0])
+    kh, vh = store.format_of(slot, HIGH).decode(high.fields, torch.float32)
+    kl, vl = store.format_of(slot, LOW).decode(low.fields, torch.float32)
+    valid = torch.cat([high.valid, low.valid], -1)
+    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
+    keys = torch.cat([kh, kl], 2)
+    # Stale bytes past a head's count may decode to NaN: the logits' mask removes it from the
+    # keys, but in the values a zero probability would keep it.
+    values = torch.cat([vh, vl], 2).masked_fill(~valid[..., None], 0.0)
+    b, nq, hq, dim = q.shape
+    heads = keys.shape[1]
+    qg = q.float().view(b, nq, heads, hq // heads, dim).permute(0, 2, 3, 1, 4)
+    logits = qg @ keys[:, :, None].transpose(-1, -2) / math.sqrt(dim)
+    kpos, qpos = pos[:, :, None, None, :], query_pos[:, None, None, :, None]
+    visible = valid[:, :, None, None, :] & (kpos <= qpos)
+    if window is not None:
+        visible &= kpos > qpos - window
+    probs = logits.masked_fill(~visible, -torch.inf).softmax(-1)
+    out = (probs @ values[:, :, None]).permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
+    return TieredAttention(out.to(q.dtype), probs, high, low, pos, valid)
+
+
+def update(
+    store: KVStore, layer: int, slots: torch.Tensor, query_pos: torch.Tensor, att: TieredAttention
+) -> None:
+    """Add the attention the tokens received to their scores, decide their tiers and compact."""
+    tiers = store.tiers
+    seen = query_pos[:, -1] + 1
+    counting = bool((query_pos >= tiers.score_start[slots][:, None]).any())
+    if not counting and bool((seen < tiers.decide_from[slots]).all()):
+        return  # an early prefill chunk: nothing scored, nothing decided
+    stored = torch.cat([att.high.fields["score"], att.low.fields["score"]], 2)[..., 0]
+    scores = stored + tiers.received(att.probs, slots, query_pos)
+    width = att.high.fields["pos"].shape[2]
+    is_low = torch.arange(att.pos.shape[2]) >= width
+    costs = store.costs(int(slots[0]))
+    to_high, to_low = tiers.decide(slots, seen, scores, att.pos, att.valid, is_low, costs)
+    apply_decisions(store, layer, slots, att.high, att.low, scores, to_high, to_low)
+
+
+def attend_rows(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    batch: AttentionBatch,
+    is_tiered: torch.Tensor,
+    window: int | None,
+    out: torch.Tensor,
+) -> None:
+    """Attend, score and decide for the tiered requests of a step, writing their rows of
+    ``out``. Decodes sharing tier formats form one batched call; prefill chunks go alone."""
+    lens = torch.tensor(batch.query_lens, dtype=torch.int64)
+    decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
+    units: list[torch.Tensor] = []
+    if decode.numel():
+        pairs = store.slot_format[batch.slots[decode]]
+        _, group = pairs.unique(dim=0, return_inverse=True)
+        units += [decode[group == g] for g in range(int(group.max()) + 1)]
+    units += [torch.tensor([r]) for r in torch.nonzero(is_tiered & (lens > 1)).flatten().tolist()]
+    starts = torch.tensor(batch.query_starts, dtype=torch.int64)
+    for rows in units:
+        tokens = starts[rows][:, None] + torch.arange(batch.query_lens[int(rows[0])])
+        query_pos = batch.token_index[tokens]
+        slots = batch.slots[rows]
+        att = attend(store, layer, q[tokens], slots, query_pos, window)
+        out[tokens] = att.out
+        update(store, layer, slots, query_pos, att)
