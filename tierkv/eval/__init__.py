@@ -1,0 +1,1 @@
+"""Evaluation helpers: the demo corpus split and the synthetic retrieval format."""
