@@ -73,3 +73,14 @@ def test_sizes_parse_and_bad_sizes_are_explained() -> None:
     assert parse_size(4096) == 4096
     with pytest.raises(ValueError, match="cannot parse size '2 parsecs'"):
         parse_size("2 parsecs")
+
+
+def test_kv_budget_selects_budget_mode_and_bad_budgets_are_refused(
+    checkpoints: dict[str, Path],
+) -> None:
+    path = str(checkpoints["llama"])
+    assert LLM(path, kv_budget=0.25, kv_cache_memory="16MiB").kv_stats()["policy"].endswith("@0.25")
+    tiered = LLM(path, kv_policy="k8v8/k4v4", kv_budget=0.5, kv_cache_memory="16MiB")
+    assert tiered.kv_stats()["policy"].startswith("k8v8/k4v4")
+    with pytest.raises(ValueError, match=r"kv_budget must be in \(0, 1\], got 1.5"):
+        LLM(path, kv_budget=1.5)

@@ -27,7 +27,20 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         help="compute dtype (auto = bfloat16, the faster one measured on CPU)",
     )
     parser.add_argument(
-        "--kv-policy", default="fp16", help="KV cache policy (default: fp16, uncompressed)"
+        "--kv-policy",
+        default="fp16",
+        help=(
+            "KV cache policy: fp16 (default, uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, "
+            "k4v1, k2v2 (optional group size suffix, e.g. k4v2-g64); differentiated HIGH/LOW "
+            "such as k8v4/k4v2[:ah=1.0,al=0.02,w=64]; default (k8v4/k4v2)"
+        ),
+    )
+    parser.add_argument(
+        "--kv-budget",
+        type=float,
+        default=None,
+        help="budget mode: KV bytes per request as a fraction of fp16's, e.g. 0.2 (uses the "
+        "tiers of a differentiated --kv-policy, else default's)",
     )
     parser.add_argument(
         "--kv-cache-memory",
@@ -56,6 +69,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return dict(
         dtype=args.dtype,
         kv_policy=args.kv_policy,
+        kv_budget=args.kv_budget,
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

@@ -58,6 +58,8 @@ class EngineConfig:
         max_num_batched_tokens: token budget of one engine step (prefill chunks + decodes).
         seed: seed of the engine's sampler for requests that carry no seed of their own.
         kv_policy: KV cache policy of requests that do not choose one.
+        kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
+            ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
     """
 
@@ -69,6 +71,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     seed: int = 0
     kv_policy: str = "fp16"
+    kv_budget: float | None = None
     page_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise ValueError(f"kv_budget must be in (0, 1], got {self.kv_budget}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -45,6 +45,9 @@ class Engine:
         self.model = Decoder(self.spec, self.dtype)
         load_weights(self.model, config.model)
         self.policy = KVPolicy.parse(config.kv_policy)
+        if config.kv_budget is not None:
+            tiers = self.policy if self.policy.tiered else KVPolicy.parse("default")
+            self.policy = tiers.with_budget(config.kv_budget)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
 
         page_bytes = config.page_bytes or default_page_bytes(self.spec.head_dim)
