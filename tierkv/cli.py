@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tierkv.config import DTYPES
 from tierkv.server.cli import add_serve_parser
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
@@ -23,7 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         help="compute dtype (auto = bfloat16, the faster one measured on CPU)",
     )
     parser.add_argument(
@@ -61,6 +62,18 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         type=int,
         default=2048,
         help="token budget of one engine step (default: 2048)",
+    )
+
+
+def add_comparison_args(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype`` and a repeatable ``--kv-policy``, for policy comparisons."""
+    parser.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype")
+    parser.add_argument(
+        "--kv-policy",
+        action="append",
+        default=None,
+        help="KV policy to run (repeatable; default: fp16)",
     )
 
 
@@ -162,18 +175,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "model and prompts. Each row runs in its own process."
         ),
     )
-    p.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    add_comparison_args(p)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--kv-policy",
-        action="append",
-        default=None,
-        help="policy to run (repeatable; default: fp16)",
-    )
     p.add_argument(
         "--kv-cache-memory", default="1GiB", help="KV pool size for every policy (default: 1GiB)"
     )
@@ -199,16 +205,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "next to this machine's measured copy and read bandwidth."
         ),
     )
-    p.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    add_comparison_args(p)
     p.add_argument("--contexts", default="512,1024,2048", help="comma-separated context lengths")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per context")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--kv-policy",
-        action="append",
-        default=None,
-        help="policy to run (repeatable; default: fp16)",
-    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_decode)
 
