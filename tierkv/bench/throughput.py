@@ -89,7 +89,9 @@ def run_engine(
 def run_hf(work: Workload, batch_size: int) -> ThroughputResult:
     """transformers' ``generate`` with its default dynamic cache, batches of ``batch_size``."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(work.model, dtype=resolve_dtype(work.dtype)).eval()
     prompts = torch.tensor(work.prompts(model.config.vocab_size))
     kwargs = dict(
@@ -99,7 +101,8 @@ def run_hf(work: Workload, batch_size: int) -> ThroughputResult:
         pad_token_id=0,
     )
     with torch.inference_mode():
-        model.generate(prompts[:2, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        warm = prompts[:2, :16]
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, pad_token_id=0)
         start = time.perf_counter()
         generated = 0
         for i in range(0, len(prompts), batch_size):
