@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tierkv.config import DTYPES
+from tierkv.eval.cli import add_eval_parser
 from tierkv.server.cli import add_serve_parser
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
@@ -320,10 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierkv",
         description="An LLM inference engine with a differentiated, paged KV cache.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{generate,serve,bench,eval}"
+    )
     _add_generate(sub)
     add_serve_parser(sub)
     _add_bench(sub)
+    add_eval_parser(sub)
     return parser
 
 

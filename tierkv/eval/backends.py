@@ -1,0 +1,218 @@
+"""What the fidelity harness asks of a KV-cache method, and the tierkv engine's answer.
+
+A ``Backend`` scores teacher-forced windows, generates greedily and reports its KV bytes per
+token. ``EngineBackend`` runs one tierkv KV policy through the real engine (``Engine.step``):
+every scored token is predicted by a decode step that reads the policy's compressed cache.
+
+The engine has no teacher-forcing API, so ``EngineBackend`` builds it from two small
+interventions on a live engine, both undone when it returns:
+
+- a tap on ``engine.runner.execute`` records the float logits of every sampling row (the
+  public ``logprobs=vocab_size`` route would build 4,096 ``Logprob`` objects with their text
+  per token, which costs more than the model);
+- after each step, the token just sampled for each running request is replaced by the true
+  next token of its window, before the next step feeds it to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+
+from tierkv.engine.engine import Engine
+from tierkv.engine.request import Request
+from tierkv.engine.scheduler import SchedulerOutput
+from tierkv.eval.peers import Peer, press_context
+from tierkv.sampling import SamplingParams
+
+
+class Backend(Protocol):
+    """One KV-cache method on one model, as the harness drives it."""
+
+    name: str
+
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes one token of a long prompt costs, over all layers and KV heads."""
+        ...
+
+    def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
+        """Log-probs [W, T - prefix, V] of the next token at each position past ``prefix``.
+
+        Each window of T tokens: its first ``prefix`` tokens are the prompt; every later token
+        is fed as the true next token, and row ``i`` is the distribution over token
+        ``prefix + i`` given everything before it.
+        """
+        ...
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        """Exactly ``max_new`` greedy tokens after each prompt (end of sequence ignored)."""
+        ...
+
+
+class EngineBackend:
+    """A tierkv KV policy, run through an ``Engine`` shared by every policy of a sweep."""
+
+    def __init__(self, engine: Engine, policy: str, measure_ids: list[int]) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.name = policy
+        # The long prompt of real text on which bytes per token are measured: a pruning
+        # policy keeps a number of tokens that depends on the text.
+        self.measure_ids = measure_ids
+
+    def kv_bytes_per_token(self) -> float:
+        """Pool bytes per token held by one request after its long prompt and one decode step.
+
+        Read from ``Engine.kv_stats()["kv_bytes_per_token_measured"]`` with this request
+        alone in the engine: pages, page-table entries and every per-token field included,
+        plus the partly filled last page of each head. One decode step past the prompt, so a
+        differentiated policy has made its decisions and returned the pages they emptied.
+        """
+        rid = self.engine.add_request(self.measure_ids, self._params(max_tokens=3))
+        try:
+            while True:
+                outs = self.engine.step()
+                if any(o.request_id == rid and len(o.outputs[0].token_ids) >= 2 for o in outs):
+                    break
+            measured = self.engine.kv_stats()["kv_bytes_per_token_measured"]
+        finally:
+            self.engine.abort(rid)
+        return float(measured)
+
+    def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
+        targets: dict[str, list[int]] = {}
+        for w in windows:
+            rid = self.engine.add_request(w[:prefix], self._params(max_tokens=len(w) - prefix))
+            targets[rid] = w[prefix:]
+        rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in targets}
+        with self._tap(rows), self._no_preemption():
+            while self.engine.has_unfinished():
+                self.engine.step()
+                for req in self.engine.scheduler.running:
+                    _force(req, targets[req.group_id])
+        return torch.stack([torch.stack(rows[rid]) for rid in targets])
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        ids = [self.engine.add_request(p, self._params(max_tokens=max_new)) for p in prompts]
+        done: dict[str, list[int]] = {}
+        with self._no_preemption():
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out.token_ids
+        return [done[rid] for rid in ids]
+
+    def _params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=True, kv_policy=self.policy
+        )
+
+    @contextmanager
+    def _tap(self, rows: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+        """Record the log-softmax of every sampling row of each step, per request group."""
+        runner = self.engine.runner
+        execute = runner.execute
+
+        def tapped(step: SchedulerOutput) -> tuple[list[Request], torch.Tensor]:
+            sampling, logits = execute(step)
+            logps = torch.log_softmax(logits.float(), dim=-1)
+            for req, row in zip(sampling, logps, strict=True):
+                rows[req.group_id].append(row)
+            return sampling, logits
+
+        runner.execute = tapped  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del runner.execute
+
+    @contextmanager
+    def _no_preemption(self) -> Iterator[None]:
+        """Refuse a run in which a request was preempted: its recompute would be re-scored."""
+        before = self.engine.scheduler.num_preemptions
+        yield
+        if self.engine.scheduler.num_preemptions != before:
+            raise RuntimeError(
+                "a request was preempted during a fidelity run; give the engine a larger "
+                "kv_cache_memory so that every window fits at once"
+            )
+
+
+def _force(req: Request, target: list[int]) -> None:
+    """Replace the token the request just sampled by the true one (it is not cached yet)."""
+    n = len(req.output_token_ids)
+    if n:
+        req.output_token_ids[-1] = target[n - 1]
+
+
+class HFBackend:
+    """A peer method (``tierkv.eval.peers.Peer``) on the transformers model of a checkpoint.
+
+    The prompt is prefilled in one forward (inside the peer's press, if any, which compresses
+    it there); every later token is fed one decode step at a time at its true position, so the
+    cache a peer builds during decoding is the one its predictions read.
+    """
+
+    def __init__(self, model: Any, peer: Peer, measure_len: int) -> None:
+        self.model = model
+        self.peer = peer
+        self.name = peer.name
+        self.measure_len = measure_len
+
+    def kv_bytes_per_token(self) -> float:
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        shape = (c.num_hidden_layers, c.num_key_value_heads, head_dim)
+        return self.peer.bytes_per_token(shape, self.measure_len)
+
+    @torch.no_grad()
+    def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
+        ids = torch.tensor(windows, dtype=torch.int64)
+        cache, logits = self._prefill(ids[:, :prefix])
+        rows = [logits]
+        for t in range(prefix, ids.shape[1] - 1):
+            rows.append(self._decode(cache, ids[:, t : t + 1], t))
+        return torch.stack([torch.log_softmax(r.float(), dim=-1) for r in rows], dim=1)
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        # Equal-length prompts run as one batch (no padding to confuse a press).
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        out: list[list[int]] = [[] for _ in prompts]
+        for length, rows in by_len.items():
+            ids = torch.tensor([prompts[i] for i in rows], dtype=torch.int64)
+            cache, logits = self._prefill(ids)
+            tokens = [logits.argmax(-1)]
+            for t in range(length, length + max_new - 1):
+                tokens.append(self._decode(cache, tokens[-1][:, None], t).argmax(-1))
+            for i, seq in zip(rows, torch.stack(tokens, dim=1).tolist(), strict=True):
+                out[i] = seq
+        return out
+
+    def _prefill(self, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        cache = self.peer.make_cache(self.model.config)
+        with press_context(self.peer, self.model):
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1]
+
+    def _decode(self, cache: Any, ids: torch.Tensor, position: int) -> torch.Tensor:
+        # A press shortens the cache: positions must come from the text, not the cache length.
+        pos = torch.full((ids.shape[0], 1), position, dtype=torch.int64)
+        out = self.model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        return out.logits[:, -1]
+
+
+def load_hf_model(path: str, dtype: torch.dtype) -> Any:
+    """The transformers model of a checkpoint, in eval mode with SDPA attention (AdaKV needs it)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    # The harness has its own progress bar; transformers' per-weight one would bury it.
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
