@@ -44,6 +44,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         help="budget mode: KV bytes per request as a fraction of fp16's, e.g. 0.2 (uses the "
         "tiers of a differentiated --kv-policy, else default's)",
     )
+    add_backend_arg(parser)
     parser.add_argument(
         "--kv-cache-memory",
         default="1GiB",
@@ -66,6 +67,17 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
     )
 
 
+def add_backend_arg(parser: argparse.ArgumentParser) -> None:
+    """``--attention-backend``: the attention implementation over the KV pages."""
+    parser.add_argument(
+        "--attention-backend",
+        default="reference",
+        choices=["reference", "fast"],
+        help="reference (default: gather, dequantize, attend) or fast (decode over uniform "
+        "quantized pages with dequantization folded into the matmuls)",
+    )
+
+
 def add_comparison_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--dtype`` and a repeatable ``--kv-policy``, for policy comparisons."""
     parser.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
@@ -76,6 +88,7 @@ def add_comparison_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="KV policy to run (repeatable; default: fp16)",
     )
+    add_backend_arg(parser)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -84,6 +97,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         dtype=args.dtype,
         kv_policy=args.kv_policy,
         kv_budget=args.kv_budget,
+        attention_backend=args.attention_backend,
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -249,7 +263,9 @@ def _run_decode(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     results = []
     for policy in args.kv_policy or ["fp16"]:
-        results += run_decode(args.model, policy, contexts, args.steps, args.dtype, bandwidth)
+        results += run_decode(
+            args.model, policy, contexts, args.steps, args.dtype, bandwidth, args.attention_backend
+        )
     print(format_table(results, bandwidth))
     if args.json:
         payload = {"bandwidth": asdict(bandwidth), "results": [asdict(r) for r in results]}
@@ -299,7 +315,13 @@ def _run_throughput(args: argparse.Namespace) -> int:
     from tierkv.bench.throughput import Workload, format_table, run_throughput, write_json
 
     work = Workload(
-        args.model, args.num_prompts, args.input_len, args.output_len, args.seed, args.dtype
+        args.model,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.seed,
+        args.dtype,
+        args.attention_backend,
     )
     results = run_throughput(
         work,

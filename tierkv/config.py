@@ -61,6 +61,8 @@ class EngineConfig:
         kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
             ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
+        attention_backend: ``reference`` (gather, dequantize, attend) or ``fast`` (decode over
+            uniform quantized pages with dequantization folded into the matmuls).
     """
 
     model: str
@@ -73,6 +75,7 @@ class EngineConfig:
     kv_policy: str = "fp16"
     kv_budget: float | None = None
     page_bytes: int | None = None
+    attention_backend: str = "reference"
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

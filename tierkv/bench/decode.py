@@ -59,6 +59,7 @@ def run_decode(
     steps: int,
     dtype: str,
     bandwidth: Bandwidth,
+    attention_backend: str = "reference",
 ) -> list[DecodeResult]:
     """Time ``steps`` decode steps of one request after a prompt of each context length."""
     from tierkv.config import EngineConfig
@@ -72,6 +73,7 @@ def run_decode(
             kv_cache_memory="2GiB",
             max_model_len=max(contexts) + steps + 2,
             max_num_seqs=1,
+            attention_backend=attention_backend,
         )
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())

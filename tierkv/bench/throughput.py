@@ -29,6 +29,7 @@ class Workload:
     output_len: int = 128
     seed: int = 0
     dtype: str = "auto"
+    attention_backend: str = "reference"
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
         rng = random.Random(self.seed)
@@ -66,6 +67,7 @@ def run_engine(
         max_num_seqs=max_num_seqs,
         max_model_len=work.input_len + work.output_len,
         seed=work.seed,
+        attention_backend=work.attention_backend,
     )
     prompts = work.prompts(llm.engine.spec.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)

@@ -78,7 +78,8 @@ class Engine:
             )
         self.scheduler = Scheduler(self.store, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            self.model, PagedAttention(self.store, list(self.spec.sliding_windows))
+            self.model,
+            PagedAttention(self.store, list(self.spec.sliding_windows), config.attention_backend),
         )
         self._seed_source = torch.Generator().manual_seed(config.seed)
         self._groups: dict[str, tuple[str | None, list[Request]]] = {}

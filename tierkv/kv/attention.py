@@ -12,6 +12,13 @@ Requests under a differentiated policy (tiered slots) take ``tiered.attend``, an
 softmax over both tiers that also returns the attention probabilities their scores need; the
 policy then decides and compacts their tiers. Uniform requests keep the SDPA path and pay
 nothing for tiers.
+
+Backends: ``"reference"`` (the default, what the tests trust) runs every decode through the
+gather-dequantize-SDPA path above; ``"fast"`` sends decode rows of uniform quantized slots to
+``tierkv.kv.fast``, which folds dequantization into the attention matmuls instead of
+materialising the cache (uncompressed and tiered slots and prefill chunks keep the reference
+path). The engine picks the backend from ``EngineConfig.attention_backend``
+(``--attention-backend``).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv import tiered
+from tierkv.kv import fast, tiered
 from tierkv.kv.store import KVStore
+
+BACKENDS = ("reference", "fast")
 
 
 @dataclass
@@ -83,9 +92,20 @@ class AttentionBatch:
 class PagedAttention:
     """Appends a step's keys and values to the store, then attends over everything kept."""
 
-    def __init__(self, store: KVStore, sliding_windows: list[int | None]) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        sliding_windows: list[int | None],
+        backend: str = "reference",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.store = store
         self.sliding_windows = sliding_windows
+        self.backend = backend
+        self._step: AttentionBatch | None = None
+        self._step_cache: dict = {}
+        self._workspace: dict = {}
 
     def __call__(
         self,
@@ -97,6 +117,9 @@ class PagedAttention:
     ) -> torch.Tensor:
         """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
         self.store.write(layer, batch.token_slots, batch.token_index, k, v)
+        if batch is not self._step:
+            # What the fast path can share between the layers of one step.
+            self._step, self._step_cache = batch, {}
         out = torch.empty_like(q)
         window = self.sliding_windows[layer]
         decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
@@ -118,6 +141,54 @@ class PagedAttention:
         return out
 
     def _decode(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+        window: int | None,
+    ) -> torch.Tensor:
+        if self.backend == "fast":
+            return self._decode_fast(layer, q, slots, lens, window)
+        return self._decode_reference(layer, q, slots, lens, window)
+
+    def _decode_fast(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Each format's rows through ``fast.decode`` when it serves that format."""
+        store = self.store
+        parts = store._by_format(slots)
+        if len(parts) == 1:
+            f = parts[0][0]
+            if fast.supports(store._formats[f], store.head_dim):
+                return fast.decode(
+                    store, layer, q, slots, lens, window, f, self._step_cache, self._workspace
+                )
+            return self._decode_reference(layer, q, slots, lens, window)
+        out = torch.empty_like(q)
+        for f, rows in parts:
+            if fast.supports(store._formats[f], store.head_dim):
+                out[rows] = fast.decode(
+                    store,
+                    layer,
+                    q[rows],
+                    slots[rows],
+                    lens[rows],
+                    window,
+                    f,
+                    self._step_cache,
+                    self._workspace,
+                )
+            else:
+                out[rows] = self._decode_reference(layer, q[rows], slots[rows], lens[rows], window)
+        return out
+
+    def _decode_reference(
         self,
         layer: int,
         q: torch.Tensor,
