@@ -51,7 +51,9 @@ def test_pool_too_small_for_one_request_names_the_sizes(checkpoints: dict[str, P
 
 
 def test_unknown_engine_argument_lists_the_accepted_ones(checkpoints: dict[str, Path]) -> None:
-    with pytest.raises(TypeError, match="unknown engine argument.*gpu_memory.*accepted: .*dtype.*kv_cache_memory"):
+    with pytest.raises(
+        TypeError, match="unknown engine argument.*gpu_memory.*accepted: .*dtype.*kv_cache_memory"
+    ):
         LLM(str(checkpoints["llama"]), gpu_memory=0.9)
 
 
