@@ -162,17 +162,17 @@ class PagedAttention:
     ) -> torch.Tensor:
         """Each format's rows through ``fast.decode`` when it serves that format."""
         store = self.store
-        parts = store._by_format(slots)
+        parts = store.by_format(slots)
         if len(parts) == 1:
             f = parts[0][0]
-            if fast.supports(store._formats[f], store.head_dim):
+            if fast.supports(store.formats[f], store.head_dim):
                 return fast.decode(
                     store, layer, q, slots, lens, window, f, self._step_cache, self._workspace
                 )
             return self._decode_reference(layer, q, slots, lens, window)
         out = torch.empty_like(q)
         for f, rows in parts:
-            if fast.supports(store._formats[f], store.head_dim):
+            if fast.supports(store.formats[f], store.head_dim):
                 out[rows] = fast.decode(
                     store,
                     layer,

@@ -135,8 +135,8 @@ def decode(
     """
     cache = {} if cache is None else cache
     workspace = {} if workspace is None else workspace
-    fmt = store._formats[f]
-    layout = store._layouts[f]
+    fmt = store.formats[f]
+    layout = store.layouts[f]
     per_page = layout.tokens_per_page
     offsets = layout.offsets()
     b, hq, dim = q.shape

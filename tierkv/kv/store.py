@@ -70,8 +70,8 @@ class KVStore:
         self.dtype = dtype
         self.max_model_len = max_model_len
         # Formats used so far; a slot's format is an index into this list.
-        self._formats: list[KVFormat] = []
-        self._layouts: list[PageLayout] = []
+        self.formats: list[KVFormat] = []
+        self.layouts: list[PageLayout] = []
         self._views: list[dict[str, torch.Tensor]] = []
         self._tokens_per_page = torch.zeros(0, dtype=torch.int64)
         # The uncompressed format has the fewest tokens per page of the usual formats, so it
@@ -122,8 +122,8 @@ class KVStore:
         if fmt.quantized and fmt.group_size > self.head_dim:
             # Every group larger than the head is one group per row: one format, not many.
             fmt = fmt.with_group_size(self.head_dim)
-        if fmt in self._formats:
-            return self._formats.index(fmt)
+        if fmt in self.formats:
+            return self.formats.index(fmt)
         layout = fmt.layout(self.head_dim, self.dtype, self.pool.page_bytes)
         if -(-self.max_model_len // layout.tokens_per_page) > self.max_pages:
             raise ValueError(
@@ -131,11 +131,11 @@ class KVStore:
                 f"{layout.tokens_per_page} tokens per {self.pool.page_bytes}-byte page, fewer "
                 "than the uncompressed format"
             )
-        self._formats.append(fmt)
-        self._layouts.append(layout)
+        self.formats.append(fmt)
+        self.layouts.append(layout)
         self._views.append(self.pool.fields(layout))
-        self._tokens_per_page = torch.tensor([lay.tokens_per_page for lay in self._layouts])
-        return len(self._formats) - 1
+        self._tokens_per_page = torch.tensor([lay.tokens_per_page for lay in self.layouts])
+        return len(self.formats) - 1
 
     def register_policy(self, policy: KVPolicy) -> None:
         """Make every format of ``policy`` storable; ``ValueError`` if one does not fit."""
@@ -145,11 +145,11 @@ class KVStore:
 
     def layout(self, fmt: KVFormat) -> PageLayout:
         """The page layout of ``fmt`` in this store."""
-        return self._layouts[self.register(fmt)]
+        return self.layouts[self.register(fmt)]
 
     def format_of(self, slot: int, tier: int = HIGH) -> KVFormat:
         """The format the slot stores a tier's tokens in."""
-        return self._formats[int(self.slot_format[slot, tier])]
+        return self.formats[int(self.slot_format[slot, tier])]
 
     def costs(self, slot: int) -> TierCosts:
         """Tokens per page of a tiered slot's tiers and of fp16 (for budget decisions)."""
@@ -296,7 +296,7 @@ class KVStore:
         """
         # Uniform slots hold every seen token, so this is ``index`` itself for them.
         dest = self.count[slots, layer, :, HIGH] + (index - self.seen[slots, layer])[:, None]
-        for f, rows in self._by_format(slots):
+        for f, rows in self.by_format(slots):
             if rows is None:
                 self._write(f, layer, slots, dest, index, k, v)
             else:
@@ -313,7 +313,7 @@ class KVStore:
         Returns two [B, heads, length', head_dim] with ``length' >= length``; entries past a
         slot's own count are finite garbage the caller masks.
         """
-        parts = self._by_format(slots)
+        parts = self.by_format(slots)
         if len(parts) == 1:
             return self._gather(parts[0][0], layer, slots, length, dtype)
         shape = (slots.numel(), self.num_kv_heads, length, self.head_dim)
@@ -330,7 +330,7 @@ class KVStore:
         All ``slots`` must store that tier in the same format.
         """
         f = int(self.slot_format[slots[0], tier])
-        per_page = self._layouts[f].tokens_per_page
+        per_page = self.layouts[f].tokens_per_page
         count = self.count[slots, layer, :, tier]
         num = -(-int(count.max()) // per_page) if count.numel() else 0
         pages = self.tables[slots, layer, :, tier, :num].reshape(-1)
@@ -358,14 +358,14 @@ class KVStore:
         if not index.numel():
             return
         f = int(self.slot_format[slots[0], tier])
-        per_page = self._layouts[f].tokens_per_page
+        per_page = self.layouts[f].tokens_per_page
         pages = self.tables[slots, layer, heads, tier, index // per_page]
         offset = index % per_page
         views = self._views[f]
         for name, value in fields.items():
             views[name][pages, offset] = value
 
-    def _by_format(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    def by_format(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """The high formats of ``slots`` with the rows of each; rows is None when all share one."""
         formats = self.slot_format[slots, HIGH]
         present = formats.unique()
@@ -383,19 +383,19 @@ class KVStore:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        per_page = self._layouts[f].tokens_per_page
+        per_page = self.layouts[f].tokens_per_page
         heads = torch.arange(self.num_kv_heads)
         pages = self.tables[slots[:, None], layer, heads, HIGH, dest // per_page]
         offset = dest % per_page
         views = self._views[f]
-        encoded = self._formats[f].encode(k, v, positions=positions, dtype=self.dtype)
+        encoded = self.formats[f].encode(k, v, positions=positions, dtype=self.dtype)
         for name, value in encoded.items():
             views[name][pages, offset] = value
 
     def _gather(
         self, f: int, layer: int, slots: torch.Tensor, length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        per_page = self._layouts[f].tokens_per_page
+        per_page = self.layouts[f].tokens_per_page
         num = -(-length // per_page)
         pages = self.tables[slots, layer, :, HIGH, :num]
         b, h = pages.shape[:2]
@@ -411,7 +411,7 @@ class KVStore:
             for name, view in self._views[f].items()
             if name not in _METADATA
         }
-        return self._formats[f].decode(fields, dtype)
+        return self.formats[f].decode(fields, dtype)
 
     # -- accounting ----------------------------------------------------------------------------
 
