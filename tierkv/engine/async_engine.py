@@ -236,7 +236,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished() and not self._stopping:
                     self._step()
                 if self._stats is not None:
-                    self._stats.record_engine(self.engine.kv_stats())
+                    self._stats.record_engine(self.engine.pool_counters())
             error = EngineDeadError("the engine was shut down")
         except BaseException as exc:
             logger.exception("the engine loop died")

@@ -257,32 +257,40 @@ class Engine:
         ``tokens_per_head`` a histogram of the tokens each running (request, layer, KV head)
         holds, and ``max_running`` the most requests held running at once.
         """
-        pool = self.store.pool
         running = self.scheduler.running
         held = sum(r.num_computed_tokens for r in running)
-        in_use = self.store.bytes_in_use()
         slots = torch.tensor([r.slot for r in running], dtype=torch.int64)
         by_tier = {"high": self.store.bytes_per_token(self.policy.high)}
         if self.policy.low is not None:
             by_tier["low"] = self.store.bytes_per_token(self.policy.low)
         usage = self.store.tier_usage(slots)
+        counters = self.pool_counters()
+        in_use = counters["kv_bytes_in_use"]
         return {
             "policy": self.policy.name,
+            **counters,
+            "tokens_per_page": self.store.tokens_per_page(self.policy.high),
+            "kv_bytes_per_token_by_tier": by_tier,
+            "kv_bytes_per_token_measured": in_use / held if held else None,
+            "tiers": {t: {"tokens": n, "pages": p} for t, (n, p) in usage.items()},
+            "tokens_per_head": _histogram(self.store.tokens_per_head(slots)),
+        }
+
+    def pool_counters(self) -> dict[str, int | float]:
+        """The plain counters of ``kv_stats`` (pages, bytes, requests), cheap enough to read
+        after every step, as the server's metrics do."""
+        pool = self.store.pool
+        return {
             "total_pages": pool.num_pages,
             "free_pages": pool.num_free,
             "used_pages": pool.num_used,
             "page_bytes": pool.page_bytes,
-            "tokens_per_page": self.store.tokens_per_page(self.policy.high),
             "kv_bytes_per_token": self.store.bytes_per_token(self.policy.high),
-            "kv_bytes_per_token_by_tier": by_tier,
-            "kv_bytes_per_token_measured": in_use / held if held else None,
-            "kv_bytes_in_use": in_use,
+            "kv_bytes_in_use": self.store.bytes_in_use(),
             "preemptions": self.scheduler.num_preemptions,
-            "running": len(running),
+            "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "max_running": self.scheduler.max_running,
-            "tiers": {t: {"tokens": n, "pages": p} for t, (n, p) in usage.items()},
-            "tokens_per_head": _histogram(self.store.tokens_per_head(slots)),
         }
 
 

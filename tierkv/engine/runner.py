@@ -27,7 +27,7 @@ class ModelRunner:
         slots, contexts, rows, sampling = [], [], [], []
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             start = req.num_computed_tokens
-            ids.extend(req.all_token_ids[start : start + n])
+            ids.extend(req.token_ids(start, start + n))
             slots.append(req.slot)
             contexts.append(start)
             if start + n == req.num_tokens:
