@@ -86,3 +86,34 @@ def test_find_stop_finds_the_earliest_stop_in_new_text() -> None:
     assert find_stop("hello world", ["wor", "o"], new_chars=3) == 6
     assert find_stop("hello world", ["hell"], new_chars=3) is None  # checked on earlier text
     assert find_stop("hello world", ["o wor"], new_chars=3) == 4  # straddles the new text
+
+
+def test_forced_output_replaces_samples_and_keeps_every_position_logprobs(llm: LLM) -> None:
+    engine = llm.engine
+    prompt = llm.tokenizer.encode("def add(a, b):")
+    eos = sorted(engine.tokenizer.eos_token_ids)[0]
+    forced = [eos, 7, 11, eos, 5]  # end-of-sequence tokens do not stop a forced request
+    params = SamplingParams(temperature=1.0, seed=3, stop_token_ids=[7])
+    rid = engine.add_request(prompt, params, forced_output=forced)
+    finals = []
+    while engine.has_unfinished():
+        finals += [o for o in engine.step() if o.request_id == rid and o.finished]
+    (out,) = finals
+    assert out.token_ids == forced and out.finish_reason == "length"
+    logprobs = out.outputs[0].forced_logprobs
+    assert logprobs.shape == (len(forced), engine.spec.vocab_size)
+    # Each row is the distribution greedy decoding of the same forced prefix would sample from.
+    for i in range(len(forced)):
+        step = llm.generate([prompt + forced[:i]], GREEDY, use_tqdm=False)[0]
+        assert step.token_ids[0] == int(logprobs[i].argmax())
+    assert llm.kv_stats()["free_pages"] == llm.kv_stats()["total_pages"]
+
+
+def test_forced_output_that_does_not_fit_is_refused(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="forced_output has 300 tokens, but only"):
+        llm.engine.add_request([1, 2, 3], forced_output=[4] * 300)
+    with pytest.raises(ValueError, match="forced token id -1 is outside the vocabulary"):
+        llm.engine.add_request([1, 2, 3], forced_output=[4, -1])
+    with pytest.raises(ValueError, match="forced_output is empty"):
+        llm.engine.add_request([1, 2, 3], forced_output=[])
+    assert not llm.engine.has_unfinished()

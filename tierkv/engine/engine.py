@@ -92,8 +92,17 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        forced_output: list[int] | None = None,
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id."""
+        """Queue a prompt (text or token ids); returns its request id.
+
+        ``forced_output`` teacher-forces the request (evaluation): each step's sampled token is
+        replaced by the next forced one, so every forced token goes through the real decode
+        path, and the finished output carries the log-probabilities of every position
+        (``CompletionOutput.forced_logprobs``). The request then generates exactly
+        ``len(forced_output)`` tokens.
+        """
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -103,6 +112,9 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if forced_output is not None:
+            self._validate_forced(forced_output, room)
+            max_tokens = len(forced_output)
         policy = self._request_policy(params, len(ids) + max_tokens)
         children = []
         for i in range(params.n):
@@ -117,6 +129,7 @@ class Engine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
                 max_tokens=max_tokens,
                 kv_policy=policy,
+                forced_output=forced_output,
             )
             children.append(req)
         # Queue only once every child is built, so a failure leaves nothing behind.
@@ -154,6 +167,20 @@ class Engine:
                 f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
             )
 
+    def _validate_forced(self, forced: list[int], room: int) -> None:
+        if not forced:
+            raise ValueError("forced_output is empty")
+        if len(forced) > room:
+            raise ValueError(
+                f"forced_output has {len(forced)} tokens, but only {room} fit after the prompt "
+                f"(max_model_len {self.max_model_len})"
+            )
+        bad = [t for t in forced if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(
+                f"forced token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
+            )
+
     def _request_policy(self, params: SamplingParams, num_tokens: int) -> KVPolicy:
         """The request's KV policy: its own if it names one, else the engine's.
 
@@ -189,7 +216,12 @@ class Engine:
                 for r in sampling
             ]
             result = sample(logits, rows)
-            for req, token, logprobs in zip(sampling, result.tokens, result.logprobs, strict=True):
+            for i, (req, token, logprobs) in enumerate(
+                zip(sampling, result.tokens, result.logprobs, strict=True)
+            ):
+                if req.forced_output is not None:
+                    req.forced_logprobs.append(torch.log_softmax(logits[i].float(), dim=-1))
+                    token = req.forced_output[len(req.output_token_ids)]
                 self._append(req, token, logprobs)
         advanced = {r.group_id for r in sampling}
         return [self._output(gid) for gid in advanced if gid in self._groups]
@@ -206,14 +238,17 @@ class Engine:
                 }
             )
         params = req.params
-        if token in params.stop_token_ids or (
-            token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        # A teacher-forced request runs its whole forced output: nothing in it stops it early.
+        stops = req.forced_output is None
+        if stops and (
+            token in params.stop_token_ids
+            or (token in self.tokenizer.eos_token_ids and not params.ignore_eos)
         ):
             req.finish_reason = "stop"
         else:
             delta = req.detokenizer.add(token)
             req.text += delta
-            cut = find_stop(req.text, params.stop_strings, len(delta)) if delta else None
+            cut = find_stop(req.text, params.stop_strings, len(delta)) if delta and stops else None
             if cut is not None:
                 req.text = req.text[:cut]
                 req.finish_reason = "stop"
@@ -238,6 +273,9 @@ class Engine:
                     token_ids=list(r.output_token_ids),
                     finish_reason=r.finish_reason,
                     logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
+                    forced_logprobs=(
+                        torch.stack(r.forced_logprobs) if finished and r.forced_logprobs else None
+                    ),
                 )
                 for i, r in enumerate(children)
             ],

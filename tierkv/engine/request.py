@@ -28,7 +28,9 @@ class Request:
     to zero; the generated tokens stay and are recomputed as part of the next prefill.
     ``group_id`` is the id the caller gave: the ``n`` completions of one prompt are ``n``
     requests of one group. ``kv_policy`` is the request's own KV policy (the engine's unless
-    its params chose one).
+    its params chose one). ``forced_output`` (teacher forcing, for evaluation) holds the tokens
+    appended in place of the sampled ones; the log-softmax of every sampling row is then kept
+    in ``forced_logprobs``.
     """
 
     request_id: str
@@ -49,6 +51,8 @@ class Request:
     text: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    forced_output: list[int] | None = None
+    forced_logprobs: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +80,10 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[dict[int, Logprob]] | None = None
+    forced_logprobs: torch.Tensor | None = None
+    """``[len(forced_output), vocab]`` float32 log-probabilities the model gave each position
+    of a teacher-forced request (``Engine.add_request(forced_output=...)``), row ``i`` being
+    the distribution that forced token ``i`` replaced a sample from; set once it finishes."""
 
 
 @dataclass

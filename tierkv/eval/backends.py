@@ -2,16 +2,11 @@
 
 A ``Backend`` scores teacher-forced windows, generates greedily and reports its KV bytes per
 token. ``EngineBackend`` runs one tierkv KV policy through the real engine (``Engine.step``):
-every scored token is predicted by a decode step that reads the policy's compressed cache.
-
-The engine has no teacher-forcing API, so ``EngineBackend`` builds it from two small
-interventions on a live engine, both undone when it returns:
-
-- a tap on ``engine.runner.execute`` records the float logits of every sampling row (the
-  public ``logprobs=vocab_size`` route would build 4,096 ``Logprob`` objects with their text
-  per token, which costs more than the model);
-- after each step, the token just sampled for each running request is replaced by the true
-  next token of its window, before the next step feeds it to the model.
+every scored token is predicted by a decode step that reads the policy's compressed cache, via
+the engine's teacher forcing (``Engine.add_request(forced_output=...)``), which feeds the true
+next token in place of the sampled one and returns each position's float log-probabilities
+(the ``logprobs=vocab_size`` route would build 4,096 ``Logprob`` objects with their text per
+token, which costs more than the model).
 """
 
 from __future__ import annotations
@@ -23,8 +18,6 @@ from typing import Any, Protocol
 import torch
 
 from tierkv.engine.engine import Engine
-from tierkv.engine.request import Request
-from tierkv.engine.scheduler import SchedulerOutput
 from tierkv.eval.peers import Peer, press_context
 from tierkv.sampling import SamplingParams
 
@@ -83,17 +76,17 @@ class EngineBackend:
         return float(measured)
 
     def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
-        targets: dict[str, list[int]] = {}
-        for w in windows:
-            rid = self.engine.add_request(w[:prefix], self._params(max_tokens=len(w) - prefix))
-            targets[rid] = w[prefix:]
-        rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in targets}
-        with self._tap(rows), self._no_preemption():
+        params = self._params(max_tokens=None)
+        ids = [
+            self.engine.add_request(w[:prefix], params, forced_output=w[prefix:]) for w in windows
+        ]
+        rows: dict[str, torch.Tensor] = {}
+        with self._no_preemption():
             while self.engine.has_unfinished():
-                self.engine.step()
-                for req in self.engine.scheduler.running:
-                    _force(req, targets[req.group_id])
-        return torch.stack([torch.stack(rows[rid]) for rid in targets])
+                for out in self.engine.step():
+                    if out.finished:
+                        rows[out.request_id] = out.outputs[0].forced_logprobs
+        return torch.stack([rows[rid] for rid in ids])
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         ids = [self.engine.add_request(p, self._params(max_tokens=max_new)) for p in prompts]
@@ -105,29 +98,10 @@ class EngineBackend:
                         done[out.request_id] = out.token_ids
         return [done[rid] for rid in ids]
 
-    def _params(self, max_tokens: int) -> SamplingParams:
+    def _params(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             temperature=0, max_tokens=max_tokens, ignore_eos=True, kv_policy=self.policy
         )
-
-    @contextmanager
-    def _tap(self, rows: dict[str, list[torch.Tensor]]) -> Iterator[None]:
-        """Record the log-softmax of every sampling row of each step, per request group."""
-        runner = self.engine.runner
-        execute = runner.execute
-
-        def tapped(step: SchedulerOutput) -> tuple[list[Request], torch.Tensor]:
-            sampling, logits = execute(step)
-            logps = torch.log_softmax(logits.float(), dim=-1)
-            for req, row in zip(sampling, logps, strict=True):
-                rows[req.group_id].append(row)
-            return sampling, logits
-
-        runner.execute = tapped  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            del runner.execute
 
     @contextmanager
     def _no_preemption(self) -> Iterator[None]:
@@ -139,13 +113,6 @@ class EngineBackend:
                 "a request was preempted during a fidelity run; give the engine a larger "
                 "kv_cache_memory so that every window fits at once"
             )
-
-
-def _force(req: Request, target: list[int]) -> None:
-    """Replace the token the request just sampled by the true one (it is not cached yet)."""
-    n = len(req.output_token_ids)
-    if n:
-        req.output_token_ids[-1] = target[n - 1]
 
 
 class HFBackend:
