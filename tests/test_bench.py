@@ -13,6 +13,31 @@ from server_harness import MODEL_NAME, live_server
 from tierkv.bench.serve import run_load, summarize
 
 
+def test_bench_throughput_rows_for_policies_and_hf_caches(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "throughput.json"
+    args = ["--model", str(checkpoints["llama"]), "--dtype", "float32", "--num-prompts", "6"]
+    args += ["--input-len", "48", "--output-len", "5", "--kv-policy", "fp16"]
+    args += ["--kv-policy", "k4v2", "--kv-cache-memory", "1MiB", "--max-num-seqs", "4"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tierkv.cli", "bench", "throughput", *args, "--compare-hf"]
+        + ["--hf-batch-size", "3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["results"]
+    names = [r["policy"] for r in rows]
+    assert names == ["fp16", "k4v2", "hf-dynamic", "hf-quanto-4", "hf-quanto-2"]
+    assert all(r["output_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    # max_num_seqs caps the engine's batch; HF runs its batches of 3.
+    assert [r["max_running"] for r in rows] == [4, 4, 3, 3, 3]
+    assert rows[0]["preemptions"] == rows[1]["preemptions"] == 0
+    assert "hf-quanto-2" in run.stdout
+
+
 def test_bench_decode_reports_kv_bytes_and_bandwidth(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:

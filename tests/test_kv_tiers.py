@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,9 +84,10 @@ def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_token
     assert store.pool.num_free == store.pool.num_pages
 
 
-def test_prefill_scores_are_the_normalised_attention_of_the_last_window() -> None:
+@pytest.mark.parametrize("pool", [1, 3])
+def test_prefill_scores_are_the_normalised_attention_of_the_last_window(pool: int) -> None:
     store = _store()
-    policy = KVPolicy.parse("k8v8/k4v4:ah=0,al=0,sw=5")  # keep every token high
+    policy = KVPolicy.parse(f"k8v8/k4v4:ah=0,al=0,sw=5,pk={pool}")  # keep every token high
     gen = torch.Generator().manual_seed(1)
     n = 12
     slot = store.acquire_slot(policy, n)
@@ -100,6 +102,9 @@ def test_prefill_scores_are_the_normalised_attention_of_the_last_window() -> Non
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         probs = logits.masked_fill(~causal, -torch.inf).softmax(-1)  # [2, n, n]
         received = probs[:, n - 5 :].sum(1).amax(0)  # the last 5 queries, max over the group
+        # Pooling: each token also takes the largest score of its pool // 2 neighbours per side.
+        padded = torch.nn.functional.pad(received, (pool // 2, pool // 2))
+        received = padded.unfold(0, pool, 1).amax(-1)
         seen_by = n - torch.clamp(torch.arange(n), min=n - 5)
         assert pos[head][pos[head] >= 0].tolist() == list(range(n))
         torch.testing.assert_close(score[head, :n] / seen_by, received / seen_by)

@@ -187,7 +187,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "Generate --num-prompts random-token prompts of --input-len tokens, "
             "--output-len tokens each (EOS ignored, greedy), through the engine under each "
             "--kv-policy and, with --compare-hf, through transformers' generate on the same "
-            "model and prompts. Each row runs in its own process."
+            "model and prompts, with its dynamic cache (hf-dynamic) and its QuantizedCache at 4 "
+            "and 2 bits (hf-quanto-4, hf-quanto-2; needs optimum-quanto). Each row runs in its "
+            "own process."
         ),
     )
     add_comparison_args(p)
@@ -200,7 +202,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
-        "--compare-hf", action="store_true", help="add transformers' generate on the same prompts"
+        "--compare-hf",
+        action="store_true",
+        help="add transformers' generate (dynamic and quantized caches) on the same prompts",
     )
     p.add_argument(
         "--hf-batch-size",
@@ -312,7 +316,13 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
-    from tierkv.bench.throughput import Workload, format_table, run_throughput, write_json
+    from tierkv.bench.throughput import (
+        Workload,
+        format_table,
+        hf_caches,
+        run_throughput,
+        write_json,
+    )
 
     work = Workload(
         args.model,
@@ -323,12 +333,15 @@ def _run_throughput(args: argparse.Namespace) -> int:
         args.dtype,
         args.attention_backend,
     )
+    caches, skipped = hf_caches(args.compare_hf)
+    if skipped:
+        print(skipped, file=sys.stderr)
     results = run_throughput(
         work,
         args.kv_policy or ["fp16"],
         args.kv_cache_memory,
         args.max_num_seqs,
-        args.compare_hf,
+        caches,
         args.hf_batch_size or args.num_prompts,
     )
     print(format_table(results))

@@ -5,6 +5,7 @@ Each row runs in a fresh process so that its peak resident memory is its own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tierkv.engine.engine import resolve_dtype
+from tierkv.eval.peers import QUANTO_BITS, quanto_peer
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,10 @@ def run_engine(
     )
 
 
-def run_hf(work: Workload, batch_size: int) -> ThroughputResult:
-    """transformers' ``generate`` with its default dynamic cache, batches of ``batch_size``."""
+def run_hf(work: Workload, batch_size: int, cache_bits: int | None = None) -> ThroughputResult:
+    """transformers' ``generate`` in batches of ``batch_size``, with its default dynamic cache
+    (``hf-dynamic``) or, given ``cache_bits``, its ``QuantizedCache`` with the optimum-quanto
+    backend at that many bits and its default residual length (``hf-quanto-4``)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -109,11 +113,13 @@ def run_hf(work: Workload, batch_size: int) -> ThroughputResult:
         generated = 0
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i : i + batch_size]
+            if cache_bits is not None:
+                kwargs["past_key_values"] = quanto_peer(cache_bits).make_cache(model.config)
             out = model.generate(batch, attention_mask=torch.ones_like(batch), **kwargs)
             generated += (out.shape[1] - batch.shape[1]) * batch.shape[0]
         elapsed = time.perf_counter() - start
     return ThroughputResult(
-        policy="hf-dynamic",
+        policy="hf-dynamic" if cache_bits is None else f"hf-quanto-{cache_bits}",
         output_tokens_per_s=generated / elapsed,
         total_tokens_per_s=(generated + prompts.numel()) / elapsed,
         elapsed_s=elapsed,
@@ -121,6 +127,15 @@ def run_hf(work: Workload, batch_size: int) -> ThroughputResult:
         preemptions=0,
         peak_rss_mb=_peak_rss_mb(),
     )
+
+
+def hf_caches(compare_hf: bool) -> tuple[list[int | None], str | None]:
+    """The HF rows ``--compare-hf`` asks for, and why quantized ones are missing (if so)."""
+    if not compare_hf:
+        return [], None
+    if importlib.util.find_spec("optimum.quanto") is None:
+        return [None], "QuantizedCache rows skipped: pip install 'tierkv[eval]' for optimum-quanto"
+    return [None, *QUANTO_BITS], None
 
 
 def _peak_rss_mb() -> float:
@@ -133,13 +148,14 @@ def run_throughput(
     policies: list[str],
     kv_cache_memory: str,
     max_num_seqs: int,
-    compare_hf: bool,
+    hf_caches: list[int | None],
     hf_batch_size: int,
 ) -> list[ThroughputResult]:
-    """Run every row, each in its own process, in the order given."""
+    """Run every row, each in its own process, in the order given: each policy, then HF
+    ``generate`` once per entry of ``hf_caches`` (``None``: its dynamic cache; a bit width:
+    ``QuantizedCache`` at those bits)."""
     jobs = [(run_engine, (work, p, kv_cache_memory, max_num_seqs)) for p in policies]
-    if compare_hf:
-        jobs.append((run_hf, (work, hf_batch_size)))
+    jobs += [(run_hf, (work, hf_batch_size, bits)) for bits in hf_caches]
     results = []
     spawn = multiprocessing.get_context("spawn")
     for fn, args in jobs:

@@ -84,7 +84,14 @@ _TIERED = re.compile(
     r"(?:@(?P<budget>[0-9]*\.?[0-9]+))?(?::(?P<params>.*))?"
 )
 # Parameter keys of the string syntax -> KVPolicy fields.
-_PARAMS = {"ah": "alpha_high", "al": "alpha_low", "w": "recent", "sw": "score_window"}
+_PARAMS = {
+    "ah": "alpha_high",
+    "al": "alpha_low",
+    "w": "recent",
+    "sw": "score_window",
+    "pk": "pool",
+}
+_INT_PARAMS = ("recent", "score_window", "pool")
 _SYNTAX = (
     "supported: fp16, {uniform} (optionally with a group size suffix such as k4v2-g64), "
     "HIGH/LOW tiers such as k8v4/k4v2 written HIGH/LOW[-gN][@BUDGET][:ah=1.0,al=0.02,w=64,sw=64], "
@@ -104,6 +111,7 @@ class KVPolicy:
         alpha_low: below ``alpha_low / N`` a token is pruned (threshold mode only).
         recent: the newest tokens always kept high.
         score_window: the last prompt queries that score tokens at prefill.
+        pool: width of the max-pooling of prefill scores over neighbouring positions (1: none).
         budget: fraction of fp16 bytes each head may hold (budget mode), or ``None``.
     """
 
@@ -114,6 +122,7 @@ class KVPolicy:
     alpha_low: float = 0.02
     recent: int = 64
     score_window: int = 64
+    pool: int = 1
     budget: float | None = None
 
     @property
@@ -160,10 +169,11 @@ class KVPolicy:
             if field is None or not value:
                 raise ValueError(
                     f"KV policy {spec!r}: unknown parameter {item!r}; use key=value with keys "
-                    f"{', '.join(_PARAMS)} (alpha_high, alpha_low, recent window, score window)"
+                    f"{', '.join(_PARAMS)} (alpha_high, alpha_low, recent window, score window, "
+                    "prefill score pooling kernel)"
                 )
             try:
-                values[field] = int(value) if field in ("recent", "score_window") else float(value)
+                values[field] = int(value) if field in _INT_PARAMS else float(value)
             except ValueError as err:
                 raise ValueError(f"KV policy {spec!r}: bad value in {item!r}") from err
         budget = float(match["budget"]) if match["budget"] else None
@@ -186,6 +196,8 @@ class KVPolicy:
             raise ValueError(f"KV policy {spec!r}: need 0 <= al <= ah")
         if self.recent < 0 or self.score_window < 1:
             raise ValueError(f"KV policy {spec!r}: need w >= 0 and sw >= 1")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"KV policy {spec!r}: the pooling kernel pk must be odd and >= 1")
 
     def _canonical(self, group: str | None) -> str:
         assert self.low is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tierkv.kv.policy import KVPolicy
 
@@ -32,6 +33,7 @@ class SlotTiers:
         # 0 means threshold mode.
         self.budget = torch.zeros(max_seqs)
         self.recent = torch.zeros(max_seqs, dtype=torch.int64)
+        self.pool = torch.ones(max_seqs, dtype=torch.int64)
         # Queries at or past this position count towards scores.
         self.score_start = torch.zeros(max_seqs, dtype=torch.int64)
         # Decisions start once this many tokens are seen (the prompt at admission).
@@ -48,6 +50,7 @@ class SlotTiers:
         self.alpha_low[slot] = policy.alpha_low
         self.budget[slot] = policy.budget or 0.0
         self.recent[slot] = policy.recent
+        self.pool[slot] = policy.pool
         self.score_start[slot] = prompt_len - policy.score_window
         self.decide_from[slot] = prompt_len
 
@@ -59,8 +62,17 @@ class SlotTiers:
         ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), ``query_pos`` ``[B, nq]``.
         """
         counts = query_pos >= self.score_start[slots][:, None]
-        summed = (probs * counts[:, None, None, :, None]).sum(3)
-        return summed.amax(2)
+        summed = (probs * counts[:, None, None, :, None]).sum(3).amax(2)
+        kernel = int(self.pool[slots].max())
+        if query_pos.shape[1] == 1 or kernel == 1:
+            return summed
+        # A prefill chunk (tiered chunks run one request at a time, whose tokens are still in
+        # position order): a token also gets the largest score among its kernel // 2
+        # neighbours on each side, so the tokens around an attended one (the value after a
+        # key, the rest of a name) survive with it, as SnapKV's pooling does.
+        flat = summed.reshape(-1, 1, summed.shape[-1])
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+        return pooled.view_as(summed)
 
     def decide(
         self,
