@@ -30,9 +30,11 @@ already exists:
 
 4. Run ``tierkv bench throughput`` on the same workload (random prompts, EOS ignored, all
    requests admitted at once) with ``--kv-cache-memory`` equal to llama.cpp's f16 KV bytes
-   and ``OMP_NUM_THREADS=--threads``. llama.cpp's q8_0 and q4_0 rows keep the same ``-c`` and
-   so use less memory than f16 (their bytes are reported): every request already fits at f16,
-   so the room they save would not raise batched-bench's throughput.
+   and ``OMP_NUM_THREADS=--threads`` (its ``fp16`` policy keeps K and V in the compute dtype,
+   bfloat16 by default: 2 bytes per element, as llama.cpp's f16). llama.cpp's q8_0 and q4_0
+   rows keep the same ``-c`` and so use less memory than f16 (their bytes are reported): every
+   request already fits at f16, so the room they save would not raise batched-bench's
+   throughput.
 
 5. Print one table and, with ``--json``, write every figure. ``output tok/s`` is generated
    tokens over the whole run, prefill included, as tierkv reports it (llama.cpp: B*TG / T, not
@@ -59,6 +61,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "assets" / "demo-model"
@@ -68,10 +71,12 @@ MIB = 1 << 20
 
 log = logging.getLogger("llamacpp_compare")
 
+_FALLBACK_NOTE = "pre-tokenizer hash not listed by the converter, using"
+
 # Runs llama.cpp's converter in a child interpreter (argv: tree, fallback pre-tokenizer, then the
 # converter's own arguments). Only a pre-tokenizer hash miss is redirected to the fallback name;
 # every other converter error still ends the conversion.
-_CONVERT_BOOTSTRAP = """
+_CONVERT_BOOTSTRAP = f"""
 import logging, runpy, sys
 src, fallback = sys.argv[1], sys.argv[2]
 sys.path[:0] = [src, src + "/gguf-py"]
@@ -81,7 +86,7 @@ def get_vocab_base_pre(self, tokenizer):
     try:
         return listed(self, tokenizer)
     except NotImplementedError:
-        logging.getLogger("llamacpp_compare").warning("pre-tokenizer not listed: %r", fallback)
+        logging.getLogger("llamacpp_compare").warning("{_FALLBACK_NOTE} %r", fallback)
         return fallback
 TextModel.get_vocab_base_pre = get_vocab_base_pre
 script = src + "/convert_hf_to_gguf.py"
@@ -191,10 +196,12 @@ def convert_checkpoint(llama_dir: Path, model: Path, gguf: Path, tokenizer_pre: 
         raise RuntimeError("llama.cpp's converter needs sentencepiece: pip install sentencepiece")
     gguf.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to %s", model, gguf)
-    run_checked(
+    proc = run_checked(
         [sys.executable, "-c", _CONVERT_BOOTSTRAP, llama_dir, tokenizer_pre, model]
         + ["--outtype", "f16", "--outfile", gguf]
     )
+    if _FALLBACK_NOTE in proc.stderr:
+        log.warning("%s %r for %s", _FALLBACK_NOTE, tokenizer_pre, model)
 
 
 def llama_version(binary: Path) -> str:
@@ -265,7 +272,7 @@ def run_tierkv_bench(
     policies: list[str],
     kv_bytes: int,
     args: argparse.Namespace,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """``tierkv bench throughput`` over ``policies``; returns its JSON result rows in order."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:

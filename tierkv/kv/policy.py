@@ -14,8 +14,9 @@ request):
   the high tier, demotes it to the low tier, or prunes it, by the attention it receives. The low
   format may not have more key or value bits than the high one. The full syntax is
   ``HIGH/LOW[-gN][@BUDGET][:key=value,...]`` with keys ``ah`` (alpha_high, default 1.0),
-  ``al`` (alpha_low, 0.02), ``w`` (protected recent window, 64 tokens) and ``sw`` (prefill
-  scoring window, 64 queries), e.g. ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64``.
+  ``al`` (alpha_low, 0.02), ``w`` (protected recent window, 64 tokens), ``sw`` (prefill
+  scoring window, 64 queries) and ``pk`` (prefill score pooling kernel, odd, 1 = none), e.g.
+  ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64``.
 - ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
 - ``default``: the engine's compressing default, ``k8v4/k4v2`` with the defaults above; it
   takes the same suffixes (``default@0.2``, ``default:w=32``).
@@ -26,7 +27,10 @@ query adds to every token it sees the attention it gives it, max over the query 
 the token's KV head (over a prefill chunk: the max over heads of the chunk's sums). A token's
 score is the mean over the counting queries that could see it,
 ``sum / (N - max(prompt_len - sw, pos))`` with ``N`` the tokens seen so far: at the end of the
-prompt this is the prefill score, afterwards the running mean since the token arrived.
+prompt this is the prefill score, afterwards the running mean since the token arrived. With
+``pk > 1`` the attention a prefill chunk gives is max-pooled over ``pk`` neighbouring positions
+before it is added, so that the tokens around an attended one (the value after a key, the rest
+of an identifier) are scored with it, as SnapKV pools its scores; decode scores are not pooled.
 
 Decisions, per (request, layer, KV head), once the prompt is complete and after every decode
 step, with ``N`` tokens seen: the newest ``w`` tokens stay high; a high token with mean
