@@ -20,11 +20,13 @@ def test_batched_with_preemption_equals_one_at_a_time(checkpoints: dict[str, Pat
     prompts = _prompts(32)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
-    alone = LLM(path, dtype="float32", max_model_len=1024, kv_cache_memory="4MiB")
+    alone = LLM(path, dtype="float32", max_model_len=1024, kv_cache_memory="4MiB", kv_policy="fp16")
     expected = [alone.generate([p], params, use_tqdm=False)[0].token_ids for p in prompts]
 
     # A pool a little larger than one max-length request: requests must wait and be preempted.
-    engine_kwargs = dict(dtype="float32", max_model_len=1024, max_num_batched_tokens=256)
+    engine_kwargs = dict(
+        dtype="float32", max_model_len=1024, max_num_batched_tokens=256, kv_policy="fp16"
+    )
     probe = LLM(path, kv_cache_memory="4MiB", **engine_kwargs)
     one_request = probe.engine.store.pages_for(1024) * probe.engine.store.pool.page_bytes
     batched = LLM(path, kv_cache_memory=int(one_request * 1.25), **engine_kwargs)

@@ -38,6 +38,7 @@ def llm(checkpoints: dict[str, Path]) -> LLM:
         max_model_len=1024,
         kv_cache_memory="8MiB",
         max_num_batched_tokens=1024,
+        kv_policy="fp16",
     )
 
 

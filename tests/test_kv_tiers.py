@@ -37,7 +37,10 @@ def _held(store: KVStore, slot: int, layer: int, tier: int) -> tuple[torch.Tenso
     return pos, read.fields["score"][0, ..., 0]
 
 
-def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_tokens() -> None:
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_tokens(
+    backend: str,
+) -> None:
     store = _store()
     policy = KVPolicy.parse("k8v4/k4v2:ah=1.2,al=0.6,w=8,sw=16")
     gen = torch.Generator().manual_seed(0)
@@ -47,7 +50,7 @@ def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_token
     k = torch.randn(total, HEADS, HEAD_DIM, generator=gen) * 2
     v = torch.randn(total, HEADS, HEAD_DIM, generator=gen)
     q = torch.randn(total, 2 * HEADS, HEAD_DIM, generator=gen) * 2
-    attention = PagedAttention(store, [None, 24])
+    attention = PagedAttention(store, [None, 24], backend)
     for layer in range(LAYERS):
         store.reserve(torch.tensor([slot]), torch.tensor([prompt]))
         batch = AttentionBatch.build([slot], [0], [prompt])

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from tierkv import LLM, SamplingParams
 
+# The uncompressed cache: these tests compare with transformers exactly.
+FP16 = {"kv_policy": "fp16"}
 DECODE_STEPS = 20
 PROMPTS = [
     [5, 17, 33, 81, 100, 200, 7, 9] * 6,  # longer than every sliding window under test
@@ -30,7 +32,7 @@ def test_logits_match_transformers_at_prefill_and_each_decode_step(
 ) -> None:
     path = checkpoints[family]
     hf = _hf(path)
-    llm = LLM(str(path), dtype="float32", kv_cache_memory="32MiB", max_model_len=512)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="32MiB", max_model_len=512, **FP16)
     params = SamplingParams(temperature=0, max_tokens=DECODE_STEPS, ignore_eos=True, logprobs=VOCAB)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outputs, strict=True):
@@ -48,7 +50,7 @@ def test_logits_match_transformers_at_prefill_and_each_decode_step(
 def test_greedy_equals_transformers_generate(family: str, checkpoints: dict[str, Path]) -> None:
     path = checkpoints[family]
     hf = _hf(path)
-    llm = LLM(str(path), dtype="float32", kv_cache_memory="32MiB", max_model_len=512)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="32MiB", max_model_len=512, **FP16)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outputs, strict=True):
@@ -68,8 +70,8 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path) -> None:
         (sharded / name).write_bytes((single / name).read_bytes())
     assert (sharded / "model.safetensors.index.json").is_file()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    a = LLM(str(single), dtype="float32", max_model_len=128, kv_cache_memory="8MiB")
-    b = LLM(str(sharded), dtype="float32", max_model_len=128, kv_cache_memory="8MiB")
+    a = LLM(str(single), dtype="float32", max_model_len=128, kv_cache_memory="8MiB", **FP16)
+    b = LLM(str(sharded), dtype="float32", max_model_len=128, kv_cache_memory="8MiB", **FP16)
     assert a.generate([PROMPTS[0]], params, use_tqdm=False)[0].token_ids == (
         b.generate([PROMPTS[0]], params, use_tqdm=False)[0].token_ids
     )
@@ -113,7 +115,7 @@ def test_linear_rope_scaling_matches_transformers(tmp_path: Path) -> None:
     rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
     path = build_checkpoint(tmp_path, "llama", rope_parameters=rope)
     hf = _hf(path)
-    llm = LLM(str(path), dtype="float32", max_model_len=256, kv_cache_memory="8MiB")
+    llm = LLM(str(path), dtype="float32", max_model_len=256, kv_cache_memory="8MiB", **FP16)
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     ref = hf.generate(
         torch.tensor([PROMPTS[0]]), max_new_tokens=16, min_new_tokens=16, do_sample=False

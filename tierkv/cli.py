@@ -30,11 +30,12 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
     )
     parser.add_argument(
         "--kv-policy",
-        default="fp16",
+        default="default",
         help=(
-            "KV cache policy: fp16 (default, uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, "
-            "k4v1, k2v2 (optional group size suffix, e.g. k4v2-g64); differentiated HIGH/LOW "
-            "such as k8v4/k4v2[:ah=1.0,al=0.02,w=64]; default (k8v4/k4v2)"
+            "KV cache policy: default (the tuned differentiated policy, the default); fp16 "
+            "(uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2 (optional group "
+            "size suffix, e.g. k4v2-g64); differentiated HIGH/LOW[-gN] such as "
+            "k8v4/k4v2[:ah=1.0,al=0.02,w=64,sw=64,pk=1]"
         ),
     )
     parser.add_argument(

@@ -57,7 +57,9 @@ class EngineConfig:
         max_num_seqs: most requests running at once.
         max_num_batched_tokens: token budget of one engine step (prefill chunks + decodes).
         seed: seed of the engine's sampler for requests that carry no seed of their own.
-        kv_policy: KV cache policy of requests that do not choose one.
+        kv_policy: KV cache policy of requests that do not choose one: ``default`` (the
+            compressing differentiated policy tuned on the demo model, see
+            ``tierkv.kv.policy``) unless set; ``fp16`` keeps the cache uncompressed.
         kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
             ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
@@ -72,7 +74,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     seed: int = 0
-    kv_policy: str = "fp16"
+    kv_policy: str = "default"
     kv_budget: float | None = None
     page_bytes: int | None = None
     attention_backend: str = "reference"

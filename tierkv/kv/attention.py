@@ -127,7 +127,8 @@ class PagedAttention:
             is_tiered = self.store.slot_format[batch.slots, 1] >= 0
             decode_rows = decode_rows[~is_tiered[decode_rows]]
             prefill_rows = [r for r in prefill_rows if not is_tiered[r]]
-            tiered.attend_rows(self.store, layer, q, batch, is_tiered, window, out)
+            workspace = self._workspace if self.backend == "fast" else None
+            tiered.attend_rows(self.store, layer, q, batch, is_tiered, window, out, workspace)
         if decode_rows.numel():
             rows = decode_rows
             tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[rows]

@@ -104,6 +104,57 @@ def _block_mask(groups: int, nbytes: int, per_byte: int) -> torch.Tensor:
     return (col[None, :] == torch.arange(groups)[:, None]).float()
 
 
+def unpack(packed: torch.Tensor, bits: int, workspace: dict, name: str) -> torch.Tensor:
+    """The codes of packed rows ``[..., nbytes]`` uint8 as float32 ``[..., D]`` in the plane
+    order ``key_scores`` and ``value_mix`` expect (a view of a ``workspace`` buffer)."""
+    nbytes = packed.shape[-1]
+    rows = packed.reshape(-1, nbytes)
+    return _codes(rows, bits, nbytes, 1, workspace, name).view(*packed.shape[:-1], -1)
+
+
+def _to_planes(x: torch.Tensor, nbytes: int, planes: int) -> torch.Tensor:
+    """Channels ``[..., D]`` in the column order of ``_codes`` (plane by plane)."""
+    return x.unflatten(-1, (nbytes, planes)).transpose(-1, -2).flatten(-2)
+
+
+def _from_planes(x: torch.Tensor, nbytes: int, planes: int) -> torch.Tensor:
+    """Inverse of ``_to_planes``."""
+    return x.unflatten(-1, (planes, nbytes)).transpose(-1, -2).flatten(-2)
+
+
+def key_scores(
+    q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Logits ``[B, H, R, T]`` of queries ``q`` ``[B, H, R, D]`` (already scaled by
+    ``1/sqrt(D)``) against quantized keys: ``codes`` ``[B, H, T, D]`` float32 as ``_codes``
+    returns them (plane order), ``scale``/``zero`` ``[B, H, groups, T]`` float32."""
+    b, heads, rows, dim = q.shape
+    groups, tokens = scale.shape[-2:]
+    nbytes, planes = dim * bits // 8, 8 // bits
+    qblock = _to_planes(q, nbytes, planes)[:, :, :, None, :] * _block_mask(groups, nbytes, planes)
+    dots = torch.matmul(qblock.reshape(b, heads, rows * groups, dim), codes.transpose(-1, -2))
+    dots = dots.view(b, heads, rows, groups, tokens) * scale[:, :, None]
+    qsum = q.view(b, heads, rows, groups, dim // groups).sum(-1)
+    return torch.matmul(qsum, zero).add_(dots.sum(3))
+
+
+def value_mix(
+    probs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """``probs`` ``[B, H, R, T]`` times quantized values (laid out as in ``key_scores``):
+    ``[B, H, R, D]`` float32."""
+    b, heads, rows, tokens = probs.shape
+    dim = codes.shape[-1]
+    groups = scale.shape[-2]
+    nbytes, planes = dim * bits // 8, 8 // bits
+    weighted = probs[:, :, :, None, :] * scale[:, :, None]
+    full = torch.matmul(weighted.reshape(b, heads, rows * groups, tokens), codes)
+    full = full.view(b, heads, rows, groups, dim) * _block_mask(groups, nbytes, planes)
+    out = _from_planes(full.sum(3), nbytes, planes).view(b, heads, rows, groups, dim // groups)
+    out = out.add_(torch.matmul(probs, zero.transpose(-1, -2))[..., None])
+    return out.view(b, heads, rows, dim)
+
+
 def supports(fmt: KVFormat, head_dim: int) -> bool:
     """Whether the fast path serves slots stored in ``fmt`` at this head dim."""
     if not fmt.quantized:
@@ -189,35 +240,13 @@ def decode(
         return pair[0], pair[1]
 
     qf = q.float().view(b, heads, group, dim).mul_(1.0 / math.sqrt(dim))
-
-    # Scores [B, H, G, T]: codes [B, H, T, planes * kbytes] against the block-diagonal query.
-    kbits = fmt.key_bits
-    kbytes = dim * kbits // 8
-    kplanes = 8 // kbits
-    k_codes = _codes(field("k_codes", kbytes), kbits, kbytes, per_page, workspace, "k")
-    k_codes = k_codes.view(b, heads, tokens, dim)
+    kbytes = dim * fmt.key_bits // 8
+    k_codes = _codes(field("k_codes", kbytes), fmt.key_bits, kbytes, per_page, workspace, "k")
     k_scale, k_zero = scale_zero("k")
-    qp = qf.view(b, heads, group, kbytes, kplanes).transpose(-1, -2).reshape(b, heads, group, dim)
-    qblock = qp[:, :, :, None, :] * _block_mask(groups, kbytes, kplanes)
-    dots = torch.matmul(qblock.reshape(b, heads, group * groups, dim), k_codes.transpose(-1, -2))
-    dots = dots.view(b, heads, group, groups, tokens) * k_scale[:, :, None]
-    qsum = qf.view(b, heads, group, groups, dim // groups).sum(-1)
-    scores = torch.matmul(qsum, k_zero).add_(dots.sum(3))
+    scores = key_scores(qf, k_codes.view(b, heads, tokens, dim), k_scale, k_zero, fmt.key_bits)
     probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1)
-
-    # Output [B, H, G, D]: scale-weighed probabilities against the value codes, whose block
-    # diagonal is kept, plus the zeros weighed by the probabilities.
-    vbits = fmt.value_bits
-    vbytes = dim * vbits // 8
-    vplanes = 8 // vbits
-    v_codes = _codes(field("v_codes", vbytes), vbits, vbytes, per_page, workspace, "v")
-    v_codes = v_codes.view(b, heads, tokens, dim)
+    vbytes = dim * fmt.value_bits // 8
+    v_codes = _codes(field("v_codes", vbytes), fmt.value_bits, vbytes, per_page, workspace, "v")
     v_scale, v_zero = scale_zero("v")
-    weighted = probs[:, :, :, None, :] * v_scale[:, :, None]
-    full = torch.matmul(weighted.reshape(b, heads, group * groups, tokens), v_codes)
-    full = full.view(b, heads, group, groups, dim) * _block_mask(groups, vbytes, vplanes)
-    out = full.sum(3).view(b, heads, group, vplanes, vbytes).transpose(-1, -2)
-    out = out.reshape(b, heads, group, groups, dim // groups)
-    zero = torch.matmul(probs, v_zero.transpose(-1, -2))  # [B, H, G, groups]
-    out = out.add_(zero[..., None])
+    out = value_mix(probs, v_codes.view(b, heads, tokens, dim), v_scale, v_zero, fmt.value_bits)
     return out.reshape(b, hq, dim).to(q.dtype)

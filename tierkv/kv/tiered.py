@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tierkv.kv import fast
 from tierkv.kv.compact import apply_decisions
+from tierkv.kv.quant import KVFormat
 from tierkv.kv.store import HIGH, LOW, KVStore, TierRead
 
 if TYPE_CHECKING:
@@ -47,31 +49,81 @@ def attend(
     slots: torch.Tensor,
     query_pos: torch.Tensor,
     window: int | None,
+    workspace: dict | None = None,
 ) -> TieredAttention:
     """Attention of ``q`` [B, nq, Hq, D] at positions ``query_pos`` [B, nq] over what ``slots``
-    keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype."""
+    keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype.
+
+    Given a ``workspace`` (the fast backend's buffers) and tier formats ``tierkv.kv.fast``
+    serves, keys and values are never decoded: the dequantization is folded into the two
+    matmuls of each tier (``fast.key_scores``, ``fast.value_mix``), with one softmax over both.
+    """
     high = store.read_tier(layer, slots, HIGH)
     low = store.read_tier(layer, slots, LOW)
     slot = int(slots[0])
-    kh, vh = store.format_of(slot, HIGH).decode(high.fields, torch.float32)
-    kl, vl = store.format_of(slot, LOW).decode(low.fields, torch.float32)
+    formats = (store.format_of(slot, HIGH), store.format_of(slot, LOW))
     valid = torch.cat([high.valid, low.valid], -1)
     pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
-    keys = torch.cat([kh, kl], 2)
-    # Stale bytes past a head's count may decode to NaN: the logits' mask removes it from the
-    # keys, but in the values a zero probability would keep it.
-    values = torch.cat([vh, vl], 2).masked_fill(~valid[..., None], 0.0)
     b, nq, hq, dim = q.shape
-    heads = keys.shape[1]
+    heads = store.num_kv_heads
     qg = q.float().view(b, nq, heads, hq // heads, dim).permute(0, 2, 3, 1, 4)
-    logits = qg @ keys[:, :, None].transpose(-1, -2) / math.sqrt(dim)
     kpos, qpos = pos[:, :, None, None, :], query_pos[:, None, None, :, None]
     visible = valid[:, :, None, None, :] & (kpos <= qpos)
     if window is not None:
         visible &= kpos > qpos - window
-    probs = logits.masked_fill(~visible, -torch.inf).softmax(-1)
-    out = (probs @ values[:, :, None]).permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
+    if workspace is not None and all(fast.supports(f, dim) for f in formats):
+        probs, out = _fused(qg, (high, low), formats, visible, workspace)
+    else:
+        kh, vh = formats[0].decode(high.fields, torch.float32)
+        kl, vl = formats[1].decode(low.fields, torch.float32)
+        keys = torch.cat([kh, kl], 2)
+        # Stale bytes past a head's count may decode to NaN: the logits' mask removes it from
+        # the keys, but in the values a zero probability would keep it.
+        values = torch.cat([vh, vl], 2).masked_fill(~valid[..., None], 0.0)
+        logits = qg @ keys[:, :, None].transpose(-1, -2) / math.sqrt(dim)
+        probs = logits.masked_fill(~visible, -torch.inf).softmax(-1)
+        out = probs @ values[:, :, None]
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
     return TieredAttention(out.to(q.dtype), probs, high, low, pos, valid)
+
+
+def _fused(
+    qg: torch.Tensor,
+    reads: tuple[TierRead, TierRead],
+    formats: tuple[KVFormat, KVFormat],
+    visible: torch.Tensor,
+    workspace: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``[B, H, G, nq, T]`` and output ``[B, H, G, nq, D]`` of both tiers,
+    straight from their codes (see ``tierkv.kv.fast``)."""
+    b, heads, group, nq, dim = qg.shape
+    rows = qg.reshape(b, heads, group * nq, dim) * (1.0 / math.sqrt(dim))
+    tiers = []
+    for read, fmt, name in zip(reads, formats, ("high", "low"), strict=True):
+        if not read.valid.shape[-1]:
+            continue
+        fields, keep = read.fields, read.valid[:, :, None, :]
+
+        def meta(field: str, fields: dict = fields, keep: torch.Tensor = keep) -> torch.Tensor:
+            # [B, H, groups, T]; a stale scale past a head's count may be NaN, and a zero
+            # probability would not remove it from the values.
+            return torch.where(keep, fields[field].float().transpose(-1, -2), 0.0)
+
+        keys = fast.unpack(fields["k_codes"], fmt.key_bits, workspace, f"{name}_k")
+        values = fast.unpack(fields["v_codes"], fmt.value_bits, workspace, f"{name}_v")
+        scores = fast.key_scores(rows, keys, meta("k_scale"), meta("k_zero"), fmt.key_bits)
+        tiers.append((scores, values, meta("v_scale"), meta("v_zero"), fmt.value_bits))
+    logits = torch.cat([t[0] for t in tiers], -1).view(b, heads, group, nq, -1)
+    probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
+    flat = probs.view(b, heads, group * nq, -1)
+    out, start = None, 0
+    for scores, values, scale, zero, bits in tiers:
+        width = scores.shape[-1]
+        part = fast.value_mix(flat[..., start : start + width], values, scale, zero, bits)
+        out = part if out is None else out.add_(part)
+        start += width
+    assert out is not None
+    return probs, out.view(b, heads, group, nq, dim)
 
 
 def update(
@@ -100,9 +152,11 @@ def attend_rows(
     is_tiered: torch.Tensor,
     window: int | None,
     out: torch.Tensor,
+    workspace: dict | None = None,
 ) -> None:
     """Attend, score and decide for the tiered requests of a step, writing their rows of
-    ``out``. Decodes sharing tier formats form one batched call; prefill chunks go alone."""
+    ``out``. Decodes sharing tier formats form one batched call; prefill chunks go alone.
+    ``workspace`` selects the fused path of ``attend``."""
     lens = torch.tensor(batch.query_lens, dtype=torch.int64)
     decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
     units: list[torch.Tensor] = []
@@ -116,6 +170,6 @@ def attend_rows(
         tokens = starts[rows][:, None] + torch.arange(batch.query_lens[int(rows[0])])
         query_pos = batch.token_index[tokens]
         slots = batch.slots[rows]
-        att = attend(store, layer, q[tokens], slots, query_pos, window)
+        att = attend(store, layer, q[tokens], slots, query_pos, window, workspace)
         out[tokens] = att.out
         update(store, layer, slots, query_pos, att)
