@@ -24,10 +24,12 @@ def test_tiered_policy_strings_parse() -> None:
     )
     assert KVPolicy.parse(policy.name) == policy
     default = KVPolicy.parse("default")
-    assert default.name == "k8v4/k4v2" and default.budget is None
-    assert (default.alpha_high, default.alpha_low, default.recent) == (1.0, 0.02, 64)
+    assert default.name == "k8v4/k4v2-g64" and default.budget is None
+    assert default.high.group_size == default.low.group_size == 64  # type: ignore[union-attr]
+    assert (default.alpha_high, default.alpha_low, default.recent, default.pool) == (2, 0.2, 64, 7)
     budget = KVPolicy.parse("default@0.2")
-    assert budget.name == "k8v4/k4v2@0.2" and budget == default.with_budget(0.2)
+    assert budget.name == "k8v4/k4v2-g64@0.2" and budget == default.with_budget(0.2)
+    assert KVPolicy.parse("default-g32:pk=1").name == "k8v4/k4v2-g32:pk=1"
     assert KVPolicy.parse("k8v4/k4v2-g64").low.group_size == 64  # type: ignore[union-attr]
 
 

@@ -35,7 +35,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
             "KV cache policy: default (the tuned differentiated policy, the default); fp16 "
             "(uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2 (optional group "
             "size suffix, e.g. k4v2-g64); differentiated HIGH/LOW[-gN] such as "
-            "k8v4/k4v2[:ah=1.0,al=0.02,w=64,sw=64,pk=1]"
+            "k8v4/k4v2[:ah=2.0,al=0.2,w=64,sw=64,pk=7]"
         ),
     )
     parser.add_argument(
@@ -72,10 +72,10 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
     """``--attention-backend``: the attention implementation over the KV pages."""
     parser.add_argument(
         "--attention-backend",
-        default="reference",
+        default="fast",
         choices=["reference", "fast"],
-        help="reference (default: gather, dequantize, attend) or fast (decode over uniform "
-        "quantized pages with dequantization folded into the matmuls)",
+        help="fast (default: dequantization folded into the attention matmuls for quantized "
+        "and tiered decode) or reference (gather, dequantize, attend; what the tests trust)",
     )
 
 

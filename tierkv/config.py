@@ -63,8 +63,9 @@ class EngineConfig:
         kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
             ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
-        attention_backend: ``reference`` (gather, dequantize, attend) or ``fast`` (decode over
-            uniform quantized pages with dequantization folded into the matmuls).
+        attention_backend: ``fast`` (the default: decode over uniform quantized pages and
+            attention over tiered ones with dequantization folded into the matmuls) or
+            ``reference`` (gather, dequantize, attend; the path the tests trust).
     """
 
     model: str
@@ -77,7 +78,7 @@ class EngineConfig:
     kv_policy: str = "default"
     kv_budget: float | None = None
     page_bytes: int | None = None
-    attention_backend: str = "reference"
+    attention_backend: str = "fast"
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

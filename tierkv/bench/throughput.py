@@ -31,7 +31,7 @@ class Workload:
     output_len: int = 128
     seed: int = 0
     dtype: str = "auto"
-    attention_backend: str = "reference"
+    attention_backend: str = "fast"
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
         rng = random.Random(self.seed)

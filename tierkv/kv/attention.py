@@ -13,12 +13,13 @@ softmax over both tiers that also returns the attention probabilities their scor
 policy then decides and compacts their tiers. Uniform requests keep the SDPA path and pay
 nothing for tiers.
 
-Backends: ``"reference"`` (the default, what the tests trust) runs every decode through the
-gather-dequantize-SDPA path above; ``"fast"`` sends decode rows of uniform quantized slots to
-``tierkv.kv.fast``, which folds dequantization into the attention matmuls instead of
-materialising the cache (uncompressed and tiered slots and prefill chunks keep the reference
-path). The engine picks the backend from ``EngineConfig.attention_backend``
-(``--attention-backend``).
+Backends: ``"reference"`` (what the tests trust) runs every decode through the
+gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path;
+``"fast"`` (the engine's default) sends decode rows of uniform quantized slots to
+``tierkv.kv.fast`` and tiered slots (decodes and prefill chunks) to ``tiered.attend``'s fused
+path, both of which fold dequantization into the attention matmuls instead of materialising
+the cache (uncompressed slots and uniform prefill chunks keep the reference path). The engine
+picks the backend from ``EngineConfig.attention_backend`` (``--attention-backend``).
 """
 
 from __future__ import annotations

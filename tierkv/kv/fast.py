@@ -28,9 +28,11 @@ alone: k4v2 1.4-1.6 ms per step against 3.6-3.8 ms for the reference path and ab
 SDPA over the uncompressed cache. The remaining cost is per-op dispatch (about 40 small
 torch ops per layer) and two float32 matmuls with a block-diagonal factor of ``groups``.
 
-It serves decode rows (one query token) of uniform quantized slots that share one format,
-with or without a sliding window; the caller keeps the reference path for everything else
-(uncompressed and tiered slots, prefill chunks); a batch mixing formats is served per format.
+``decode`` serves decode rows (one query token) of uniform quantized slots that share one
+format, with or without a sliding window; a batch mixing formats is served per format. Its two
+cores, ``key_scores`` and ``value_mix``, also serve tiered slots (``tiered.attend`` with a
+workspace), which gather their tiers' fields themselves. Uncompressed slots and uniform
+prefill chunks keep the reference path.
 """
 
 from __future__ import annotations

@@ -13,13 +13,15 @@ request):
 - ``HIGH/LOW``, differentiated (``k8v4/k4v2``): each (request, layer, KV head) keeps a token in
   the high tier, demotes it to the low tier, or prunes it, by the attention it receives. The low
   format may not have more key or value bits than the high one. The full syntax is
-  ``HIGH/LOW[-gN][@BUDGET][:key=value,...]`` with keys ``ah`` (alpha_high, default 1.0),
-  ``al`` (alpha_low, 0.02), ``w`` (protected recent window, 64 tokens), ``sw`` (prefill
-  scoring window, 64 queries) and ``pk`` (prefill score pooling kernel, odd, 1 = none), e.g.
-  ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64``.
+  ``HIGH/LOW[-gN][@BUDGET][:key=value,...]`` with keys ``ah`` (alpha_high, default 2.0),
+  ``al`` (alpha_low, 0.2), ``w`` (protected recent window, 64 tokens), ``sw`` (prefill
+  scoring window, 64 queries) and ``pk`` (prefill score pooling kernel, odd, 1 = none; 7),
+  e.g. ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64,pk=1`` (DiffKV's published thresholds). The
+  defaults were tuned on the demo model's dev split (``docs/fidelity.md``).
 - ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
-- ``default``: the engine's compressing default, ``k8v4/k4v2`` with the defaults above; it
-  takes the same suffixes (``default@0.2``, ``default:w=32``).
+- ``default``: the engine's compressing default (``EngineConfig.kv_policy``),
+  ``k8v4/k4v2-g64`` with the defaults above; it takes the same suffixes (``default@0.2``,
+  ``default:w=32``, ``default-g32``).
 
 Scores. A query *counts* when its position is at least ``prompt_len - sw`` (``prompt_len`` is
 the length at admission): the last ``sw`` prompt queries and every decode query. Each counting
@@ -79,6 +81,9 @@ from tierkv.kv.quant import FORMATS, FULL, KVFormat
 _FP16_NAMES = ("fp16", FULL.name)
 _QUANTIZED_NAMES = tuple(name for name, fmt in FORMATS.items() if fmt.quantized)
 DEFAULT_TIERS = "k8v4/k4v2"
+# The group size of ``default`` unless its name sets one: 64 channels halve the scale/zero
+# bytes of 32, which the tuning sweep preferred (see docs/fidelity.md).
+DEFAULT_GROUP = 64
 SUPPORTED_POLICIES = ("fp16", *_QUANTIZED_NAMES)
 """The uniform policy names; tiered ones are written ``HIGH/LOW`` (see the module docstring)."""
 
@@ -98,8 +103,9 @@ _PARAMS = {
 _INT_PARAMS = ("recent", "score_window", "pool")
 _SYNTAX = (
     "supported: fp16, {uniform} (optionally with a group size suffix such as k4v2-g64), "
-    "HIGH/LOW tiers such as k8v4/k4v2 written HIGH/LOW[-gN][@BUDGET][:ah=1.0,al=0.02,w=64,sw=64], "
-    "and default (= k8v4/k4v2, same suffixes)"
+    "HIGH/LOW tiers such as k8v4/k4v2 written "
+    "HIGH/LOW[-gN][@BUDGET][:ah=2.0,al=0.2,w=64,sw=64,pk=7], "
+    "and default (= k8v4/k4v2-g64, same suffixes)"
 )
 
 
@@ -122,11 +128,11 @@ class KVPolicy:
     name: str
     high: KVFormat
     low: KVFormat | None = None
-    alpha_high: float = 1.0
-    alpha_low: float = 0.02
+    alpha_high: float = 2.0
+    alpha_low: float = 0.2
     recent: int = 64
     score_window: int = 64
-    pool: int = 1
+    pool: int = 7
     budget: float | None = None
 
     @property
@@ -146,7 +152,9 @@ class KVPolicy:
         if name in _FP16_NAMES:
             return cls(name="fp16", high=FULL)
         if name.startswith("default"):
-            name = DEFAULT_TIERS + name[len("default") :]
+            rest = name[len("default") :]
+            group = "" if rest.startswith("-g") else f"-g{DEFAULT_GROUP}"
+            name = DEFAULT_TIERS + group + rest
         match = _UNIFORM.fullmatch(name)
         if match and match["format"] in _QUANTIZED_NAMES:
             fmt = _grouped(spec, FORMATS[match["format"]], match["group"])
