@@ -44,7 +44,7 @@ TIERED_POLICIES = (
     "default",
     "k8v4/k4v2:ah=1,al=0.02,pk=1",
     "default@0.2",
-    "k8v4/k2v2-g64:ah=4,al=1",
+    "k8v4/k4v2-g64:ah=4,al=1.2",
 )
 SIZE_FIELDS = (
     "ppl_windows",
