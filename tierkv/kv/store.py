@@ -201,10 +201,12 @@ class KVStore:
         spare = self.num_layers * self.num_kv_heads if policy.tiered else 0
         return self.pages_for(num_tokens, policy.high) + spare
 
-    def pages_to_grow(self, slot: int, num_tokens: int) -> int:
-        """Pages the slot still needs to hold ``num_tokens`` tokens (seen ones included)."""
-        want = self._want(torch.tensor([slot]), torch.tensor([num_tokens]))
-        return int((want - self.held[slot]).clamp(min=0).sum())
+    def pages_to_grow(self, slots: int | torch.Tensor, num_tokens: int | torch.Tensor) -> int:
+        """Pages the slots (one or a tensor of them) still need to hold ``num_tokens`` tokens
+        each (seen ones included), in total."""
+        slots = torch.as_tensor(slots).reshape(-1)
+        want = self._want(slots, torch.as_tensor(num_tokens).reshape(-1))
+        return int((want - self.held[slots]).clamp(min=0).sum())
 
     def reserve(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """Grow each slot in ``slots`` to hold ``num_tokens`` tokens, in one allocation.
