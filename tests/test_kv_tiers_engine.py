@@ -135,3 +135,27 @@ def test_default_policy_admits_three_times_the_long_requests_of_fp16() -> None:
         running[policy] = stats["max_running"]
     assert running["fp16"] == fp16_capacity
     assert running["default"] >= 3 * running["fp16"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_default_policy_on_the_fast_backend_matches_the_reference_path(
+    family: str, checkpoints: dict[str, Path]
+) -> None:
+    """The fused tiered path, on every family's shapes (head dims, GQA, sliding windows)."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(1, 380) for _ in range(n)] for n in (90, 150, 210)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = {}
+    for backend in ("reference", "fast"):
+        llm = LLM(
+            str(checkpoints[family]),
+            dtype="float32",
+            max_model_len=256,
+            kv_cache_memory="8MiB",
+            attention_backend=backend,
+        )
+        outputs[backend] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = llm.kv_stats()
+        assert stats["policy"] == "k8v4/k4v2-g64"
+        assert stats["free_pages"] == stats["total_pages"]
+    assert outputs["fast"] == outputs["reference"]
