@@ -64,6 +64,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tierkv.config import EngineConfig  # noqa: E402
+from tierkv.kv.attention import BACKENDS  # noqa: E402
+
 DEFAULT_MODEL = ROOT / "assets" / "demo-model"
 BENCH_TARGET = "llama-batched-bench"
 REFERENCE_KV_TYPE = "f16"
@@ -435,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        default="reference",
-        choices=["reference", "fast"],
-        help="tierkv --attention-backend (default: reference)",
+        default=EngineConfig.attention_backend,
+        choices=list(BACKENDS),
+        help=f"tierkv --attention-backend (default: {EngineConfig.attention_backend})",
     )
     parser.add_argument("--seed", type=int, default=0, help="tierkv prompt seed")
     parser.add_argument(

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from tierkv.config import DTYPES
+from tierkv.config import DTYPES, EngineConfig
 from tierkv.eval.cli import add_eval_parser
+from tierkv.kv.attention import BACKENDS
 from tierkv.server.cli import add_serve_parser
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
@@ -30,7 +31,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
     )
     parser.add_argument(
         "--kv-policy",
-        default="default",
+        default=EngineConfig.kv_policy,
         help=(
             "KV cache policy: default (the tuned differentiated policy, the default); fp16 "
             "(uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2 (optional group "
@@ -72,8 +73,8 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
     """``--attention-backend``: the attention implementation over the KV pages."""
     parser.add_argument(
         "--attention-backend",
-        default="fast",
-        choices=["reference", "fast"],
+        default=EngineConfig.attention_backend,
+        choices=list(BACKENDS),
         help="fast (default: dequantization folded into the attention matmuls for quantized "
         "and tiered decode) or reference (gather, dequantize, attend; what the tests trust)",
     )
@@ -142,7 +143,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from tierkv.config import EngineConfig
     from tierkv.engine.engine import Engine
     from tierkv.sampling import SamplingParams
 

@@ -5,7 +5,6 @@ Each row runs in a fresh process so that its peak resident memory is its own.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import random
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from tierkv.config import EngineConfig
 from tierkv.engine.engine import resolve_dtype
-from tierkv.eval.peers import QUANTO_BITS, quanto_peer
+from tierkv.eval.peers import QUANTO_BITS, PeerUnavailable, quanto_peer
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Workload:
     output_len: int = 128
     seed: int = 0
     dtype: str = "auto"
-    attention_backend: str = "fast"
+    attention_backend: str = EngineConfig.attention_backend
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
         rng = random.Random(self.seed)
@@ -133,8 +133,10 @@ def hf_caches(compare_hf: bool) -> tuple[list[int | None], str | None]:
     """The HF rows ``--compare-hf`` asks for, and why quantized ones are missing (if so)."""
     if not compare_hf:
         return [], None
-    if importlib.util.find_spec("optimum.quanto") is None:
-        return [None], "QuantizedCache rows skipped: pip install 'tierkv[eval]' for optimum-quanto"
+    try:
+        quanto_peer(QUANTO_BITS[0])
+    except PeerUnavailable as exc:
+        return [None], f"QuantizedCache rows skipped: {exc}"
     return [None, *QUANTO_BITS], None
 
 

@@ -161,11 +161,7 @@ class Engine:
                 f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
                 "(prompt plus at least one generated token must fit)"
             )
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
-            )
+        self._check_vocab(ids, "token")
 
     def _validate_forced(self, forced: list[int], room: int) -> None:
         if not forced:
@@ -175,10 +171,13 @@ class Engine:
                 f"forced_output has {len(forced)} tokens, but only {room} fit after the prompt "
                 f"(max_model_len {self.max_model_len})"
             )
-        bad = [t for t in forced if not 0 <= t < self.spec.vocab_size]
+        self._check_vocab(forced, "forced token")
+
+    def _check_vocab(self, ids: list[int], what: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise ValueError(
-                f"forced token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
+                f"{what} id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
             )
 
     def _request_policy(self, params: SamplingParams, num_tokens: int) -> KVPolicy:

@@ -84,11 +84,6 @@ class AttentionBatch:
             query_starts=starts,
         )
 
-    @property
-    def decode_tokens(self) -> torch.Tensor:
-        """Flat token index of each decode row's token."""
-        return torch.tensor(self.query_starts, dtype=torch.int64)[self.decode_rows]
-
 
 class PagedAttention:
     """Appends a step's keys and values to the store, then attends over everything kept."""
@@ -164,30 +159,18 @@ class PagedAttention:
     ) -> torch.Tensor:
         """Each format's rows through ``fast.decode`` when it serves that format."""
         store = self.store
-        parts = store.by_format(slots)
-        if len(parts) == 1:
-            f = parts[0][0]
-            if fast.supports(store.formats[f], store.head_dim):
-                return fast.decode(
-                    store, layer, q, slots, lens, window, f, self._step_cache, self._workspace
-                )
-            return self._decode_reference(layer, q, slots, lens, window)
         out = torch.empty_like(q)
-        for f, rows in parts:
+        for f, rows in store.by_format(slots):
+            args = (q, slots, lens) if rows is None else (q[rows], slots[rows], lens[rows])
             if fast.supports(store.formats[f], store.head_dim):
-                out[rows] = fast.decode(
-                    store,
-                    layer,
-                    q[rows],
-                    slots[rows],
-                    lens[rows],
-                    window,
-                    f,
-                    self._step_cache,
-                    self._workspace,
+                part = fast.decode(
+                    store, layer, *args, window, f, self._step_cache, self._workspace
                 )
             else:
-                out[rows] = self._decode_reference(layer, q[rows], slots[rows], lens[rows], window)
+                part = self._decode_reference(layer, *args, window)
+            if rows is None:
+                return part  # one format: no scatter
+            out[rows] = part
         return out
 
     def _decode_reference(

@@ -72,7 +72,7 @@ def attend(
     if window is not None:
         visible &= kpos > qpos - window
     if workspace is not None and all(fast.supports(f, dim) for f in formats):
-        probs, out = _fused(qg, (high, low), formats, visible, workspace)
+        probs, out = _fused(qg, (high, low), formats, valid, visible, workspace)
     else:
         kh, vh = formats[0].decode(high.fields, torch.float32)
         kl, vl = formats[1].decode(low.fields, torch.float32)
@@ -91,6 +91,7 @@ def _fused(
     qg: torch.Tensor,
     reads: tuple[TierRead, TierRead],
     formats: tuple[KVFormat, KVFormat],
+    valid: torch.Tensor,
     visible: torch.Tensor,
     workspace: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,31 +99,31 @@ def _fused(
     straight from their codes (see ``tierkv.kv.fast``)."""
     b, heads, group, nq, dim = qg.shape
     rows = qg.reshape(b, heads, group * nq, dim) * (1.0 / math.sqrt(dim))
-    tiers = []
+    # Each non-empty tier with its name (for its workspace buffers) and its first column.
+    tiers, start = [], 0
     for read, fmt, name in zip(reads, formats, ("high", "low"), strict=True):
-        if not read.valid.shape[-1]:
-            continue
-        fields, keep = read.fields, read.valid[:, :, None, :]
-
-        def meta(field: str, fields: dict = fields, keep: torch.Tensor = keep) -> torch.Tensor:
-            # [B, H, groups, T]; a stale scale past a head's count may be NaN, and a zero
-            # probability would not remove it from the values.
-            return torch.where(keep, fields[field].float().transpose(-1, -2), 0.0)
-
-        keys = fast.unpack(fields["k_codes"], fmt.key_bits, workspace, f"{name}_k")
-        values = fast.unpack(fields["v_codes"], fmt.value_bits, workspace, f"{name}_v")
-        scores = fast.key_scores(rows, keys, meta("k_scale"), meta("k_zero"), fmt.key_bits)
-        tiers.append((scores, values, meta("v_scale"), meta("v_zero"), fmt.value_bits))
-    logits = torch.cat([t[0] for t in tiers], -1).view(b, heads, group, nq, -1)
+        width = read.fields["pos"].shape[2]
+        if width:
+            tiers.append((read.fields, fmt, name, slice(start, start + width)))
+        start += width
+    scores = []
+    for f, fmt, name, _ in tiers:
+        keys = fast.unpack(f["k_codes"], fmt.key_bits, workspace, f"{name}_k")
+        # Stale scales past a head's count may be NaN; the mask below removes them.
+        scale, zero = (f[n].float().transpose(-1, -2) for n in ("k_scale", "k_zero"))
+        scores.append(fast.key_scores(rows, keys, scale, zero, fmt.key_bits))
+    logits = torch.cat(scores, -1).view(b, heads, group, nq, -1)
     probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
     flat = probs.view(b, heads, group * nq, -1)
-    out, start = None, 0
-    for scores, values, scale, zero, bits in tiers:
-        width = scores.shape[-1]
-        part = fast.value_mix(flat[..., start : start + width], values, scale, zero, bits)
-        out = part if out is None else out.add_(part)
-        start += width
-    assert out is not None
+    out = torch.zeros(b, heads, group * nq, dim)
+    for f, fmt, name, cols in tiers:
+        # A zero probability would not remove a stale NaN scale from the values: clear them.
+        keep = valid[:, :, None, cols]
+        scale, zero = (
+            torch.where(keep, f[n].float().transpose(-1, -2), 0.0) for n in ("v_scale", "v_zero")
+        )
+        values = fast.unpack(f["v_codes"], fmt.value_bits, workspace, f"{name}_v")
+        out += fast.value_mix(flat[..., cols], values, scale, zero, fmt.value_bits)
     return probs, out.view(b, heads, group, nq, dim)
 
 

@@ -63,8 +63,10 @@ class SlotTiers:
         """
         counts = query_pos >= self.score_start[slots][:, None]
         summed = (probs * counts[:, None, None, :, None]).sum(3).amax(2)
+        if query_pos.shape[1] == 1:
+            return summed  # a decode step: never pooled
         kernel = int(self.pool[slots].max())
-        if query_pos.shape[1] == 1 or kernel == 1:
+        if kernel == 1:
             return summed
         # A prefill chunk (tiered chunks run one request at a time, whose tokens are still in
         # position order): a token also gets the largest score among its kernel // 2
