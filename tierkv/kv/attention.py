@@ -13,6 +13,11 @@ softmax over both tiers that also returns the attention probabilities their scor
 policy then decides and compacts their tiers. Uniform requests keep the SDPA path and pay
 nothing for tiers.
 
+Uniform slots with a residual window (``KVPolicy.residual``) attend to the newest tokens
+uncompressed: their ring is read before the step's write (``KVStore.read_residual``), the step's
+own tokens are appended to it, and each query sees those entries inside its window and the
+quantized tokens before it, as one softmax over both.
+
 Backends: ``"reference"`` (what the tests trust) runs every decode through the
 gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path;
 ``"fast"`` (the engine's default) sends decode rows of uniform quantized slots to
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kv import fast, tiered
-from tierkv.kv.store import KVStore
+from tierkv.kv.store import KVStore, Residual
 
 BACKENDS = ("reference", "fast")
 
@@ -112,28 +117,49 @@ class PagedAttention:
         batch: AttentionBatch,
     ) -> torch.Tensor:
         """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
-        self.store.write(layer, batch.token_slots, batch.token_index, k, v)
+        store = self.store
+        # The rings hold the newest tokens before this step only until the write below.
+        rings = store.read_residual(layer, batch.slots) if store.num_residual else None
+        store.write(layer, batch.token_slots, batch.token_index, k, v)
         if batch is not self._step:
             # What the fast path can share between the layers of one step.
             self._step, self._step_cache = batch, {}
         out = torch.empty_like(q)
         window = self.sliding_windows[layer]
         decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
-        if self.store.num_tiered:
-            is_tiered = self.store.slot_format[batch.slots, 1] >= 0
+        if store.num_tiered:
+            is_tiered = store.slot_format[batch.slots, 1] >= 0
             decode_rows = decode_rows[~is_tiered[decode_rows]]
             prefill_rows = [r for r in prefill_rows if not is_tiered[r]]
             workspace = self._workspace if self.backend == "fast" else None
-            tiered.attend_rows(self.store, layer, q, batch, is_tiered, window, out, workspace)
+            tiered.attend_rows(store, layer, q, batch, is_tiered, window, out, workspace)
         if decode_rows.numel():
             rows = decode_rows
             tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[rows]
             lens = torch.tensor(batch.context_lens, dtype=torch.int64)[rows] + 1
-            out[tokens] = self._decode(layer, q[tokens], batch.slots[rows], lens, window)
+            residual = None
+            if rings is not None:
+                residual = rings.select(rows).append(
+                    k[tokens][:, :, None], v[tokens][:, :, None], (lens - 1)[:, None]
+                )
+            out[tokens] = self._decode(layer, q[tokens], batch.slots[rows], lens, window, residual)
         for row in prefill_rows:
             start, n = batch.query_starts[row], batch.query_lens[row]
+            residual = None
+            if rings is not None:
+                own = slice(start, start + n)
+                residual = rings.select(torch.tensor([row])).append(
+                    k[own].transpose(0, 1)[None],
+                    v[own].transpose(0, 1)[None],
+                    batch.token_index[own][None],
+                )
             out[start : start + n] = self._prefill(
-                layer, q[start : start + n], int(batch.slots[row]), batch.context_lens[row], window
+                layer,
+                q[start : start + n],
+                int(batch.slots[row]),
+                batch.context_lens[row],
+                window,
+                residual,
             )
         return out
 
@@ -144,10 +170,11 @@ class PagedAttention:
         slots: torch.Tensor,
         lens: torch.Tensor,
         window: int | None,
+        residual: Residual | None,
     ) -> torch.Tensor:
         if self.backend == "fast":
-            return self._decode_fast(layer, q, slots, lens, window)
-        return self._decode_reference(layer, q, slots, lens, window)
+            return self._decode_fast(layer, q, slots, lens, window, residual)
+        return self._decode_reference(layer, q, slots, lens, window, residual)
 
     def _decode_fast(
         self,
@@ -156,18 +183,27 @@ class PagedAttention:
         slots: torch.Tensor,
         lens: torch.Tensor,
         window: int | None,
+        residual: Residual | None,
     ) -> torch.Tensor:
         """Each format's rows through ``fast.decode`` when it serves that format."""
         store = self.store
         out = torch.empty_like(q)
         for f, rows in store.by_format(slots):
             args = (q, slots, lens) if rows is None else (q[rows], slots[rows], lens[rows])
+            part_residual = residual.select(rows) if residual is not None else None
             if fast.supports(store.formats[f], store.head_dim):
                 part = fast.decode(
-                    store, layer, *args, window, f, self._step_cache, self._workspace
+                    store,
+                    layer,
+                    *args,
+                    window,
+                    f,
+                    self._step_cache,
+                    self._workspace,
+                    part_residual,
                 )
             else:
-                part = self._decode_reference(layer, *args, window)
+                part = self._decode_reference(layer, *args, window, part_residual)
             if rows is None:
                 return part  # one format: no scatter
             out[rows] = part
@@ -180,6 +216,7 @@ class PagedAttention:
         slots: torch.Tensor,
         lens: torch.Tensor,
         window: int | None,
+        residual: Residual | None,
     ) -> torch.Tensor:
         keys, values = self.store.gather(layer, slots, int(lens.max()), q.dtype)
         b, heads, length, dim = keys.shape
@@ -188,13 +225,25 @@ class PagedAttention:
         visible = pos[None, :] < lens[:, None]
         if window is not None:
             visible &= pos[None, :] > (lens[:, None] - 1 - window)
+        if residual is not None:
+            # The newest ``window`` positions are read uncompressed from the residual instead.
+            visible &= pos[None, :] < (lens - residual.window)[:, None]
+            visible = torch.cat([visible, residual.visible((lens - 1)[:, None], window)[:, 0]], 1)
+            keys = torch.cat([keys, residual.keys.to(keys.dtype)], 2)
+            values = torch.cat([values, residual.values.to(values.dtype)], 2)
         # The query heads that share a KV head become the "query rows" of one attention call.
         qg = q.view(b, heads, group, dim)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, None, None, :])
         return out.reshape(b, heads * group, dim)
 
     def _prefill(
-        self, layer: int, q: torch.Tensor, slot: int, context: int, window: int | None
+        self,
+        layer: int,
+        q: torch.Tensor,
+        slot: int,
+        context: int,
+        window: int | None,
+        residual: Residual | None,
     ) -> torch.Tensor:
         n = q.shape[0]
         total = context + n
@@ -205,6 +254,11 @@ class PagedAttention:
         visible = kpos <= qpos
         if window is not None:
             visible &= kpos > qpos - window
+        if residual is not None:
+            visible &= kpos <= qpos - residual.window
+            visible = torch.cat([visible, residual.visible(qpos.T, window)[0]], 1)
+            keys = torch.cat([keys, residual.keys.to(keys.dtype)], 2)
+            values = torch.cat([values, residual.values.to(values.dtype)], 2)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
             keys,

@@ -43,7 +43,7 @@ import math
 import torch
 
 from tierkv.kv.quant import KVFormat
-from tierkv.kv.store import HIGH, KVStore
+from tierkv.kv.store import HIGH, KVStore, Residual
 
 
 def _lane(nbytes: int) -> torch.dtype:
@@ -175,6 +175,7 @@ def decode(
     f: int,
     cache: dict | None = None,
     workspace: dict | None = None,
+    residual: Residual | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per slot over the slot's first ``lens`` tokens.
 
@@ -185,6 +186,8 @@ def decode(
     same ``slots`` and ``lens``) holds what does not change between layers: the page ids of
     every layer, gathered once, and the visibility mask of each window. ``workspace`` (a dict
     kept for the engine's life) holds the unpacked codes' buffers, reused between calls.
+    ``residual`` (the slots' residual windows with this step's tokens appended) replaces the
+    newest quantized positions by their uncompressed entries, in the same softmax.
     """
     cache = {} if cache is None else cache
     workspace = {} if workspace is None else workspace
@@ -213,6 +216,8 @@ def decode(
         visible = pos[None, :] < lens[:, None]
         if window is not None:
             visible &= pos[None, :] > (lens[:, None] - 1 - window)
+        if residual is not None:
+            visible &= pos[None, :] < (lens - residual.window)[:, None]
         hidden = cache[("mask", f, window)] = ~visible[:, None, None, :]
     # One gather of whole pages; every field is a typed view of these rows.
     ids = all_pages[layer].view(-1)
@@ -246,9 +251,17 @@ def decode(
     k_codes = _codes(field("k_codes", kbytes), fmt.key_bits, kbytes, per_page, workspace, "k")
     k_scale, k_zero = scale_zero("k")
     scores = key_scores(qf, k_codes.view(b, heads, tokens, dim), k_scale, k_zero, fmt.key_bits)
-    probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1)
+    scores = scores.masked_fill_(hidden, float("-inf"))
+    if residual is not None:
+        extra = torch.matmul(qf, residual.keys.float().transpose(-1, -2))
+        seen = residual.visible((lens - 1)[:, None], window)[:, None]
+        scores = torch.cat([scores, extra.masked_fill_(~seen, float("-inf"))], -1)
+    probs = scores.softmax(-1)
     vbytes = dim * fmt.value_bits // 8
     v_codes = _codes(field("v_codes", vbytes), fmt.value_bits, vbytes, per_page, workspace, "v")
     v_scale, v_zero = scale_zero("v")
-    out = value_mix(probs, v_codes.view(b, heads, tokens, dim), v_scale, v_zero, fmt.value_bits)
+    quantized = probs[..., :tokens]
+    out = value_mix(quantized, v_codes.view(b, heads, tokens, dim), v_scale, v_zero, fmt.value_bits)
+    if residual is not None:
+        out = out.add_(torch.matmul(probs[..., tokens:], residual.values.float()))
     return out.reshape(b, hq, dim).to(q.dtype)

@@ -9,7 +9,9 @@ request):
 - ``kXvY`` for every quantized format of ``tierkv.kv.quant.FORMATS`` (``k8v8``, ``k8v4``,
   ``k4v4``, ``k4v2``...): every token is kept, keys quantized to X bits and values to Y bits,
   group-wise per token and KV head. An optional suffix ``-gN`` sets the group size to N
-  channels (``k4v2-g64``); the default is ``quant.DEFAULT_GROUP_SIZE``.
+  channels (``k4v2-g64``); the default is ``quant.DEFAULT_GROUP_SIZE``. A uniform policy keeps
+  a full-precision *residual* of the newest ``r`` tokens (``k8v8:r=32``, the default 32;
+  ``r=0`` for none), see below.
 - ``HIGH/LOW``, differentiated (``k8v4/k4v2``): each (request, layer, KV head) keeps a token in
   the high tier, demotes it to the low tier, or prunes it, by the attention it receives. The low
   format may not have more key or value bits than the high one. The full syntax is
@@ -64,6 +66,18 @@ costs ``bytes_per_token(high)`` per high token plus ``bytes_per_token(low)`` per
 admission reserves the prompt at the high precision (an upper bound) plus one low page per
 (layer, head), the room a decision needs to demote before it frees.
 
+Residual window (uniform policies). Quantization error on the few tokens a query attends to
+most, its own and its immediate predecessors, is what flips near-tied greedy choices, so a
+uniform policy also keeps the newest ``r`` tokens of each (request, layer, KV head) in the
+compute dtype, in a ring of uncompressed pages of the same pool: a query at position ``p``
+attends to positions ``p - r + 1 .. p`` at full precision and to older ones quantized (KIVI
+and transformers' QuantizedCache keep such a residual too). The rule depends only on
+positions, so chunking and batching do not change it. Every token is still quantized when it
+arrives; the ring costs ``ceil(r / fp_tokens_per_page)`` pages per (layer, head) and request,
+a constant beside the per-token cost (``KVStore.residual_bytes``). On the demo model this
+takes ``k8v8``'s greedy agreement with ``fp16`` (float32, 64 prompts x 128 tokens) from 54/64
+without the ring to the figure in BENCHMARKS.md with it.
+
 Preemption. Uniform policies encode each token on its own, so a preempted request recomputes
 exactly the cache it had and its output is unchanged. A differentiated policy's recompute
 treats prompt and generated tokens as one new prompt and scores it with the prefill rule, so
@@ -87,12 +101,12 @@ DEFAULT_GROUP = 64
 SUPPORTED_POLICIES = ("fp16", *_QUANTIZED_NAMES)
 """The uniform policy names; tiered ones are written ``HIGH/LOW`` (see the module docstring)."""
 
-_UNIFORM = re.compile(r"(?P<format>k\d+v\d+)(?:-g(?P<group>\d+))?")
+_UNIFORM = re.compile(r"(?P<format>k\d+v\d+)(?:-g(?P<group>\d+))?(?::(?P<params>.*))?")
 _TIERED = re.compile(
     r"(?P<high>k\d+v\d+)/(?P<low>k\d+v\d+)(?:-g(?P<group>\d+))?"
     r"(?:@(?P<budget>[0-9]*\.?[0-9]+))?(?::(?P<params>.*))?"
 )
-# Parameter keys of the string syntax -> KVPolicy fields.
+# Parameter keys of the string syntax -> KVPolicy fields, for tiered and uniform policies.
 _PARAMS = {
     "ah": "alpha_high",
     "al": "alpha_low",
@@ -100,9 +114,21 @@ _PARAMS = {
     "sw": "score_window",
     "pk": "pool",
 }
-_INT_PARAMS = ("recent", "score_window", "pool")
+_UNIFORM_PARAMS = {"r": "residual"}
+_INT_PARAMS = ("recent", "score_window", "pool", "residual")
+_PARAM_NAMES = {
+    "alpha_high": "alpha_high",
+    "alpha_low": "alpha_low",
+    "recent": "recent window",
+    "score_window": "score window",
+    "pool": "prefill score pooling kernel",
+    "residual": "full-precision residual window",
+}
+# The residual window of uniform quantized policies unless ``:r=`` sets it.
+DEFAULT_RESIDUAL = 32
 _SYNTAX = (
-    "supported: fp16, {uniform} (optionally with a group size suffix such as k4v2-g64), "
+    "supported: fp16, {uniform} (optionally with a group size suffix such as k4v2-g64 and a "
+    "residual window such as k8v8:r=32), "
     "HIGH/LOW tiers such as k8v4/k4v2 written "
     "HIGH/LOW[-gN][@BUDGET][:ah=2.0,al=0.2,w=64,sw=64,pk=7], "
     "and default (= k8v4/k4v2-g64, same suffixes)"
@@ -117,6 +143,7 @@ class KVPolicy:
         name: the canonical spelling (``fp16``, ``k4v2-g64``, ``k8v4/k4v2@0.2``).
         high: the format of kept tokens (of the high tier when tiered).
         low: the low tier's format; ``None`` for uniform policies (every token kept in ``high``).
+        residual: the newest tokens a uniform quantized policy also keeps uncompressed.
         alpha_high: a token stays high while its mean score is at least ``alpha_high / N``.
         alpha_low: below ``alpha_low / N`` a token is pruned (threshold mode only).
         recent: the newest tokens always kept high.
@@ -128,6 +155,7 @@ class KVPolicy:
     name: str
     high: KVFormat
     low: KVFormat | None = None
+    residual: int = 0
     alpha_high: float = 2.0
     alpha_low: float = 0.2
     recent: int = 64
@@ -159,7 +187,12 @@ class KVPolicy:
         if match and match["format"] in _QUANTIZED_NAMES:
             fmt = _grouped(spec, FORMATS[match["format"]], match["group"])
             suffix = f"-g{fmt.group_size}" if match["group"] else ""
-            return cls(name=fmt.name + suffix, high=fmt)
+            values = {"residual": DEFAULT_RESIDUAL, **_params(spec, match, _UNIFORM_PARAMS)}
+            if values["residual"] < 0:
+                raise ValueError(f"KV policy {spec!r}: need r >= 0")
+            if values["residual"] != DEFAULT_RESIDUAL:
+                suffix += f":r={values['residual']}"
+            return cls(name=fmt.name + suffix, high=fmt, **values)  # type: ignore[arg-type]
         match = _TIERED.fullmatch(name)
         if match and match["high"] in _QUANTIZED_NAMES and match["low"] in _QUANTIZED_NAMES:
             return cls._tiered(spec, match)
@@ -174,20 +207,7 @@ class KVPolicy:
                 f"KV policy {spec!r}: the low tier must have fewer bits than the high tier "
                 "(keys and values each no more)"
             )
-        values: dict[str, float | int] = {}
-        for item in filter(None, (match["params"] or "").split(",")):
-            key, _, value = item.partition("=")
-            field = _PARAMS.get(key.strip())
-            if field is None or not value:
-                raise ValueError(
-                    f"KV policy {spec!r}: unknown parameter {item!r}; use key=value with keys "
-                    f"{', '.join(_PARAMS)} (alpha_high, alpha_low, recent window, score window, "
-                    "prefill score pooling kernel)"
-                )
-            try:
-                values[field] = int(value) if field in _INT_PARAMS else float(value)
-            except ValueError as err:
-                raise ValueError(f"KV policy {spec!r}: bad value in {item!r}") from err
+        values = _params(spec, match, _PARAMS)
         budget = float(match["budget"]) if match["budget"] else None
         policy = cls(name="", high=high, low=low, budget=budget, **values)  # type: ignore[arg-type]
         policy._validate(spec)
@@ -224,6 +244,24 @@ class KVPolicy:
             if getattr(self, field) != getattr(defaults, field)
         ]
         return name + (":" + ",".join(changed) if changed else "")
+
+
+def _params(spec: str, match: re.Match[str], keys: dict[str, str]) -> dict[str, float | int]:
+    """The ``:key=value,...`` parameters of a policy string, as KVPolicy field values."""
+    values: dict[str, float | int] = {}
+    for item in filter(None, (match["params"] or "").split(",")):
+        key, _, value = item.partition("=")
+        field = keys.get(key.strip())
+        if field is None or not value:
+            known = ", ".join(f"{k} ({_PARAM_NAMES[f]})" for k, f in keys.items())
+            raise ValueError(
+                f"KV policy {spec!r}: unknown parameter {item!r}; use key=value with keys {known}"
+            )
+        try:
+            values[field] = int(value) if field in _INT_PARAMS else float(value)
+        except ValueError as err:
+            raise ValueError(f"KV policy {spec!r}: bad value in {item!r}") from err
+    return values
 
 
 def _grouped(spec: str, fmt: KVFormat, group: str | None) -> KVFormat:

@@ -11,6 +11,12 @@ a dense prefix per head: new tokens are appended after the head's high tokens, a
 (``compact.apply_decisions``) rewrite both tiers compactly; a token's position is its stored
 ``pos`` field.
 
+Uniform slots of a policy with a residual window (``KVPolicy.residual``) also write every new
+token, uncompressed, into a third table row per (slot, layer, head): a ring of FULL-format pages
+holding the newest ``ring`` tokens at index ``position % ring``. Attention reads it *before* a
+step's write (``read_residual``), so the ring then holds exactly the positions just below the
+step's first new token, which is what the residual window of the step's queries needs.
+
 Growing and freeing are batched over all slots, layers, heads and tiers at once: the pages each
 table row needs are counted, one ``PagePool.alloc`` hands them out, and a prefix sum over the
 counts tells each row which slice of the allocation is its own.
@@ -27,7 +33,7 @@ from tierkv.kv.pool import PageLayout, PagePool
 from tierkv.kv.quant import FULL, KVFormat
 from tierkv.kv.tiers import SlotTiers, TierCosts
 
-HIGH, LOW = 0, 1
+HIGH, LOW, RESIDUAL = 0, 1, 2
 
 # Per-token fields that attention does not read: the policy's score and the token's position.
 _METADATA = ("score", "pos")
@@ -48,6 +54,46 @@ class TierRead:
     def valid(self) -> torch.Tensor:
         width = self.fields["pos"].shape[2]
         return torch.arange(width) < self.count[..., None]
+
+
+@dataclass
+class Residual:
+    """Uncompressed keys and values of a group of slots' newest tokens at one layer.
+
+    ``keys``/``values`` are ``[B, H, E, D]`` in the compute dtype and ``pos`` ``[B, E]`` their
+    positions (the same for every head), -1 where an entry holds no token (its keys and values
+    are zero); ``window`` [B] is each slot's residual window (0: the slot has none).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor
+    window: torch.Tensor
+
+    def select(self, rows: torch.Tensor | None) -> Residual:
+        """The entries of batch rows ``rows`` (all of them for ``None``)."""
+        if rows is None:
+            return self
+        return Residual(self.keys[rows], self.values[rows], self.pos[rows], self.window[rows])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> Residual:
+        """These entries followed by a step's own new tokens, which the ring does not hold yet:
+        ``k``/``v`` [B, H, n, D] at positions ``index`` [B, n]."""
+        return Residual(
+            torch.cat([self.keys, k.to(self.keys.dtype)], 2),
+            torch.cat([self.values, v.to(self.values.dtype)], 2),
+            torch.cat([self.pos, index], 1),
+            self.window,
+        )
+
+    def visible(self, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """``[B, nq, E]``: which entries queries at ``query_pos`` [B, nq] see uncompressed."""
+        pos = self.pos[:, None, :]
+        qpos = query_pos[..., None]
+        seen = (pos >= 0) & (pos <= qpos) & (pos > qpos - self.window[:, None, None])
+        if window is not None:
+            seen &= pos > qpos - window
+        return seen
 
 
 class KVStore:
@@ -82,7 +128,8 @@ class KVStore:
         self.fp16_tokens_per_page = FULL.layout(
             head_dim, torch.float16, pool.page_bytes
         ).tokens_per_page
-        shape = (max_seqs, num_layers, num_kv_heads, 2)
+        # Rows per (slot, layer, head): the high tier, the low tier, the residual ring.
+        shape = (max_seqs, num_layers, num_kv_heads, 3)
         # One spare column: a low tier may hold one page beyond its tokens (the demotion room).
         self.tables = torch.zeros(*shape, self.max_pages + 1, dtype=torch.int64)
         self.held = torch.zeros(shape, dtype=torch.int64)
@@ -91,8 +138,12 @@ class KVStore:
         self.seen = torch.zeros(max_seqs, num_layers, dtype=torch.int64)
         # Format index of each slot's tiers (the low one is -1 for uniform slots).
         self.slot_format = torch.zeros(max_seqs, 2, dtype=torch.int64)
+        # Residual window and ring size (tokens, a whole number of FULL pages) of each slot.
+        self.residual = torch.zeros(max_seqs, dtype=torch.int64)
+        self.ring = torch.zeros(max_seqs, dtype=torch.int64)
         self.tiers = SlotTiers(max_seqs)
         self.num_tiered = 0
+        self.num_residual = 0
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.register(FULL)
 
@@ -108,8 +159,8 @@ class KVStore:
 
     @property
     def num_tokens(self) -> torch.Tensor:
-        """Tokens held by each (slot, layer, head), both tiers."""
-        return self.count.sum(-1)
+        """Tokens held by each (slot, layer, head), both tiers (the ring copies some of them)."""
+        return self.count[..., :RESIDUAL].sum(-1)
 
     # -- formats -------------------------------------------------------------------------------
 
@@ -171,6 +222,10 @@ class KVStore:
         low = self.register(policy.low) if policy and policy.low is not None else -1
         slot = self._free_slots.pop()
         self.slot_format[slot] = torch.tensor([high, low])
+        window = policy.residual if policy is not None and self.formats[high].quantized else 0
+        self.residual[slot] = window
+        self.ring[slot] = self._ring_pages(window) * self.layouts[0].tokens_per_page
+        self.num_residual += int(window > 0)
         self.tiers.assign(slot, policy, prompt_len)
         self.num_tiered += int(low >= 0)
         return slot
@@ -183,6 +238,9 @@ class KVStore:
         self.count[slot] = 0
         self.seen[slot] = 0
         self.num_tiered -= int(self.slot_format[slot, LOW] >= 0)
+        self.num_residual -= int(self.residual[slot] > 0)
+        self.residual[slot] = 0
+        self.ring[slot] = 0
         self._free_slots.append(slot)
 
     # -- capacity ------------------------------------------------------------------------------
@@ -197,9 +255,25 @@ class KVStore:
         return self.num_layers * self.num_kv_heads * per_head
 
     def pages_to_admit(self, num_tokens: int, policy: KVPolicy) -> int:
-        """Pages admission reserves: the prompt at high precision, plus one low page per head."""
-        spare = self.num_layers * self.num_kv_heads if policy.tiered else 0
-        return self.pages_for(num_tokens, policy.high) + spare
+        """Pages admission reserves: the prompt at high precision, plus one low page per head
+        (tiered) or the residual ring (uniform with a residual window)."""
+        per_head = 1 if policy.tiered else self._ring_pages(policy.residual, policy.high)
+        return (
+            self.pages_for(num_tokens, policy.high) + self.num_layers * self.num_kv_heads * per_head
+        )
+
+    def _ring_pages(self, window: int, fmt: KVFormat | None = None) -> int:
+        """FULL pages per (layer, head) of a residual ring for ``window`` tokens (0 when the
+        window is 0 or the slot's format ``fmt`` is not quantized)."""
+        if fmt is not None and not fmt.quantized:
+            return 0
+        return -(-window // self.layouts[0].tokens_per_page)
+
+    def residual_bytes(self, policy: KVPolicy) -> int:
+        """Bytes a request's residual ring costs across layers and heads (0 without one)."""
+        pages = self._ring_pages(policy.residual, policy.high) if not policy.tiered else 0
+        per_page = self.pool.page_bytes + self.tables.element_size()
+        return self.num_layers * self.num_kv_heads * pages * per_page
 
     def pages_to_grow(self, slots: int | torch.Tensor, num_tokens: int | torch.Tensor) -> int:
         """Pages the slots (one or a tensor of them) still need to hold ``num_tokens`` tokens
@@ -226,30 +300,31 @@ class KVStore:
         per_page = self._tokens_per_page[self.slot_format[slots]][:, None, :]
         want = -(-counts // per_page)
         heads = torch.arange(self.num_kv_heads)
-        tiers = torch.arange(2)
+        tiers = torch.arange(RESIDUAL)
         rows = (
             ((slots[:, None, None] * self.num_layers + layer) * self.num_kv_heads + heads[:, None])
-            * 2
+            * self.held.shape[-1]
             + tiers
         ).reshape(-1)
         want = want.reshape(-1)
         self._shrink(rows, want)
         self._grow(rows, (want - self.held.view(-1)[rows]).clamp(min=0))
-        self.count[slots, layer] = counts
+        self.count[slots, layer, :, :RESIDUAL] = counts
 
     def _want(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        """Pages each (slot, layer, head, tier) should hold before a step: ``[B, L, H, 2]``."""
+        """Pages each (slot, layer, head, row) should hold before a step: ``[B, L, H, 3]``."""
         per_page = self._tokens_per_page[self.slot_format[slots]]
         new = (num_tokens - self.seen[slots, 0])[:, None, None]
         high = -(-(self.count[slots, :, :, HIGH] + new) // per_page[:, None, None, HIGH])
         tiered = (self.slot_format[slots, LOW] >= 0)[:, None, None]
         low_pages = -(-self.count[slots, :, :, LOW] // per_page[:, None, None, LOW]) + 1
         low = torch.where(tiered, low_pages, 0)
-        return torch.stack([high, low], -1)
+        ring = (self.ring[slots] // self.layouts[0].tokens_per_page)[:, None, None]
+        return torch.stack([high, low, ring.expand_as(high)], -1)
 
     def _rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Flat table rows of every (layer, head, tier) of ``slots``, slot-major."""
-        per_slot = self.num_layers * self.num_kv_heads * 2
+        per_slot = self.num_layers * self.num_kv_heads * self.held.shape[-1]
         return (slots[:, None] * per_slot + torch.arange(per_slot)).reshape(-1)
 
     def _grow(self, rows: torch.Tensor, need: torch.Tensor) -> None:
@@ -303,9 +378,70 @@ class KVStore:
                 self._write(f, layer, slots, dest, index, k, v)
             else:
                 self._write(f, layer, slots[rows], dest[rows], index[rows], k[rows], v[rows])
+        if self.num_residual:
+            self._write_ring(layer, slots, index, k, v)
         added = torch.bincount(slots, minlength=self.seen.shape[0])
         self.seen[:, layer] += added
         self.count[:, layer, :, HIGH] += added[:, None]
+        ring = self.count[:, layer, :, RESIDUAL]
+        ring.copy_(torch.minimum(self.seen[:, layer], self.ring)[:, None].expand_as(ring))
+
+    def _write_ring(
+        self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Copy the new tokens of residual slots, uncompressed, into their rings.
+
+        Only a slot's newest ``ring`` tokens of the call are written: older ones would be
+        overwritten within the same scatter, whose order is undefined.
+        """
+        ring = self.ring[slots]
+        end = self.seen[slots, layer] + torch.bincount(slots, minlength=self.seen.shape[0])[slots]
+        keep = torch.nonzero((ring > 0) & (index >= end - ring)).flatten()
+        if not keep.numel():
+            return
+        slots, index, ring = slots[keep], index[keep], ring[keep]
+        per_page = self.layouts[0].tokens_per_page
+        at = index % ring
+        heads = torch.arange(self.num_kv_heads)
+        pages = self.tables[slots[:, None], layer, heads, RESIDUAL, (at // per_page)[:, None]]
+        offset = (at % per_page)[:, None]
+        encoded = FULL.encode(k[keep], v[keep], positions=index, dtype=self.dtype)
+        for name, value in encoded.items():
+            self._views[0][name][pages, offset] = value
+
+    def read_residual(self, layer: int, slots: torch.Tensor) -> Residual:
+        """The ring entries of ``slots`` at ``layer``: their newest tokens before this step.
+
+        Call it before the step's ``write``: the ring then holds the ``ring`` positions just
+        below each slot's first new token. Slots without a ring give only empty entries.
+        """
+        per_page = self.layouts[0].tokens_per_page
+        ring = self.ring[slots]
+        num = max(int(ring.max()) // per_page, 1)
+        pages = self.tables[slots, layer, :, RESIDUAL, :num]
+        held = self.held[slots, layer, :, RESIDUAL]
+        # Slots without a ring (or with a smaller one) have stale ids in these columns.
+        pages = torch.where(torch.arange(num) < held[..., None], pages, 0).reshape(-1)
+        b, h = held.shape
+        fields = {
+            name: view.index_select(0, pages).view(b, h, num * per_page, view.shape[-1])
+            for name, view in self._views[0].items()
+        }
+        # Entry i holds the one position p of the newest ``ring`` (p < seen) with p % ring == i.
+        seen = self.seen[slots, layer][:, None]
+        width = ring[:, None].clamp(min=1)
+        index = torch.arange(num * per_page)
+        pos = seen - width + (index - (seen - width)) % width
+        live = (pos >= 0) & (index < ring[:, None])
+        keys, values = FULL.decode(fields, self.dtype)
+        zero = torch.zeros((), dtype=self.dtype)
+        hold = live[:, None, :, None]
+        return Residual(
+            keys=torch.where(hold, keys, zero),
+            values=torch.where(hold, values, zero),
+            pos=torch.where(live, pos, -1),
+            window=self.residual[slots],
+        )
 
     def gather(
         self, layer: int, slots: torch.Tensor, length: int, dtype: torch.dtype
@@ -428,13 +564,14 @@ class KVStore:
 
     def tokens_per_head(self, slots: torch.Tensor) -> torch.Tensor:
         """Tokens held by every (layer, head) of ``slots``, both tiers, flattened."""
-        return self.count[slots].sum(-1).reshape(-1)
+        return self.num_tokens[slots].reshape(-1)
 
     def tier_usage(self, slots: torch.Tensor) -> dict[str, tuple[int, int]]:
-        """``tier -> (tokens, pages)`` held by ``slots`` over all layers and heads."""
+        """``tier -> (tokens, pages)`` held by ``slots`` over all layers and heads; the
+        ``residual`` ring's tokens are uncompressed copies of the newest high-tier ones."""
         return {
             name: (int(self.count[slots, ..., tier].sum()), int(self.held[slots, ..., tier].sum()))
-            for name, tier in (("high", HIGH), ("low", LOW))
+            for name, tier in (("high", HIGH), ("low", LOW), ("residual", RESIDUAL))
         }
 
     def bytes_in_use(self, slots: torch.Tensor | None = None) -> int:
