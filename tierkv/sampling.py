@@ -176,6 +176,9 @@ def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Softmax after top-k, top-p and min-p filtering (each per row)."""
     vocab = logits.shape[1]
+    if all(not 0 < p.top_k < vocab and p.top_p >= 1.0 and p.min_p <= 0.0 for p in params):
+        # Nothing to filter: skip sorting the vocabulary (most of a sampled step's cost).
+        return logits.softmax(dim=-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab)[None, :]
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])

@@ -503,6 +503,21 @@ class KVStore:
         for name, value in fields.items():
             views[name][pages, offset] = value
 
+    def write_scores(
+        self, layer: int, slots: torch.Tensor, tier: int, scores: torch.Tensor
+    ) -> None:
+        """Store the scores [B, H, W] of every column ``read_tier`` returned for one tier of
+        ``slots`` (the pages they hold now), one page-sized copy per held page."""
+        f = int(self.slot_format[slots[0], tier])
+        per_page = self.layouts[f].tokens_per_page
+        num = scores.shape[-1] // per_page
+        if not num:
+            return
+        held = torch.arange(num) < self.held[slots, layer, :, tier][..., None]
+        pages = self.tables[slots, layer, :, tier, :num][held]
+        rows = scores.reshape(*held.shape, per_page, 1)[held]
+        self._views[f]["score"].index_copy_(0, pages, rows.to(torch.float32))
+
     def by_format(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """The high formats of ``slots`` with the rows of each; rows is None when all share one."""
         formats = self.slot_format[slots, HIGH]
