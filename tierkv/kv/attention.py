@@ -20,8 +20,9 @@ quantized tokens before it, as one softmax over both.
 
 Backends: ``"reference"`` (what the tests trust) runs every decode through the
 gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path;
-``"fast"`` (the engine's default) sends decode rows of uniform quantized slots to
-``tierkv.kv.fast`` and tiered slots (decodes and prefill chunks) to ``tiered.attend``'s fused
+``"fast"`` (the engine's default) sends decode rows of uniform quantized slots to the C++
+kernel of ``tierkv.kv.native`` (built on first use; ``tierkv.kv.fast``'s torch path where no
+compiler is available) and tiered slots (decodes and prefill chunks) to ``tiered.attend``'s fused
 path, both of which fold dequantization into the attention matmuls instead of materialising
 the cache (uncompressed slots and uniform prefill chunks keep the reference path). The engine
 picks the backend from ``EngineConfig.attention_backend`` (``--attention-backend``).
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv import fast, tiered
+from tierkv.kv import fast, native, tiered
 from tierkv.kv.store import KVStore, Residual
 
 BACKENDS = ("reference", "fast")
@@ -107,6 +108,8 @@ class PagedAttention:
         self._step: AttentionBatch | None = None
         self._step_cache: dict = {}
         self._workspace: dict = {}
+        # Built (or loaded from the build cache) here, not at the first request's decode.
+        self._native = backend == "fast" and native.available()
 
     def __call__(
         self,
@@ -191,7 +194,11 @@ class PagedAttention:
         for f, rows in store.by_format(slots):
             args = (q, slots, lens) if rows is None else (q[rows], slots[rows], lens[rows])
             part_residual = residual.select(rows) if residual is not None else None
-            if fast.supports(store.formats[f], store.head_dim):
+            if self._native and native.supports(store.formats[f], store.head_dim):
+                part = native.decode(
+                    store, layer, *args, window, f, self._step_cache, part_residual
+                )
+            elif fast.supports(store.formats[f], store.head_dim):
                 part = fast.decode(
                     store,
                     layer,

@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from tierkv.kv.partial import merge, residual_part
 from tierkv.kv.quant import KVFormat
 from tierkv.kv.store import HIGH, KVStore, Residual
 
@@ -187,7 +188,7 @@ def decode(
     every layer, gathered once, and the visibility mask of each window. ``workspace`` (a dict
     kept for the engine's life) holds the unpacked codes' buffers, reused between calls.
     ``residual`` (the slots' residual windows with this step's tokens appended) replaces the
-    newest quantized positions by their uncompressed entries, in the same softmax.
+    newest quantized positions by their uncompressed entries (``tierkv.kv.partial``).
     """
     cache = {} if cache is None else cache
     workspace = {} if workspace is None else workspace
@@ -246,22 +247,20 @@ def decode(
             pair.append(out.view(b, heads, groups, tokens))
         return pair[0], pair[1]
 
-    qf = q.float().view(b, heads, group, dim).mul_(1.0 / math.sqrt(dim))
+    qf = q.float().view(b, heads, group, dim) * (1.0 / math.sqrt(dim))
     kbytes = dim * fmt.key_bits // 8
     k_codes = _codes(field("k_codes", kbytes), fmt.key_bits, kbytes, per_page, workspace, "k")
     k_scale, k_zero = scale_zero("k")
     scores = key_scores(qf, k_codes.view(b, heads, tokens, dim), k_scale, k_zero, fmt.key_bits)
     scores = scores.masked_fill_(hidden, float("-inf"))
-    if residual is not None:
-        extra = torch.matmul(qf, residual.keys.float().transpose(-1, -2))
-        seen = residual.visible((lens - 1)[:, None], window)[:, None]
-        scores = torch.cat([scores, extra.masked_fill_(~seen, float("-inf"))], -1)
-    probs = scores.softmax(-1)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     vbytes = dim * fmt.value_bits // 8
     v_codes = _codes(field("v_codes", vbytes), fmt.value_bits, vbytes, per_page, workspace, "v")
     v_scale, v_zero = scale_zero("v")
-    quantized = probs[..., :tokens]
-    out = value_mix(quantized, v_codes.view(b, heads, tokens, dim), v_scale, v_zero, fmt.value_bits)
+    out = value_mix(probs, v_codes.view(b, heads, tokens, dim), v_scale, v_zero, fmt.value_bits)
+    out = out.reshape(b, hq, dim)
     if residual is not None:
-        out = out.add_(torch.matmul(probs[..., tokens:], residual.values.float()))
-    return out.reshape(b, hq, dim).to(q.dtype)
+        out_r, lse_r = residual_part(q, residual, lens, window)
+        out = merge(out, lse.reshape(b, hq), out_r, lse_r)[0]
+    return out.to(q.dtype)
