@@ -182,7 +182,7 @@ def test_randomised_tier_workload_keeps_exact_accounting_and_contents(
                 tiers = held[req][layer][head]
                 tiers[HIGH] = set(pos[head][to_high[0, head]].tolist())
                 tiers[LOW] = set(pos[head][to_low[0, head]].tolist())
-            apply_decisions(store, layer, slot, high, low, scores, to_high, to_low)
+            apply_decisions(store, layer, slot, scores, to_high, to_low, width)
             freed |= before - set(_owned(store, slots.values()).tolist())
         elif kind == "release" and req in slots:
             freed |= set(_owned(store, [slots[req]]).tolist())

@@ -462,8 +462,11 @@ class KVStore:
             keys[rows], values[rows] = k[:, :, :length], v[:, :, :length]
         return keys, values
 
-    def read_tier(self, layer: int, slots: torch.Tensor, tier: int) -> TierRead:
-        """Every field of every token one tier of ``slots`` holds at ``layer``.
+    def read_tier(
+        self, layer: int, slots: torch.Tensor, tier: int, names: tuple[str, ...] | None = None
+    ) -> TierRead:
+        """The fields ``names`` (all by default) of every token one tier of ``slots`` holds at
+        ``layer``.
 
         All ``slots`` must store that tier in the same format.
         """
@@ -476,8 +479,25 @@ class KVStore:
         fields = {
             name: view.index_select(0, pages).view(b, h, num * per_page, view.shape[-1])
             for name, view in self._views[f].items()
+            if names is None or name in names
         }
         return TierRead(fields=fields, count=count)
+
+    def take(
+        self,
+        layer: int,
+        tier: int,
+        slots: torch.Tensor,
+        heads: torch.Tensor,
+        index: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Every field (``[M, numel]``) of the tokens at ``index`` of (``slots``, ``heads``) of
+        one tier: the inverse of ``put``. All ``slots`` must store that tier in one format."""
+        f = int(self.slot_format[slots[0], tier])
+        per_page = self.layouts[f].tokens_per_page
+        pages = self.tables[slots, layer, heads, tier, index // per_page]
+        offset = index % per_page
+        return {name: view[pages, offset] for name, view in self._views[f].items()}
 
     def put(
         self,

@@ -142,7 +142,7 @@ def update(
     is_low = torch.arange(att.pos.shape[2]) >= width
     costs = store.costs(int(slots[0]))
     to_high, to_low = tiers.decide(slots, seen, scores, att.pos, att.valid, is_low, costs)
-    apply_decisions(store, layer, slots, att.high, att.low, scores, to_high, to_low)
+    apply_decisions(store, layer, slots, scores, to_high, to_low, width)
 
 
 def attend_rows(
