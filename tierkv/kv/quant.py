@@ -92,6 +92,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     byte is zero-padded when ``n * bits`` is not a multiple of 8.
     """
     n = codes.shape[-1]
+    if bits == 8:
+        return codes.to(torch.uint8)
     width = packed_bytes(n, bits)
     per_byte = 8 // bits
     padded = torch.nn.functional.pad(codes, (0, width * per_byte - n))
@@ -125,7 +127,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
     width = _group_width(head_dim, group_size)
     qmax = (1 << bits) - 1
     grouped = x.float().reshape(*x.shape[:-1], head_dim // width, width)
-    low, high = grouped.amin(-1), grouped.amax(-1)
+    low, high = torch.aminmax(grouped, dim=-1)
     zero = _round_fp16(low, up=False)
     span = high - zero.float()
     # A span of a few float32 subnormals divides to 0, yet its step must still round up to a
@@ -315,8 +317,13 @@ def _round_fp16(x: torch.Tensor, *, up: bool) -> torch.Tensor:
     """``x`` rounded to float16 towards +inf (``up``) or -inf, instead of to nearest."""
     nearest = x.half()
     wrong_side = nearest.float() < x if up else nearest.float() > x
-    towards = torch.full_like(nearest, float("inf") if up else float("-inf"))
+    towards = _TOWARDS_UP if up else _TOWARDS_DOWN
     return torch.where(wrong_side, torch.nextafter(nearest, towards), nearest)
+
+
+# ``nextafter`` targets, broadcast against any shape (made once: a step quantizes per layer).
+_TOWARDS_UP = torch.tensor(float("inf"), dtype=torch.float16)
+_TOWARDS_DOWN = torch.tensor(float("-inf"), dtype=torch.float16)
 
 
 def _per_token(values: torch.Tensor, tokens: torch.Size, dtype: torch.dtype) -> torch.Tensor:
