@@ -33,8 +33,39 @@ def test_tiered_policy_strings_parse() -> None:
     assert KVPolicy.parse("k8v4/k4v2-g64").low.group_size == 64  # type: ignore[union-attr]
 
 
+def test_decisions_come_every_interval_steps(checkpoints: dict[str, Path]) -> None:
+    """Between decisions each head only gains the new token; at a decision tokens are pruned."""
+    llm = LLM(str(checkpoints["llama"]), dtype="float32", max_model_len=512, kv_cache_memory="8MiB")
+    engine = llm.engine
+    prompt = _prompts(3, seed=11, longest=300)[1]
+    policy = "k4v4/k2v2:al=0.8,w=4,di=5"
+    engine.add_request(prompt, SamplingParams(max_tokens=30, ignore_eos=True, kv_policy=policy))
+    engine.step()  # the prompt, then its first decision
+    slot = engine.scheduler.running[0].slot
+    before = engine.store.num_tokens[slot].clone()
+    pruned_at = []
+    for step in range(1, 21):
+        engine.step()
+        held = engine.store.num_tokens[slot].clone()
+        if step % 5:
+            assert (held == before + 1).all()
+        elif (held < before + 1).any():
+            pruned_at.append(step)
+        before = held
+    assert pruned_at  # the decisions did prune
+    assert KVPolicy.parse("default").interval == 1
+
+
 @pytest.mark.parametrize(
-    "bad", ["k4v2/k8v4", "k4v4/k4v4", "k8v4/k4v2@1.5", "k8v4/k4v2:x=1", "k8v4/k4v2:al=2,ah=1"]
+    "bad",
+    [
+        "k4v2/k8v4",
+        "k4v4/k4v4",
+        "k8v4/k4v2@1.5",
+        "k8v4/k4v2:x=1",
+        "k8v4/k4v2:al=2,ah=1",
+        "k8v4/k4v2:di=0",
+    ],
 )
 def test_bad_tiered_policies_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="KV policy"):

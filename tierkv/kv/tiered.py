@@ -134,14 +134,24 @@ def update(
     tiers = store.tiers
     seen = query_pos[:, -1] + 1
     counting = bool((query_pos >= tiers.score_start[slots][:, None]).any())
-    if not counting and bool((seen < tiers.decide_from[slots]).all()):
+    deciding = tiers.deciding(slots, seen)
+    if not counting and not bool(deciding.any()):
         return  # an early prefill chunk: nothing scored, nothing decided
     stored = torch.cat([att.high.fields["score"], att.low.fields["score"]], 2)[..., 0]
     scores = stored + tiers.received(att.probs, slots, query_pos)
     width = att.high.fields["pos"].shape[2]
-    is_low = torch.arange(att.pos.shape[2]) >= width
+    pos, valid = att.pos, att.valid
+    if not bool(deciding.all()):
+        # Requests between decisions only keep their scores.
+        idle = ~deciding
+        store.write_scores(layer, slots[idle], HIGH, scores[idle, :, :width])
+        store.write_scores(layer, slots[idle], LOW, scores[idle, :, width:])
+        if not bool(deciding.any()):
+            return
+        slots, seen, scores, pos, valid = (x[deciding] for x in (slots, seen, scores, pos, valid))
+    is_low = torch.arange(pos.shape[2]) >= width
     costs = store.costs(int(slots[0]))
-    to_high, to_low = tiers.decide(slots, seen, scores, att.pos, att.valid, is_low, costs)
+    to_high, to_low = tiers.decide(slots, seen, scores, pos, valid, is_low, costs)
     apply_decisions(store, layer, slots, scores, to_high, to_low, width)
 
 

@@ -36,8 +36,10 @@ class SlotTiers:
         self.pool = torch.ones(max_seqs, dtype=torch.int64)
         # Queries at or past this position count towards scores.
         self.score_start = torch.zeros(max_seqs, dtype=torch.int64)
-        # Decisions start once this many tokens are seen (the prompt at admission).
+        # Decisions start once this many tokens are seen (the prompt at admission), then
+        # come every ``interval`` tokens.
         self.decide_from = torch.zeros(max_seqs, dtype=torch.int64)
+        self.interval = torch.ones(max_seqs, dtype=torch.int64)
 
     def assign(self, slot: int, policy: KVPolicy | None, prompt_len: int) -> None:
         """Give ``slot`` the parameters of ``policy`` for a prompt of ``prompt_len`` tokens."""
@@ -53,6 +55,12 @@ class SlotTiers:
         self.pool[slot] = policy.pool
         self.score_start[slot] = prompt_len - policy.score_window
         self.decide_from[slot] = prompt_len
+        self.interval[slot] = policy.interval
+
+    def deciding(self, slots: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Which of ``slots`` [B] decide now, having seen ``seen`` [B] tokens."""
+        since = seen - self.decide_from[slots]
+        return (since >= 0) & (since % self.interval[slots] == 0)
 
     def received(
         self, probs: torch.Tensor, slots: torch.Tensor, query_pos: torch.Tensor
@@ -89,8 +97,8 @@ class SlotTiers:
         """The tier of every token after this step: masks ``(to_high, to_low)``, ``[B, H, T]``.
 
         ``seen`` [B] is N, the tokens each request has seen; ``low`` [T] marks low-tier columns.
-        Tokens in neither mask are pruned; rows that do not decide yet keep every token where
-        it is.
+        Tokens in neither mask are pruned. Only requests that decide now (``deciding``) are
+        passed.
         """
         n = seen[:, None, None]
         arrived = torch.maximum(self.score_start[slots][:, None, None], pos)
@@ -105,9 +113,6 @@ class SlotTiers:
             in_budget = (budget > 0)[:, None, None]
             to_high = torch.where(in_budget, kept & wants_high, to_high)
             to_low = torch.where(in_budget, kept & ~wants_high, to_low)
-        waits = (seen < self.decide_from[slots])[:, None, None]
-        to_high = torch.where(waits, valid & ~low, to_high)
-        to_low = torch.where(waits, valid & low, to_low)
         return to_high, to_low
 
 
