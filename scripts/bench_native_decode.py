@@ -13,7 +13,17 @@ Compared, in one run:
   cache ``[B, 2, T, 64]`` in float32 / bfloat16 (no page table, no mask): the floor an
   uncompressed cache would cost.
 
-Run: ``python scripts/bench_native_decode.py`` (both thread counts are measured in one run).
+With ``--tiered``, tiered slots instead (default policy ``k8v4/k4v2-g64``): each (request,
+layer, KV head) holds a random 60-80% of the context in the high tier and most of the rest in
+the low one (the others pruned), positions shuffled as decisions leave them; compared:
+
+* ``native``: ``tierkv.kv.native.tiered_decode`` (the kernel once per tier, the merge and the
+  rescaled probabilities);
+* ``fused``: ``tierkv.kv.tiered.attend`` with a workspace (its fused torch path: a gather of
+  each tier's pages, then dequantization folded into the matmuls), as the engine calls it.
+
+Run: ``python scripts/bench_native_decode.py`` (both thread counts are measured in one run),
+``python scripts/bench_native_decode.py --tiered --batch 16 --context 1024``.
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv import fast, native
+from tierkv.kv import fast, native, tiered
+from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PagePool
 from tierkv.kv.quant import FORMATS, default_page_bytes
-from tierkv.kv.store import KVStore
+from tierkv.kv.store import HIGH, LOW, KVStore
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 64
 DTYPE = torch.bfloat16
@@ -125,6 +136,80 @@ def _measure(name: str, batch: int, context: int, threads: tuple[int, ...], repe
         )
 
 
+def _tiered_store(policy: KVPolicy, batch: int, context: int) -> tuple[KVStore, torch.Tensor]:
+    """A store whose ``batch`` tiered slots hold, per (layer, KV head), a random share of
+    ``context`` tokens in each tier, at shuffled positions below ``context``."""
+    per_page = min(
+        fmt.layout(HEAD_DIM, DTYPE, default_page_bytes(HEAD_DIM)).tokens_per_page
+        for fmt in (policy.high, policy.low)
+    )
+    pages = LAYERS * KV_HEADS * batch * (-(-context // per_page) + 2)
+    store = KVStore(
+        PagePool(pages, default_page_bytes(HEAD_DIM)),
+        LAYERS,
+        KV_HEADS,
+        HEAD_DIM,
+        DTYPE,
+        batch,
+        context + 1,
+    )
+    slots = torch.tensor([store.acquire_slot(policy, context) for _ in range(batch)])
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(LAYERS):
+        high = (torch.rand(batch, KV_HEADS, generator=gen) * 0.2 + 0.6) * context
+        low = (context - high) * (torch.rand(batch, KV_HEADS, generator=gen) * 0.2 + 0.8)
+        high, low = high.long(), low.long()
+        store.resize(layer, slots, high, low)
+        for b, slot in enumerate(slots.tolist()):
+            for head in range(KV_HEADS):
+                pos = torch.randperm(context, generator=gen)
+                split = int(high[b, head])
+                for tier, fmt, kept in (
+                    (HIGH, policy.high, pos[:split]),
+                    (LOW, policy.low, pos[split : split + int(low[b, head])]),
+                ):
+                    k, v = torch.randn(2, kept.numel(), 1, HEAD_DIM, generator=gen).to(DTYPE)
+                    fields = fmt.encode(k, v, positions=kept, dtype=DTYPE)
+                    index = torch.arange(kept.numel())
+                    store.put(
+                        layer,
+                        tier,
+                        torch.full_like(index, slot),
+                        torch.full_like(index, head),
+                        index,
+                        {name: value[:, 0] for name, value in fields.items()},
+                    )
+    return store, slots
+
+
+def _measure_tiered(
+    spec: str, batch: int, context: int, threads: tuple[int, ...], repeat: int
+) -> None:
+    policy = KVPolicy.parse(spec)
+    store, slots = _tiered_store(policy, batch, context)
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM).to(DTYPE)
+    query_pos = torch.full((batch,), context)
+    workspace: dict = {}
+
+    def native_step() -> None:
+        for layer in range(LAYERS):
+            native.tiered_decode(store, layer, q, slots, query_pos, None)
+
+    def fused_step() -> None:
+        for layer in range(LAYERS):
+            tiered.attend(store, layer, q[:, None], slots, query_pos[:, None], None, workspace)
+
+    for n in threads:
+        torch.set_num_threads(n)
+        ms = {"native": _time(native_step, repeat), "fused": _time(fused_step, repeat)}
+        ms = {k: v * 1e3 / LAYERS for k, v in ms.items()}
+        print(
+            f"| {spec} | {batch} | {context} | {n} | {ms['native']:.3f} | {ms['fused']:.3f} | "
+            f"{ms['fused'] / ms['native']:.2f}x |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=["k8v4", "k4v2", "k8v8"])
@@ -132,9 +217,19 @@ def main() -> None:
     parser.add_argument("--context", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--tiered", action="store_true", help="tiered slots instead")
+    parser.add_argument("--policy", default="k8v4/k4v2-g64", help="the --tiered policy")
     args = parser.parse_args()
     if not native.available():
         raise SystemExit(f"native kernel unavailable: {native.unavailable_reason()}")
+    if args.tiered:
+        print("ms per layer-call (one decode step over 4 layers / 4): attention of both tiers")
+        print("| policy | B | context | threads | native | fused torch | fused/native |")
+        print("|---|---|---|---|---|---|---|")
+        for batch in args.batch:
+            for context in args.context:
+                _measure_tiered(args.policy, batch, context, tuple(args.threads), args.repeat)
+        return
     print("ms per layer-call (one decode step over 4 layers / 4); ratios in the last columns")
     print(
         "| format | B | context | threads | native | fast | sdpa fp32 | sdpa bf16 | "

@@ -1,4 +1,5 @@
-"""The native decode kernel (``tierkv.kv.native``) against the fast and reference paths."""
+"""The native decode kernel (``tierkv.kv.native``) against the fast and reference paths: uniform
+slots, their residual rings read in place, and both tiers of differentiated slots."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import math
 import pytest
 import torch
 
-from tierkv.kv import fast, native
+from tierkv.kv import fast, native, tiered
 from tierkv.kv.attention import AttentionBatch, PagedAttention
 from tierkv.kv.partial import merge
+from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PagePool
 from tierkv.kv.quant import FORMATS, KVFormat, default_page_bytes
-from tierkv.kv.store import HIGH, KVStore
+from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"
@@ -136,3 +138,151 @@ def test_supports_matches_the_fast_path() -> None:
                 if head_dim % min(group_size, head_dim):
                     continue
                 assert native.supports(g, head_dim) == fast.supports(g, head_dim)
+
+
+# Residual windows of several ring sizes (8-token FULL pages at head dim 32 in float32: rings
+# of 8, 8, 24 and 32 tokens) and none, in one batch; prompts shorter than the window, and
+# long enough for the ring to have wrapped.
+RING_POLICIES = ["k8v4:r=8", "k8v4:r=3", "k8v4:r=0", "k8v4:r=20", "k8v4"]
+RING_PROMPTS = [37, 2, 50, 13, 70]
+
+
+def _ring_store(dtype: torch.dtype, seed: int = 0) -> tuple[KVStore, torch.Tensor]:
+    """A store over stale arena bytes whose slots keep residual windows (``RING_POLICIES``),
+    holding ``RING_PROMPTS`` random tokens in every layer."""
+    pool = PagePool(400, default_page_bytes(32))
+    pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
+    store = KVStore(pool, LAYERS, KV_HEADS, 32, dtype, len(RING_POLICIES), 256)
+    slots = torch.tensor([store.acquire_slot(KVPolicy.parse(p)) for p in RING_POLICIES])
+    gen = torch.Generator().manual_seed(seed)
+    store.reserve(slots, torch.tensor(RING_PROMPTS))
+    for s, n in zip(slots.tolist(), RING_PROMPTS, strict=True):
+        for layer in range(LAYERS):
+            k = torch.randn(n, KV_HEADS, 32, generator=gen) * 3
+            v = torch.randn(n, KV_HEADS, 32, generator=gen)
+            store.write(layer, torch.full((n,), s), torch.arange(n), k.to(dtype), v.to(dtype))
+    return store, slots
+
+
+@pytest.mark.parametrize("window", [None, 5, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_ring_read_in_place_equals_the_merged_residual_and_the_reference(
+    dtype: torch.dtype, window: int | None
+) -> None:
+    store, slots = _ring_store(dtype)
+    f = int(store.slot_format[slots[0], HIGH])
+    n = len(RING_PROMPTS)
+    reference = PagedAttention(store, [None, window], backend="reference")
+    gen = torch.Generator().manual_seed(3)
+    context = torch.tensor(RING_PROMPTS)
+    for _ in range(3):  # decode steps: the rings' newest entry moves on
+        lens = context + 1
+        store.reserve(slots, lens)
+        q = torch.randn(n, Q_HEADS, 32, generator=gen).to(dtype)
+        k, v = (torch.randn(n, KV_HEADS, 32, generator=gen).to(dtype) for _ in range(2))
+        store.write(0, slots, context, k, v)
+        # The merge path's entries are read before the step's write, as attention.py does.
+        before = store.read_residual(LAYER, slots)
+        batch = AttentionBatch.build(slots.tolist(), context.tolist(), [1] * n)
+        want_ref = reference(LAYER, q, k, v, batch)  # writes the step's token, then attends
+        residual = before.append(k[:, :, None], v[:, :, None], context[:, None])
+        want = native.decode(store, LAYER, q.float(), slots, lens, window, f, residual=residual)
+        cache: dict = {}
+        got = native.decode(store, LAYER, q.float(), slots, lens, window, f, cache, None, True)
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want_ref, rtol=1e-5, atol=2e-5)
+        # The cached ring tables serve the step's other layers (and only rings hold these).
+        other = native.decode(store, 0, q.float(), slots, lens, window, f, cache, None, True)
+        assert other.isfinite().all() and not torch.equal(other, got)
+        context = lens
+
+
+def test_the_ring_path_without_residual_slots_is_the_plain_path() -> None:
+    lens = torch.tensor(CONTEXT) + 1
+    store, slots, f = _store(FORMATS["k4v2"], lens.tolist(), 64)
+    q = _query(len(lens), 64)
+    want = native.decode(store, LAYER, q, slots, lens, 9, f)
+    got = native.decode(store, LAYER, q, slots, lens, 9, f, residual_in_ring=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_ring_smaller_than_its_window_is_refused() -> None:
+    store, slots = _ring_store(torch.float32)
+    f = int(store.slot_format[slots[0], HIGH])
+    lens = torch.tensor(RING_PROMPTS)
+    rings = native._rings(store, slots)
+    assert rings is not None
+    pages, size, window = rings
+    q = _query(len(lens), 32)
+    table = store.tables[slots, LAYER, :, HIGH, :10]
+    ring = native.Ring(pages[LAYER], size, window + size)
+    with pytest.raises(RuntimeError, match="not whole pages of its ring table"):
+        native.partial(store, LAYER, q, table, torch.zeros_like(lens), lens, f, ring=ring)
+    with pytest.raises(ValueError, match="not both"):
+        native.decode(store, LAYER, q, slots, lens, None, f, None, object(), True)  # type: ignore[arg-type]
+
+
+# Differentiated policies whose thresholds both demote and prune random tokens within a few
+# steps; their slots' prompts differ in length, so their tiers differ in size.
+TIERED_PROMPTS = [70, 41, 96]
+TIERED_STEPS = 4
+
+
+def _tiered_store(
+    spec: str, q_heads: int, window: int | None, seed: int = 0
+) -> tuple[KVStore, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slots of a tiered ``spec`` driven through their prompts and ``TIERED_STEPS`` decode
+    steps by the fast backend (decisions after each), over stale arena bytes, then the next
+    step's token written to layer ``LAYER``. Returns the store, the slots, the step's queries
+    [B, Hq, 64] and their positions [B]."""
+    head_dim = 64
+    pool = PagePool(600, default_page_bytes(head_dim))
+    pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
+    store = KVStore(pool, LAYERS, KV_HEADS, head_dim, torch.float32, len(TIERED_PROMPTS), 256)
+    policy = KVPolicy.parse(spec)
+    slots = torch.tensor([store.acquire_slot(policy, n) for n in TIERED_PROMPTS])
+    attention = PagedAttention(store, [None, window], backend="fast")
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = torch.randn(n, q_heads, head_dim, generator=gen) * 2
+        k = torch.randn(n, KV_HEADS, head_dim, generator=gen) * 2
+        return q, k, torch.randn(n, KV_HEADS, head_dim, generator=gen)
+
+    context = torch.zeros(len(TIERED_PROMPTS), dtype=torch.int64)
+    for step in range(TIERED_STEPS + 1):
+        new = TIERED_PROMPTS if step == 0 else [1] * len(TIERED_PROMPTS)
+        batch = AttentionBatch.build(slots.tolist(), context.tolist(), new)
+        context = context + torch.tensor(new)
+        store.reserve(slots, context)
+        q, k, v = tokens(sum(new))
+        for layer in range(LAYERS):
+            attention(layer, q, k, v, batch)
+    store.reserve(slots, context + 1)
+    q, k, v = tokens(len(TIERED_PROMPTS))
+    store.write(LAYER, slots, context, k, v)
+    return store, slots, q, context
+
+
+@pytest.mark.parametrize("window", [None, 23])
+@pytest.mark.parametrize("q_heads", [4, 6])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("formats", ["k8v4/k4v2", "k8v8/k4v4", "k4v2/k2v2"])
+def test_tiered_decode_equals_tiered_attend(
+    formats: str, group_size: int, q_heads: int, window: int | None
+) -> None:
+    spec = f"{formats}-g{group_size}:ah=10,al=4,w=8,sw=16"
+    store, slots, q, query_pos = _tiered_store(spec, q_heads, window)
+    counts = store.count[slots, LAYER, :, :RESIDUAL]
+    # Both tiers hold tokens, heads hold different numbers, and some tokens were pruned.
+    assert (counts[..., LOW] > 0).all() and counts.sum(-1).unique().numel() > 1
+    assert (counts.sum(-1) < (query_pos + 1)[:, None]).all()
+    want = tiered.attend(store, LAYER, q[:, None], slots, query_pos[:, None], window)
+    out, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, window)
+    torch.testing.assert_close(out, want.out[:, 0], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(probs, want.probs[:, :, :, 0], rtol=1e-5, atol=1e-6)
+    # What the policy takes from them: each token's largest probability over its group.
+    received = store.tiers.received(want.probs, slots, query_pos[:, None])
+    torch.testing.assert_close(probs.amax(2), received, rtol=1e-5, atol=1e-6)

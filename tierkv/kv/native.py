@@ -16,7 +16,20 @@ attention of a layer in one call:
 
 The kernel returns the log-sum-exp of the logits beside the output, so attention over a token
 range can be split (``partial`` over several ranges, then ``tierkv.kv.partial.merge``) and
-combined exactly with attention computed elsewhere (the residual window's uncompressed tokens).
+combined exactly with attention computed elsewhere.
+
+Two extensions serve the store's other layouts without a gather:
+
+* the residual window of uniform slots (``decode(..., residual_in_ring=True)``): the kernel
+  runs after the step's ``KVStore.write``, when each slot's ring of FULL pages already holds
+  every position in ``[lens - R, lens)``, and reads those positions from the ring (index
+  ``position % ring``) and the older ones from the quantized pages, in one softmax; this
+  replaces ``read_residual`` + ``residual_part`` + ``merge`` (about 1 ms of small torch ops
+  per decode step at batch 1);
+* tiered slots (``tiered_decode``): each (request, KV head) attends its own count of tokens
+  per tier, masked by their stored ``pos`` (causality and the sliding window), and the kernel
+  writes each query head's probability of every token, so one call per tier and a merge give
+  ``tiered.attend``'s output and probabilities.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` the first time it is needed
 (``-O3 -march=native``, or without ``-march=native`` when the compiler refuses it) into
@@ -33,6 +46,7 @@ import hashlib
 import math
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -41,7 +55,7 @@ import torch
 from tierkv.kv.partial import merge, residual_part
 from tierkv.kv.pool import PageLayout
 from tierkv.kv.quant import KVFormat
-from tierkv.kv.store import HIGH, KVStore, Residual
+from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore, Residual
 
 _SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
 
@@ -53,7 +67,10 @@ _FLAG_SETS = (
 )
 
 # Per-token fields the kernel reads, in the order it takes their offsets and strides.
-_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos")
+
+# Stored dtypes of FULL (ring) pages the kernel reads, by the name it takes.
+_RING_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _cache_root() -> Path:
@@ -146,6 +163,38 @@ def _fields(layout: PageLayout) -> tuple[list[int], list[int], int]:
     )
 
 
+@dataclass(frozen=True)
+class Ring:
+    """The residual rings of a group of uniform slots at one layer, as the kernel reads them.
+
+    ``pages`` [B, H, P]: FULL page ids of each (request, KV head)'s ring
+    (``store.tables[slots, layer, :, RESIDUAL, :P]``, P covering the largest ring); ``size``
+    [B]: tokens each ring holds (``store.ring[slots]``, whole pages); ``window`` [B]: the
+    residual window R (``store.residual[slots]``; 0 for slots without one, whose stale ids are
+    then never read).
+    """
+
+    pages: torch.Tensor
+    size: torch.Tensor
+    window: torch.Tensor
+
+
+@functools.cache
+def _ring_layout(layout: PageLayout) -> tuple[list[int], int, str]:
+    """``[k offset, k stride, v offset, v stride]`` of FULL pages of ``layout``, their tokens
+    per page and the stored dtype's name."""
+    offsets = layout.offsets()
+    fields = {field.name: field for field in layout.fields}
+    dtype = fields["k"].dtype
+    if dtype not in _RING_DTYPES:
+        raise ValueError(f"the native kernel reads rings of {list(_RING_DTYPES)}, not {dtype}")
+    return (
+        [offsets["k"], fields["k"].token_bytes, offsets["v"], fields["v"].token_bytes],
+        layout.tokens_per_page,
+        _RING_DTYPES[dtype],
+    )
+
+
 def partial(
     store: KVStore,
     layer: int,
@@ -154,10 +203,16 @@ def partial(
     starts: torch.Tensor,
     ends: torch.Tensor,
     f: int,
+    *,
+    query_pos: torch.Tensor | None = None,
+    window: int | None = None,
+    probs: torch.Tensor | None = None,
+    ring: Ring | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` [B, Hq, D] over the token indices ``[starts[b], ends[b])`` of each
-    request, stored in format index ``f`` in the pages ``pages`` [B, H, P] (page ids of each
-    (request, KV head) of one layer, e.g. ``store.tables[slots, layer, :, HIGH, :P]``).
+    """Attention of ``q`` [B, Hq, D] over the token indices ``[starts, ends)`` of each request
+    (``starts``/``ends`` int64 [B]) or of each (request, KV head) ([B, H]), stored in format
+    index ``f`` in the pages ``pages`` [B, H, P] (page ids of each (request, KV head) of one
+    layer, e.g. ``store.tables[slots, layer, :, HIGH, :P]``).
 
     Token ``i`` is slot ``i % tokens_per_page`` of page ``pages[b, h, i // tokens_per_page]``;
     only the pages holding tokens of the range are read, so stale ids past them are harmless.
@@ -166,6 +221,20 @@ def partial(
     logits over the range (-inf for an empty range).
     ``layer`` is only checked against the store (the pages already name the layer's tokens).
     ``tierkv.kv.partial.merge`` combines parts.
+
+    Options (keyword-only):
+
+    * ``query_pos`` [B] int64: mask tokens by their stored ``pos`` field (tiered slots, whose
+      tokens are in no particular order): a token is seen iff ``pos <= query_pos`` and, with a
+      ``window``, ``pos > query_pos - window``. Without ``query_pos``, ``window`` is ignored
+      (the range is the window).
+    * ``probs`` float32 [B, Hq, T] (T at least every range's end; unit stride over tokens, any
+      other strides, e.g. a column slice of a larger buffer): filled with each query head's
+      probability of token ``t`` relative to this part's own ``lse``; 0 outside the range, for
+      masked tokens and for an empty range.
+    * ``ring`` (uniform slots with a residual window, after the step's ``KVStore.write``):
+      positions ``[max(start, end - R), end)`` are read uncompressed from the ring (index
+      ``position % size``), older ones from ``pages``. Not with ``query_pos``.
     """
     module, reason = _load()
     if module is None:
@@ -177,8 +246,21 @@ def partial(
         raise ValueError(
             f"the native kernel does not serve {fmt.name} at head dim {store.head_dim}"
         )
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be positive, got {window}")
     offsets, strides, per_page = _fields(store.layouts[f])
     dim = q.shape[-1]
+    options: dict = {"query_pos": query_pos, "window": window or 0, "probs": probs}
+    if ring is not None:
+        ring_fields, ring_per_page, ring_dtype = _ring_layout(store.layouts[0])
+        options.update(
+            ring=ring.pages,
+            ring_size=ring.size,
+            residual=ring.window,
+            ring_fields=ring_fields,
+            ring_tokens_per_page=ring_per_page,
+            ring_dtype=ring_dtype,
+        )
     return module.paged_decode(
         q,
         store.pool.arena,
@@ -192,6 +274,7 @@ def partial(
         offsets,
         strides,
         per_page,
+        **options,
     )
 
 
@@ -205,18 +288,27 @@ def decode(
     f: int,
     cache: dict | None = None,
     residual: Residual | None = None,
+    residual_in_ring: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per slot over the slot's first ``lens`` tokens (the last
-    ``window`` of them under a sliding window): the contract of ``tierkv.kv.fast.decode``,
-    residual window included (the kernel stops before it; its part is merged here).
+    ``window`` of them under a sliding window): the contract of ``tierkv.kv.fast.decode``.
 
     ``q`` is ``[B, Hq, D]``; every slot stores its (uniform) tokens in the store's format
     index ``f``, which ``supports``. Returns ``[B, Hq, D]`` in ``q``'s dtype.
 
+    The residual window of slots that have one (``store.residual``) comes either from
+    ``residual`` (entries ``KVStore.read_residual`` gathered before the step's write, plus the
+    step's own token: the kernel stops before them and their part is merged here), or, with
+    ``residual_in_ring=True``, straight from the slots' rings, which the kernel reads in place:
+    call it after the step's ``KVStore.write`` (the ring then holds the query's position and
+    the ``R - 1`` before it), with no ``residual``. Slots without a window are served either way.
+
     ``cache`` (a dict the caller keeps for one step and passes again for every layer with the
     same ``slots`` and ``lens``) holds what does not change between layers: the page ids of
-    every layer, gathered once, and the start of each request's visible range.
+    every layer (and of the rings), gathered once, and the start of each request's visible range.
     """
+    if residual is not None and residual_in_ring:
+        raise ValueError("pass either residual entries or residual_in_ring=True, not both")
     cache = {} if cache is None else cache
     per_page = store.layouts[f].tokens_per_page
     plan = cache.get(("native", f))
@@ -230,6 +322,12 @@ def decode(
     if starts is None:
         starts = torch.zeros_like(ends) if window is None else (ends - window).clamp_(min=0)
         cache[("native_starts", f, window)] = starts
+    if residual_in_ring:
+        rings = cache.get(("native_ring", f))
+        if rings is None:
+            rings = cache[("native_ring", f)] = _rings(store, slots)
+        ring = None if rings is None else Ring(rings[0][layer], rings[1], rings[2])
+        return partial(store, layer, q, pages[layer], starts, ends, f, ring=ring)[0]
     if residual is None:
         return partial(store, layer, q, pages[layer], starts, ends, f)[0]
     # The newest ``residual.window`` positions come from the residual, uncompressed.
@@ -238,3 +336,78 @@ def decode(
     out, lse = partial(store, layer, q, pages[layer], starts, quantized_end, f)
     out_r, lse_r = residual_part(q, residual, lens, window)
     return merge(out, lse, out_r, lse_r)[0].to(q.dtype)
+
+
+def _rings(
+    store: KVStore, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The ring page ids of ``slots`` in every layer ([L, B, H, P], one contiguous table per
+    layer), their sizes and windows; None when no slot has a residual window."""
+    window = store.residual[slots]
+    if not bool(window.any()):
+        return None
+    size = store.ring[slots]
+    num = int(size.max()) // store.layouts[0].tokens_per_page
+    pages = store.tables[slots, :, :, RESIDUAL, :num].transpose(0, 1).contiguous()
+    return pages, size.contiguous(), window.contiguous()
+
+
+def tiered_decode(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    query_pos: torch.Tensor,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of tiered slots, the kernel reading both tiers in place.
+
+    ``q`` [B, Hq, D] is one query per slot at position ``query_pos`` [B] (int64), after the
+    step's ``KVStore.write``; the slots share their tier formats (as ``tiered.attend``
+    requires), both of which the kernel ``supports``. Each (slot, KV head) attends the
+    ``store.count`` tokens it holds in each tier that ``pos <= query_pos`` and, under a sliding
+    ``window``, ``pos > query_pos - window``.
+
+    Returns ``(out, probs)``: ``out`` [B, Hq, D] in ``q``'s dtype and ``probs`` float32
+    [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,
+    columns laid out as ``tiered.attend``'s (``TieredAttention.probs[:, :, :, 0]``): the high
+    tier's ``T_high = store.read_tier(layer, slots, HIGH)`` columns, then the low tier's; 0 for
+    columns past a head's count and for tokens it does not see.
+    """
+    b, hq, _ = q.shape
+    formats = store.slot_format[slots[0]].tolist()
+    counts = store.count[slots, layer, :, :RESIDUAL]
+    # One column per token slot of the pages ``read_tier`` would gather, per tier.
+    tiers = []
+    for tier in (HIGH, LOW):
+        count = counts[..., tier].contiguous()
+        per_page = store.layouts[formats[tier]].tokens_per_page
+        num = -(-int(count.max()) // per_page) if count.numel() else 0
+        tiers.append((tier, count, num, num * per_page))
+    width_high = tiers[0][3]
+    probs = torch.empty(b, hq, width_high + tiers[1][3])
+    parts = []
+    for tier, count, num, width in tiers:
+        first = 0 if tier == HIGH else width_high
+        parts.append(
+            partial(
+                store,
+                layer,
+                q,
+                store.tables[slots, layer, :, tier, :num],
+                torch.zeros_like(count),
+                count,
+                formats[tier],
+                query_pos=query_pos,
+                window=window,
+                probs=probs[:, :, first : first + width],
+            )
+        )
+    (out_high, lse_high), (out_low, lse_low) = parts
+    out, lse = merge(out_high, lse_high, out_low, lse_low)
+    # Each part's probabilities are relative to its own lse: rescale them to the whole's.
+    total = torch.where(torch.isinf(lse), 0.0, lse)[..., None]
+    probs[..., :width_high].mul_(torch.exp(lse_high[..., None] - total))
+    probs[..., width_high:].mul_(torch.exp(lse_low[..., None] - total))
+    heads = store.num_kv_heads
+    return out.to(q.dtype), probs.view(b, heads, hq // heads, -1)

@@ -13,6 +13,15 @@
 //      once, and the exponentials are taken over the block in one vectorisable loop;
 //   3. values: chunk by chunk over the block's tokens, so each head's sums of a chunk stay in
 //      registers, dequantized the same way; the plane order is undone once at the end.
+// Two optional extensions ride on the same loop:
+//   * masking by stored position (tiered slots, whose tokens are in no particular order): a
+//     token is visible iff pos <= query_pos and, under a sliding window, pos > query_pos -
+//     window; blocks without a visible token are skipped, and each head's probability of
+//     every token (relative to this part's log-sum-exp) can be written out;
+//   * the residual ring (uniform slots): the newest `residual` positions of the range are read
+//     from FULL-format ring pages (index pos % ring_size) after the quantized ones, their keys
+//     and values converted to float32 rows in natural channel order (the ring holds a few dozen
+//     tokens, so the plain rows cost little), their values summed in a second accumulator.
 // Everything is float32. SIMD is written with GCC/Clang vector extensions (16 floats, one
 // AVX-512 register with -march=native, split by the compiler on narrower machines); the
 // number of query heads per KV head is a template parameter for 1, 2, 4 and 8.
@@ -21,6 +30,9 @@
 // plain loops for the auto-vectoriser (dequantize a token into a buffer, then dot products)
 // took 66 ns per (token, KV head); GCC turned its short per-group loops into versioned
 // vector loops and the u8 -> u32 widening into scalar code. This version takes 27-45 ns.
+// Masking by position and writing the probabilities add about 20% (a tiered k8v4 tier of 23k
+// tokens over 16 requests: 0.68 ms against 0.56 ms unmasked); the ring's few dozen tokens
+// cost a few microseconds per layer.
 
 #include <torch/extension.h>
 
@@ -31,6 +43,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -62,6 +76,8 @@ struct Field {
 // Everything a work item needs to find and decode a token.
 struct Layout {
   Field k_codes, k_scale, k_zero, v_codes, v_scale, v_zero;
+  // int32 positions, read only by masked work items.
+  Field pos;
   int64_t tokens_per_page;
   int64_t head_dim;
   int64_t groups;
@@ -71,14 +87,65 @@ struct Layout {
   bool v_overread;
 };
 
+// The stored dtype of FULL-format (ring) rows.
+enum class RowType { kFloat, kBFloat16, kHalf };
+
+// FULL-format pages of the residual ring: keys and values of a token in the stored dtype.
+struct RingLayout {
+  Field k, v;
+  int64_t tokens_per_page;
+  RowType type;
+};
+
+// What every work item of a call shares.
+struct Shared {
+  const Layout& lay;
+  const RingLayout& ring;
+  const uint8_t* arena;
+  int64_t page_bytes;
+  int64_t num_pages;
+  int64_t group;  // query heads per KV head
+  float sm_scale;
+};
+
+// One work item: a (request, KV head), its query heads and what they attend.
+struct Item {
+  const int64_t* pages;  // page ids of the quantized tokens
+  int64_t start, end;    // token range [start, end)
+  const float* q;        // [group, dim], natural channel order
+  float* out;            // [group, dim]
+  float* lse;            // [group]
+  // Masking by stored position: visible iff pos <= query_pos && pos > query_pos - window
+  // (no lower bound for window <= 0).
+  bool masked;
+  int64_t query_pos;
+  int64_t window;
+  // Each head's probability of each token, at probs + i * probs_stride + token (i < group),
+  // for tokens [0, probs_width); null when not asked for.
+  float* probs;
+  int64_t probs_stride;
+  int64_t probs_width;
+  // The residual ring: positions [max(start, end - residual), end) are read from these FULL
+  // pages, at index pos % ring_size, instead of the quantized pages.
+  const int64_t* ring_pages;
+  int64_t ring_size;
+  int64_t residual;
+};
+
+// A page's bytes, its id checked against the arena.
+inline const uint8_t* page_base(const Shared& sh, int64_t page) {
+  TORCH_CHECK(page >= 0 && page < sh.num_pages, "page id ", page, " outside the arena");
+  return sh.arena + page * sh.page_bytes;
+}
+
 // exp(x) for x <= 0 in plain arithmetic (so a loop of it vectorises): x = n ln2 + r with
 // |r| <= ln2 / 2, exp(r) by its Taylor series to degree 7 (relative error below 1e-8), and
-// 2^n built in the exponent bits. Inputs below -87 give about 1.6e-38 instead of underflowing.
+// 2^n built in the exponent bits. Inputs below -87 (masked tokens' -inf among them) give 0.
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float c = std::max(x, -87.0f);
+  const float n = std::floor(c * 1.44269504088896341f + 0.5f);
   // ln2 split in two so that n * hi is exact (hi has 9 significant bits, |n| <= 126).
-  float r = x - n * 0.693359375f;
+  float r = c - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -91,7 +158,7 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
+  return x < -87.0f ? 0.0f : p * two_n;
 }
 
 inline f32x16 load(const float* p) {
@@ -162,6 +229,29 @@ inline void load_halves(const uint8_t* field, int64_t stride, int64_t first, int
   }
 }
 
+// One FULL-format row of `dim` elements in the stored dtype as floats.
+inline void load_row(const uint8_t* row, RowType type, int64_t dim, float* out) {
+  switch (type) {
+    case RowType::kFloat:
+      std::memcpy(out, row, static_cast<size_t>(dim) * sizeof(float));
+      return;
+    case RowType::kBFloat16: {
+      const auto* h = reinterpret_cast<const c10::BFloat16*>(row);
+      for (int64_t d = 0; d < dim; ++d) {
+        out[d] = static_cast<float>(h[d]);
+      }
+      return;
+    }
+    case RowType::kHalf: {
+      const auto* h = reinterpret_cast<const c10::Half*>(row);
+      for (int64_t d = 0; d < dim; ++d) {
+        out[d] = static_cast<float>(h[d]);
+      }
+      return;
+    }
+  }
+}
+
 // Codes of one side (keys or values) in vector form: a token row of `nbytes` bytes is
 // `chunks` chunks of 16 bytes; plane p of chunk c, lane l is channel (16 c + l) * planes + p.
 // idx[c] maps each lane of chunk c to the group of its byte (lanes past the row: group 0).
@@ -184,46 +274,49 @@ struct Side {
   }
 };
 
-// Attention of the `group` query heads `q` [group, dim] (channel order) over tokens
-// [start, end) of one (request, KV head) whose page ids are `pages`. Writes out [group, dim]
-// (channel order, float32) and lse [group]. G > 0 fixes the number of query heads per KV head
-// at compile time (their logit sums then live in registers); G == 0 takes `group`.
+// Attention of the query heads of one work item over its tokens: writes it.out [group, dim]
+// (natural channel order, float32), it.lse [group] and, when asked, it.probs. G > 0 fixes the
+// number of query heads per KV head at compile time (their logit sums then live in
+// registers); G == 0 takes sh.group.
 template <int KB, int VB, int G>
-void attend(
-    const Layout& lay,
-    const uint8_t* arena,
-    int64_t page_bytes,
-    int64_t num_pages,
-    const int64_t* pages,
-    int64_t start,
-    int64_t end,
-    const float* q,
-    int64_t group_arg,
-    float sm_scale,
-    float* out,
-    float* lse) {
-  const int64_t group = G > 0 ? G : group_arg;
+void attend(const Shared& sh, const Item& it) {
+  const Layout& lay = sh.lay;
+  const int64_t group = G > 0 ? G : sh.group;
   constexpr int kTile = G > 0 ? G : 1;
   constexpr int kKP = 8 / KB;  // key planes
   constexpr int kVP = 8 / VB;  // value planes
   constexpr unsigned kKMask = (1u << KB) - 1u;
   constexpr unsigned kVMask = (1u << VB) - 1u;
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
   const int64_t dim = lay.head_dim;
   const int64_t groups = lay.groups;
   const int64_t tpp = lay.tokens_per_page;
   const Side ks(dim, KB, groups), vs(dim, VB, groups);
   const int64_t kvec = kKP * ks.chunks;  // vectors of one query head (key order)
   const int64_t vvec = kVP * vs.chunks;  // vectors of one output head (value order)
+  // The ring serves the newest positions of the range, the quantized pages the older ones.
+  const int64_t ring_from = it.residual > 0 ? std::max(it.start, it.end - it.residual) : it.end;
+  const bool ring = ring_from < it.end;
+  const int64_t nvec = (dim + kLanes - 1) / kLanes;  // vectors of a natural-order row
 
   // Queries in key plane order, zero in lanes past the row so those lanes add nothing.
   std::vector<f32x16> qp(static_cast<size_t>(group * kvec), f32x16{});
   for (int64_t i = 0; i < group; ++i) {
     for (int64_t d = 0; d < dim; ++d) {
       const int64_t p = d % kKP, j = d / kKP;
-      qp[i * kvec + p * ks.chunks + j / kLanes][j % kLanes] = q[i * dim + d] * sm_scale;
+      qp[i * kvec + p * ks.chunks + j / kLanes][j % kLanes] = it.q[i * dim + d] * sh.sm_scale;
     }
   }
   std::vector<f32x16> acc(static_cast<size_t>(group * vvec), f32x16{});
+  // The ring's rows are in natural channel order: queries, a row and the values' sums too.
+  std::vector<f32x16> qn(static_cast<size_t>(ring ? group * nvec : 0), f32x16{});
+  std::vector<f32x16> acc_n(qn.size(), f32x16{});
+  std::vector<float> row(static_cast<size_t>(ring ? nvec * kLanes : 0), 0.0f);
+  for (int64_t i = 0; ring && i < group; ++i) {
+    for (int64_t d = 0; d < dim; ++d) {
+      qn[i * nvec + d / kLanes][d % kLanes] = it.q[i * dim + d] * sh.sm_scale;
+    }
+  }
   f32x16 tot_fixed[G > 0 ? G : 1];
   std::vector<f32x16> tot_any(static_cast<size_t>(G > 0 ? 0 : group));
   f32x16* tot = G > 0 ? tot_fixed : tot_any.data();
@@ -232,31 +325,87 @@ void attend(
   std::vector<float> s_buf(static_cast<size_t>(kBlock * groups + kLanes), 0.0f);
   std::vector<float> z_buf(s_buf.size(), 0.0f);
   std::vector<float> logits(static_cast<size_t>(group * kBlock));
-  std::vector<float> run_max(static_cast<size_t>(group), -std::numeric_limits<float>::infinity());
+  std::vector<float> run_max(static_cast<size_t>(group), kMasked);
   std::vector<float> run_sum(static_cast<size_t>(group), 0.0f);
+  std::vector<uint8_t> visible(static_cast<size_t>(it.masked ? kBlock : 0));
 
-  for (int64_t t0 = start; t0 < end;) {
+  // One online-softmax update over the logits of a block of n tokens (columns [col, col + n)
+  // of the probabilities; -inf: masked): the block's maximum rescales the running sums once,
+  // and the logits become the weights of the block's values. The probabilities keep the raw
+  // logits until the log-sum-exp is known.
+  const auto update = [&](int64_t n, int64_t col) {
+    for (int64_t i = 0; i < group; ++i) {
+      float* l = logits.data() + i * kBlock;
+      if (it.probs != nullptr) {
+        std::copy(l, l + n, it.probs + i * it.probs_stride + col);
+      }
+      const float new_max = std::max(run_max[i], *std::max_element(l, l + n));
+      // The first block rescales nothing: its alpha is 0 and the sums are still 0.
+      const float alpha = exp_nonpositive(run_max[i] - new_max);
+      run_max[i] = new_max;
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        l[t] = exp_nonpositive(l[t] - new_max);
+        sum += l[t];
+      }
+      run_sum[i] = run_sum[i] * alpha + sum;
+      if (alpha != 1.0f) {
+        for (int64_t v = 0; v < vvec; ++v) {
+          acc[i * vvec + v] *= alpha;
+        }
+        for (int64_t v = 0; ring && v < nvec; ++v) {
+          acc_n[i * nvec + v] *= alpha;
+        }
+      }
+    }
+  };
+
+  for (int64_t t0 = it.start; t0 < ring_from;) {
     // A block never crosses a page: its tokens share one page id.
     const int64_t column = t0 / tpp;
     const int64_t first = t0 - column * tpp;
-    const int64_t n = std::min({end - t0, tpp - first, kBlock});
-    const int64_t page = pages[column];
-    TORCH_CHECK(page >= 0 && page < num_pages, "page id ", page, " outside the arena");
-    const uint8_t* base = arena + page * page_bytes;
+    const int64_t n = std::min({ring_from - t0, tpp - first, kBlock});
+    const uint8_t* base = page_base(sh, it.pages[column]);
+
+    if (it.masked) {
+      int64_t seen = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        int32_t pos;
+        std::memcpy(&pos, base + lay.pos.offset + (first + t) * lay.pos.stride, sizeof pos);
+        visible[t] = pos <= it.query_pos && (it.window <= 0 || pos > it.query_pos - it.window);
+        seen += visible[t];
+      }
+      if (seen == 0) {
+        // Nothing to read: the probabilities of the block's tokens are 0.
+        for (int64_t i = 0; it.probs != nullptr && i < group; ++i) {
+          float* p = it.probs + i * it.probs_stride + t0;
+          std::fill(p, p + n, kMasked);
+        }
+        t0 += n;
+        continue;
+      }
+    }
 
     // Logits of the block: key x = scale * code + zero per lane, dotted with each head.
     load_halves(base + lay.k_scale.offset, lay.k_scale.stride, first, n, groups, s_buf.data());
     load_halves(base + lay.k_zero.offset, lay.k_zero.stride, first, n, groups, z_buf.data());
     for (int64_t t = 0; t < n; ++t) {
-      const uint8_t* row = code_row(base + lay.k_codes.offset + (first + t) * lay.k_codes.stride,
-                                    ks.nbytes, lay.k_overread, pad.data());
+      if (it.masked && !visible[t]) {
+        for (int64_t i = 0; i < group; ++i) {
+          logits[i * kBlock + t] = kMasked;
+        }
+        continue;
+      }
+      const uint8_t* row_k = code_row(
+          base + lay.k_codes.offset + (first + t) * lay.k_codes.stride, ks.nbytes,
+          lay.k_overread, pad.data());
       const f32x16 s = load(s_buf.data() + t * groups);
       const f32x16 z = load(z_buf.data() + t * groups);
       for (int64_t i = 0; i < group; ++i) {
         tot[i] = f32x16{};
       }
       for (int64_t c = 0; c < ks.chunks; ++c) {
-        const u32x16 w = widen(row + c * kLanes);
+        const u32x16 w = widen(row_k + c * kLanes);
         const f32x16 sc = spread(s, ks.idx[c]);
         const f32x16 zc = spread(z, ks.idx[c]);
         for (int p = 0; p < kKP; ++p) {
@@ -272,28 +421,10 @@ void attend(
         logits[i * kBlock + t] = hsum(tot[i]);
       }
     }
+    update(n, t0);
 
-    // Online softmax: the block's maximum rescales the running sums once.
-    for (int64_t i = 0; i < group; ++i) {
-      float* l = logits.data() + i * kBlock;
-      const float new_max = std::max(run_max[i], *std::max_element(l, l + n));
-      // The first block rescales nothing: its alpha is ~0 and the sums are still 0.
-      const float alpha = exp_nonpositive(run_max[i] - new_max);
-      run_max[i] = new_max;
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        l[t] = exp_nonpositive(l[t] - new_max);
-        sum += l[t];
-      }
-      run_sum[i] = run_sum[i] * alpha + sum;
-      if (alpha != 1.0f) {
-        for (int64_t v = 0; v < vvec; ++v) {
-          acc[i * vvec + v] *= alpha;
-        }
-      }
-    }
-
-    // Values of the block, weighted by each head's probabilities.
+    // Values of the block, weighted by each head's probabilities (masked tokens: weight 0,
+    // and their bytes are real tokens', so finite).
     load_halves(base + lay.v_scale.offset, lay.v_scale.stride, first, n, groups, s_buf.data());
     load_halves(base + lay.v_zero.offset, lay.v_zero.stride, first, n, groups, z_buf.data());
     // Chunk by chunk, so each head's sums of the chunk stay in registers over the block's
@@ -302,10 +433,10 @@ void attend(
       for (int64_t c = 0; c < vs.chunks; ++c) {
         f32x16 part[kTile][kVP] = {};
         for (int64_t t = 0; t < n; ++t) {
-          const uint8_t* row = code_row(
+          const uint8_t* row_v = code_row(
               base + lay.v_codes.offset + (first + t) * lay.v_codes.stride, vs.nbytes,
               lay.v_overread, pad.data());
-          const u32x16 w = widen(row + c * kLanes);
+          const u32x16 w = widen(row_v + c * kLanes);
           const f32x16 sc = spread(load(s_buf.data() + t * groups), vs.idx[c]);
           const f32x16 zc = spread(load(z_buf.data() + t * groups), vs.idx[c]);
           for (int p = 0; p < kVP; ++p) {
@@ -326,20 +457,65 @@ void attend(
     t0 += n;
   }
 
+  // The residual ring: a block never crosses one of its pages (a ring is whole pages).
+  const RingLayout& rl = sh.ring;
+  for (int64_t p0 = ring_from; p0 < it.end;) {
+    const int64_t index = p0 % it.ring_size;
+    const int64_t column = index / rl.tokens_per_page;
+    const int64_t first = index - column * rl.tokens_per_page;
+    const int64_t n = std::min({it.end - p0, rl.tokens_per_page - first, kBlock});
+    const uint8_t* base = page_base(sh, it.ring_pages[column]);
+    for (int64_t t = 0; t < n; ++t) {
+      load_row(base + rl.k.offset + (first + t) * rl.k.stride, rl.type, dim, row.data());
+      for (int64_t i = 0; i < group; ++i) {
+        f32x16 sum{};
+        for (int64_t c = 0; c < nvec; ++c) {
+          sum += qn[i * nvec + c] * load(row.data() + c * kLanes);
+        }
+        logits[i * kBlock + t] = hsum(sum);
+      }
+    }
+    update(n, p0);
+    for (int64_t t = 0; t < n; ++t) {
+      load_row(base + rl.v.offset + (first + t) * rl.v.stride, rl.type, dim, row.data());
+      for (int64_t i = 0; i < group; ++i) {
+        const float w = logits[i * kBlock + t];
+        for (int64_t c = 0; c < nvec; ++c) {
+          acc_n[i * nvec + c] += w * load(row.data() + c * kLanes);
+        }
+      }
+    }
+    p0 += n;
+  }
+
   for (int64_t i = 0; i < group; ++i) {
-    float* o = out + i * dim;
+    float* o = it.out + i * dim;
+    float* probs = it.probs != nullptr ? it.probs + i * it.probs_stride : nullptr;
     if (run_sum[i] == 0.0f) {
       // No visible token: an empty softmax, which merges with any other part as weight 0.
       std::fill(o, o + dim, 0.0f);
-      lse[i] = -std::numeric_limits<float>::infinity();
+      it.lse[i] = kMasked;
+      if (probs != nullptr) {
+        std::fill(probs, probs + it.probs_width, 0.0f);
+      }
       continue;
     }
     const float inv = 1.0f / run_sum[i];
     for (int64_t d = 0; d < dim; ++d) {
       const int64_t p = d % kVP, j = d / kVP;
-      o[d] = acc[i * vvec + p * vs.chunks + j / kLanes][j % kLanes] * inv;
+      const float ring_sum = ring ? acc_n[i * nvec + d / kLanes][d % kLanes] : 0.0f;
+      o[d] = (acc[i * vvec + p * vs.chunks + j / kLanes][j % kLanes] + ring_sum) * inv;
     }
-    lse[i] = run_max[i] + std::log(run_sum[i]);
+    const float lse = run_max[i] + std::log(run_sum[i]);
+    it.lse[i] = lse;
+    if (probs != nullptr) {
+      // The raw logits of the range become probabilities; columns outside it are 0.
+      std::fill(probs, probs + it.start, 0.0f);
+      for (int64_t t = it.start; t < it.end; ++t) {
+        probs[t] = exp_nonpositive(probs[t] - lse);
+      }
+      std::fill(probs + it.end, probs + it.probs_width, 0.0f);
+    }
   }
 }
 
@@ -392,6 +568,17 @@ AttendFn pick(int64_t key_bits, int64_t value_bits, int64_t group) {
   }
 }
 
+RowType row_type(const std::string& dtype) {
+  if (dtype == "float32") {
+    return RowType::kFloat;
+  }
+  if (dtype == "bfloat16") {
+    return RowType::kBFloat16;
+  }
+  TORCH_CHECK(dtype == "float16", "ring dtype must be float32, bfloat16 or float16, got ", dtype);
+  return RowType::kHalf;
+}
+
 std::tuple<at::Tensor, at::Tensor> paged_decode(
     const at::Tensor& q,
     const at::Tensor& arena,
@@ -404,7 +591,16 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
     int64_t group_size,
     std::vector<int64_t> offsets,
     std::vector<int64_t> strides,
-    int64_t tokens_per_page) {
+    int64_t tokens_per_page,
+    const std::optional<at::Tensor>& query_pos,
+    int64_t window,
+    const std::optional<at::Tensor>& probs,
+    const std::optional<at::Tensor>& ring,
+    const std::optional<at::Tensor>& ring_size,
+    const std::optional<at::Tensor>& residual,
+    std::vector<int64_t> ring_fields,
+    int64_t ring_tokens_per_page,
+    const std::string& ring_dtype) {
   TORCH_CHECK(q.dim() == 3, "q must be [B, Hq, D]");
   TORCH_CHECK(arena.dim() == 2 && arena.scalar_type() == at::kByte && arena.is_contiguous(),
               "arena must be a contiguous uint8 [pages, page_bytes] tensor");
@@ -413,16 +609,21 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
   TORCH_CHECK(starts.scalar_type() == at::kLong && ends.scalar_type() == at::kLong,
               "starts and ends must be int64");
   TORCH_CHECK(q.device().is_cpu() && arena.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(offsets.size() == 6 && strides.size() == 6,
-              "offsets and strides: k_codes, k_scale, k_zero, v_codes, v_scale, v_zero");
+  TORCH_CHECK(offsets.size() == 7 && strides.size() == 7,
+              "offsets and strides: k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos");
   const int64_t batch = q.size(0);
   const int64_t q_heads = q.size(1);
   const int64_t dim = q.size(2);
   const int64_t kv_heads = pages.size(1);
-  TORCH_CHECK(pages.size(0) == batch && starts.numel() == batch && ends.numel() == batch,
-              "q, pages, starts and ends disagree on the batch size");
+  TORCH_CHECK(pages.size(0) == batch, "q and pages disagree on the batch size");
   TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0,
               "query heads must be a multiple of KV heads");
+  // Ranges per request ([B]) or per (request, KV head) ([B, H]).
+  const bool per_head = ends.dim() == 2;
+  TORCH_CHECK(starts.sizes() == ends.sizes() &&
+                  (per_head ? ends.size(0) == batch && ends.size(1) == kv_heads
+                            : ends.dim() == 1 && ends.size(0) == batch),
+              "starts and ends must both be [B] or both [B, H]");
   TORCH_CHECK(tokens_per_page > 0, "tokens_per_page must be positive");
 
   const int64_t width = std::min(group_size, dim);
@@ -433,23 +634,67 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
     TORCH_CHECK(width * bits % 8 == 0, bits, "-bit groups of ", width, " channels split a byte");
   }
   const int64_t page_bytes = arena.size(1);
-  const int64_t need[6] = {dim * key_bits / 8, 2 * groups, 2 * groups,
-                           dim * value_bits / 8, 2 * groups, 2 * groups};
-  for (int i = 0; i < 6; ++i) {
+  const int64_t need[7] = {dim * key_bits / 8, 2 * groups, 2 * groups,
+                           dim * value_bits / 8, 2 * groups, 2 * groups, 4};
+  for (int i = 0; i < 7; ++i) {
     TORCH_CHECK(strides[i] >= need[i], "field ", i, " stride ", strides[i], " < ", need[i]);
     TORCH_CHECK(offsets[i] >= 0 && offsets[i] + tokens_per_page * strides[i] <= page_bytes,
                 "field ", i, " does not fit a page");
-    // fp16 scales and zeros are read in place: keep them aligned.
-    TORCH_CHECK(i % 3 == 0 || (offsets[i] % 2 == 0 && strides[i] % 2 == 0),
+    // fp16 scales and zeros are read in place: keep them aligned (codes are loaded a chunk
+    // at a time and positions copied, at any alignment).
+    const bool codes_or_pos = i == 0 || i == 3 || i == 6;
+    TORCH_CHECK(codes_or_pos || (offsets[i] % 2 == 0 && strides[i] % 2 == 0),
                 "fp16 fields must be 2-byte aligned");
   }
   const Layout lay{
       {offsets[0], strides[0]}, {offsets[1], strides[1]}, {offsets[2], strides[2]},
       {offsets[3], strides[3]}, {offsets[4], strides[4]}, {offsets[5], strides[5]},
-      tokens_per_page, dim, groups,
+      {offsets[6], strides[6]}, tokens_per_page, dim, groups,
       // A 16-byte load past a row's last byte must stay inside the page.
       offsets[0] + tokens_per_page * strides[0] + kLanes <= page_bytes,
       offsets[3] + tokens_per_page * strides[3] + kLanes <= page_bytes};
+
+  at::Tensor qpos;
+  if (query_pos.has_value()) {
+    TORCH_CHECK(query_pos->scalar_type() == at::kLong && query_pos->numel() == batch,
+                "query_pos must be int64 [B]");
+    qpos = query_pos->contiguous();
+  }
+  int64_t probs_width = 0;
+  if (probs.has_value()) {
+    TORCH_CHECK(probs->scalar_type() == at::kFloat && probs->dim() == 3 &&
+                    probs->size(0) == batch && probs->size(1) == q_heads &&
+                    probs->stride(2) == 1 && probs->device().is_cpu(),
+                "probs must be float32 [B, Hq, T] with unit stride over tokens");
+    probs_width = probs->size(2);
+  }
+  RingLayout ring_lay{{0, 0}, {0, 0}, 1, RowType::kFloat};
+  at::Tensor ring_table, ring_len, ring_window;
+  if (ring.has_value()) {
+    TORCH_CHECK(ring_size.has_value() && residual.has_value(),
+                "a ring needs its ring_size and residual");
+    TORCH_CHECK(!query_pos.has_value(), "the ring serves uniform slots: no position masking");
+    TORCH_CHECK(ring->dim() == 3 && ring->scalar_type() == at::kLong &&
+                    ring->size(0) == batch && ring->size(1) == kv_heads,
+                "ring must be int64 [B, H, P]");
+    TORCH_CHECK(ring_size->scalar_type() == at::kLong && ring_size->numel() == batch &&
+                    residual->scalar_type() == at::kLong && residual->numel() == batch,
+                "ring_size and residual must be int64 [B]");
+    TORCH_CHECK(ring_fields.size() == 4, "ring_fields: k offset, k stride, v offset, v stride");
+    TORCH_CHECK(ring_tokens_per_page > 0, "ring_tokens_per_page must be positive");
+    ring_lay = RingLayout{{ring_fields[0], ring_fields[1]}, {ring_fields[2], ring_fields[3]},
+                          ring_tokens_per_page, row_type(ring_dtype)};
+    const int64_t row_bytes = dim * (ring_lay.type == RowType::kFloat ? 4 : 2);
+    for (const Field& f : {ring_lay.k, ring_lay.v}) {
+      TORCH_CHECK(f.stride >= row_bytes && f.offset >= 0 &&
+                      f.offset + ring_tokens_per_page * f.stride <= page_bytes &&
+                      f.offset % 2 == 0 && f.stride % 2 == 0,
+                  "ring rows do not fit a page");
+    }
+    ring_table = ring->contiguous();
+    ring_len = ring_size->contiguous();
+    ring_window = residual->contiguous();
+  }
 
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   const at::Tensor table = pages.contiguous();
@@ -459,28 +704,74 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
   auto lse = at::empty({batch, q_heads}, qf.options());
 
   const int64_t columns = table.size(2);
+  const int64_t ring_columns = ring.has_value() ? ring_table.size(2) : 0;
   const int64_t group = q_heads / kv_heads;
   const AttendFn fn = pick(key_bits, value_bits, group);
   const int64_t* lo_p = lo.data_ptr<int64_t>();
   const int64_t* hi_p = hi.data_ptr<int64_t>();
+  const int64_t* ring_len_p = ring.has_value() ? ring_len.data_ptr<int64_t>() : nullptr;
+  const int64_t* ring_window_p = ring.has_value() ? ring_window.data_ptr<int64_t>() : nullptr;
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(lo_p[b] >= 0 && hi_p[b] <= columns * tokens_per_page,
-                "token range of request ", b, " outside its page table");
+    const int64_t res = ring_window_p != nullptr ? ring_window_p[b] : 0;
+    if (ring_len_p != nullptr) {
+      const int64_t size = ring_len_p[b];
+      TORCH_CHECK(res >= 0 && res <= size && size % ring_tokens_per_page == 0 &&
+                      size <= ring_columns * ring_tokens_per_page,
+                  "ring of request ", b, ": residual ", res, ", ", size,
+                  " tokens: not whole pages of its ring table holding the residual");
+    }
+    for (int64_t r = per_head ? b * kv_heads : b; r < (per_head ? (b + 1) * kv_heads : b + 1);
+         ++r) {
+      // Only the quantized part of the range is read from the page table.
+      const int64_t quantized_end = res > 0 ? std::max(lo_p[r], hi_p[r] - res) : hi_p[r];
+      TORCH_CHECK(lo_p[r] >= 0 && (quantized_end <= lo_p[r] ||
+                                   quantized_end <= columns * tokens_per_page),
+                  "token range of request ", b, " outside its page table");
+      TORCH_CHECK(!probs.has_value() || hi_p[r] <= lo_p[r] || hi_p[r] <= probs_width,
+                  "token range of request ", b, " outside probs");
+    }
   }
-  const uint8_t* arena_p = arena.data_ptr<uint8_t>();
-  const int64_t num_pages = arena.size(0);
+  const Shared shared{lay,
+                      ring_lay,
+                      arena.data_ptr<uint8_t>(),
+                      page_bytes,
+                      arena.size(0),
+                      group,
+                      static_cast<float>(sm_scale)};
   const int64_t* table_p = table.data_ptr<int64_t>();
+  const int64_t* ring_p = ring.has_value() ? ring_table.data_ptr<int64_t>() : nullptr;
+  const int64_t* qpos_p = query_pos.has_value() ? qpos.data_ptr<int64_t>() : nullptr;
+  float* probs_p = probs.has_value() ? probs->data_ptr<float>() : nullptr;
+  const int64_t probs_batch = probs.has_value() ? probs->stride(0) : 0;
+  const int64_t probs_head = probs.has_value() ? probs->stride(1) : 0;
   const float* q_p = qf.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
-  const float scale = static_cast<float>(sm_scale);
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t finish) {
     for (int64_t item = begin; item < finish; ++item) {
       const int64_t b = item / kv_heads;
       const int64_t head_q = item * group;  // first query head of this KV head
-      fn(lay, arena_p, page_bytes, num_pages, table_p + item * columns, lo_p[b], hi_p[b],
-         q_p + head_q * dim, group, scale, out_p + head_q * dim, lse_p + head_q);
+      const int64_t r = per_head ? item : b;
+      const Item work{
+          table_p + item * columns,
+          lo_p[r],
+          hi_p[r],
+          q_p + head_q * dim,
+          out_p + head_q * dim,
+          lse_p + head_q,
+          qpos_p != nullptr,
+          qpos_p != nullptr ? qpos_p[b] : 0,
+          window,
+          probs_p != nullptr ? probs_p + b * probs_batch + (head_q - b * q_heads) * probs_head
+                             : nullptr,
+          probs_head,
+          probs_width,
+          ring_p != nullptr ? ring_p + item * ring_columns : nullptr,
+          ring_len_p != nullptr ? ring_len_p[b] : 0,
+          ring_window_p != nullptr ? ring_window_p[b] : 0,
+      };
+      fn(shared, work);
     }
   });
   if (q.scalar_type() != at::kFloat) {
@@ -496,5 +787,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Decode attention over quantized pages: (out [B, Hq, D] in q's dtype, lse [B, Hq] fp32)",
         py::arg("q"), py::arg("arena"), py::arg("pages"), py::arg("starts"), py::arg("ends"),
         py::arg("sm_scale"), py::arg("key_bits"), py::arg("value_bits"), py::arg("group_size"),
-        py::arg("offsets"), py::arg("strides"), py::arg("tokens_per_page"));
+        py::arg("offsets"), py::arg("strides"), py::arg("tokens_per_page"), py::kw_only(),
+        py::arg("query_pos") = py::none(), py::arg("window") = 0, py::arg("probs") = py::none(),
+        py::arg("ring") = py::none(), py::arg("ring_size") = py::none(),
+        py::arg("residual") = py::none(), py::arg("ring_fields") = std::vector<int64_t>{},
+        py::arg("ring_tokens_per_page") = 1, py::arg("ring_dtype") = "float32");
 }
