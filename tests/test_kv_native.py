@@ -166,7 +166,7 @@ def _ring_store(dtype: torch.dtype, seed: int = 0) -> tuple[KVStore, torch.Tenso
 
 @pytest.mark.parametrize("window", [None, 5, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_ring_read_in_place_equals_the_merged_residual_and_the_reference(
+def test_the_ring_read_in_place_equals_the_torch_residual_path_and_the_reference(
     dtype: torch.dtype, window: int | None
 ) -> None:
     store, slots = _ring_store(dtype)
@@ -181,31 +181,22 @@ def test_the_ring_read_in_place_equals_the_merged_residual_and_the_reference(
         q = torch.randn(n, Q_HEADS, 32, generator=gen).to(dtype)
         k, v = (torch.randn(n, KV_HEADS, 32, generator=gen).to(dtype) for _ in range(2))
         store.write(0, slots, context, k, v)
-        # The merge path's entries are read before the step's write, as attention.py does.
+        # The torch path's entries are read before the step's write, as attention.py does.
         before = store.read_residual(LAYER, slots)
         batch = AttentionBatch.build(slots.tolist(), context.tolist(), [1] * n)
         want_ref = reference(LAYER, q, k, v, batch)  # writes the step's token, then attends
         residual = before.append(k[:, :, None], v[:, :, None], context[:, None])
-        want = native.decode(store, LAYER, q.float(), slots, lens, window, f, residual=residual)
+        want = fast.decode(store, LAYER, q.float(), slots, lens, window, f, residual=residual)
         cache: dict = {}
-        got = native.decode(store, LAYER, q.float(), slots, lens, window, f, cache, None, True)
+        got = native.decode(store, LAYER, q.float(), slots, lens, window, f, cache)
         assert got.isfinite().all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         if dtype == torch.float32:
             torch.testing.assert_close(got, want_ref, rtol=1e-5, atol=2e-5)
         # The cached ring tables serve the step's other layers (and only rings hold these).
-        other = native.decode(store, 0, q.float(), slots, lens, window, f, cache, None, True)
+        other = native.decode(store, 0, q.float(), slots, lens, window, f, cache)
         assert other.isfinite().all() and not torch.equal(other, got)
         context = lens
-
-
-def test_the_ring_path_without_residual_slots_is_the_plain_path() -> None:
-    lens = torch.tensor(CONTEXT) + 1
-    store, slots, f = _store(FORMATS["k4v2"], lens.tolist(), 64)
-    q = _query(len(lens), 64)
-    want = native.decode(store, LAYER, q, slots, lens, 9, f)
-    got = native.decode(store, LAYER, q, slots, lens, 9, f, residual_in_ring=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_a_ring_smaller_than_its_window_is_refused() -> None:
@@ -220,8 +211,6 @@ def test_a_ring_smaller_than_its_window_is_refused() -> None:
     ring = native.Ring(pages[LAYER], size, window + size)
     with pytest.raises(RuntimeError, match="not whole pages of its ring table"):
         native.partial(store, LAYER, q, table, torch.zeros_like(lens), lens, f, ring=ring)
-    with pytest.raises(ValueError, match="not both"):
-        native.decode(store, LAYER, q, slots, lens, None, f, None, object(), True)  # type: ignore[arg-type]
 
 
 # Differentiated policies whose thresholds both demote and prune random tokens within a few

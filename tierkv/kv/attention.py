@@ -110,6 +110,7 @@ class PagedAttention:
         self._workspace: dict = {}
         # Built (or loaded from the build cache) here, not at the first request's decode.
         self._native = backend == "fast" and native.available()
+        store.token_writer = native.store_tokens if self._native else None
 
     def __call__(
         self,
@@ -121,12 +122,13 @@ class PagedAttention:
     ) -> torch.Tensor:
         """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
         store = self.store
-        # The rings hold the newest tokens before this step only until the write below.
-        rings = store.read_residual(layer, batch.slots) if store.num_residual else None
-        store.write(layer, batch.token_slots, batch.token_index, k, v)
         if batch is not self._step:
             # What the fast path can share between the layers of one step.
             self._step, self._step_cache = batch, {}
+        # The rings hold the newest tokens before this step only until the write below (the
+        # native decode reads them after it, in place).
+        rings = store.read_residual(layer, batch.slots) if self._reads_rings(batch) else None
+        store.write(layer, batch.token_slots, batch.token_index, k, v)
         out = torch.empty_like(q)
         window = self.sliding_windows[layer]
         decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
@@ -166,6 +168,21 @@ class PagedAttention:
             )
         return out
 
+    def _reads_rings(self, batch: AttentionBatch) -> bool:
+        """Whether some request of the step needs its residual entries read before the write:
+        a prefill chunk (its later tokens may overwrite ring entries its first queries need),
+        or a decode the native kernel does not serve."""
+        store = self.store
+        if not store.num_residual:
+            return False
+        reads = self._step_cache.get("reads_rings")
+        if reads is None:
+            formats = [f for f, _ in store.by_format(batch.slots[batch.decode_rows])]
+            served = all(native.supports(store.formats[f], store.head_dim) for f in formats)
+            reads = bool(batch.prefill_rows) or not (self._native and served)
+            self._step_cache["reads_rings"] = reads
+        return reads
+
     def _decode(
         self,
         layer: int,
@@ -195,9 +212,8 @@ class PagedAttention:
             args = (q, slots, lens) if rows is None else (q[rows], slots[rows], lens[rows])
             part_residual = residual.select(rows) if residual is not None else None
             if self._native and native.supports(store.formats[f], store.head_dim):
-                part = native.decode(
-                    store, layer, *args, window, f, self._step_cache, part_residual
-                )
+                # Residual windows come from the rings in place, not from ``part_residual``.
+                part = native.decode(store, layer, *args, window, f, self._step_cache)
             elif fast.supports(store.formats[f], store.head_dim):
                 part = fast.decode(
                     store,

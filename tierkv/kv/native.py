@@ -20,12 +20,11 @@ combined exactly with attention computed elsewhere.
 
 Two extensions serve the store's other layouts without a gather:
 
-* the residual window of uniform slots (``decode(..., residual_in_ring=True)``): the kernel
-  runs after the step's ``KVStore.write``, when each slot's ring of FULL pages already holds
-  every position in ``[lens - R, lens)``, and reads those positions from the ring (index
-  ``position % ring``) and the older ones from the quantized pages, in one softmax; this
-  replaces ``read_residual`` + ``residual_part`` + ``merge`` (about 1 ms of small torch ops
-  per decode step at batch 1);
+* the residual window of uniform slots (``decode``): the kernel runs after the step's
+  ``KVStore.write``, when each slot's ring of FULL pages already holds every position in
+  ``[lens - R, lens)``, and reads those positions from the ring (index ``position % ring``)
+  and the older ones from the quantized pages, in one softmax, so a decode step needs no
+  ``KVStore.read_residual`` (whose torch ops and merge cost about 1 ms per step at batch 1);
 * tiered slots (``tiered_decode``): each (request, KV head) attends its own count of tokens
   per tier, masked by their stored ``pos`` (causality and the sliding window), and the kernel
   writes each query head's probability of every token, so one call per tier and a merge give
@@ -52,12 +51,13 @@ from types import ModuleType
 
 import torch
 
-from tierkv.kv.partial import merge, residual_part
+from tierkv.kv.partial import merge
 from tierkv.kv.pool import PageLayout
 from tierkv.kv.quant import KVFormat
-from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore, Residual
+from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+# The decode kernel (a pybind11 module) and the quantizing write (torch.ops.tierkv), one build.
+_SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.cpp")))
 
 # Tried in order: the first set the compiler accepts is kept. -fopenmp lets at::parallel_for
 # (inlined from torch's headers) spread work items over torch's OpenMP threads.
@@ -100,7 +100,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
     try:
         from torch.utils import cpp_extension
 
-        source = _SOURCE.read_bytes()
+        source = b"\0".join(path.read_bytes() for path in _SOURCES)
     except (ImportError, OSError) as exc:
         return None, f"cannot read the kernel source: {exc}"
     reasons = []
@@ -113,8 +113,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
         try:
             build.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(
-                name=f"tierkv_paged_decode_{key}",
-                sources=[str(_SOURCE)],
+                name=f"tierkv_native_{key}",
+                sources=[str(path) for path in _SOURCES],
                 extra_cflags=list(flags),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -287,8 +287,6 @@ def decode(
     window: int | None,
     f: int,
     cache: dict | None = None,
-    residual: Residual | None = None,
-    residual_in_ring: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per slot over the slot's first ``lens`` tokens (the last
     ``window`` of them under a sliding window): the contract of ``tierkv.kv.fast.decode``.
@@ -296,19 +294,14 @@ def decode(
     ``q`` is ``[B, Hq, D]``; every slot stores its (uniform) tokens in the store's format
     index ``f``, which ``supports``. Returns ``[B, Hq, D]`` in ``q``'s dtype.
 
-    The residual window of slots that have one (``store.residual``) comes either from
-    ``residual`` (entries ``KVStore.read_residual`` gathered before the step's write, plus the
-    step's own token: the kernel stops before them and their part is merged here), or, with
-    ``residual_in_ring=True``, straight from the slots' rings, which the kernel reads in place:
-    call it after the step's ``KVStore.write`` (the ring then holds the query's position and
-    the ``R - 1`` before it), with no ``residual``. Slots without a window are served either way.
+    The residual window of slots that have one (``store.residual``) is read straight from the
+    slots' rings, in place: call it after the step's ``KVStore.write``, when each ring holds the
+    query's position and the ``R - 1`` before it.
 
     ``cache`` (a dict the caller keeps for one step and passes again for every layer with the
     same ``slots`` and ``lens``) holds what does not change between layers: the page ids of
     every layer (and of the rings), gathered once, and the start of each request's visible range.
     """
-    if residual is not None and residual_in_ring:
-        raise ValueError("pass either residual entries or residual_in_ring=True, not both")
     cache = {} if cache is None else cache
     per_page = store.layouts[f].tokens_per_page
     plan = cache.get(("native", f))
@@ -322,20 +315,11 @@ def decode(
     if starts is None:
         starts = torch.zeros_like(ends) if window is None else (ends - window).clamp_(min=0)
         cache[("native_starts", f, window)] = starts
-    if residual_in_ring:
-        rings = cache.get(("native_ring", f))
-        if rings is None:
-            rings = cache[("native_ring", f)] = _rings(store, slots)
-        ring = None if rings is None else Ring(rings[0][layer], rings[1], rings[2])
-        return partial(store, layer, q, pages[layer], starts, ends, f, ring=ring)[0]
-    if residual is None:
-        return partial(store, layer, q, pages[layer], starts, ends, f)[0]
-    # The newest ``residual.window`` positions come from the residual, uncompressed.
-    quantized_end = (ends - residual.window).clamp(min=0)
-    starts = torch.minimum(starts, quantized_end)
-    out, lse = partial(store, layer, q, pages[layer], starts, quantized_end, f)
-    out_r, lse_r = residual_part(q, residual, lens, window)
-    return merge(out, lse, out_r, lse_r)[0].to(q.dtype)
+    rings = cache.get(("native_ring", f), False)
+    if rings is False:
+        rings = cache[("native_ring", f)] = _rings(store, slots) if store.num_residual else None
+    ring = None if rings is None else Ring(rings[0][layer], rings[1], rings[2])
+    return partial(store, layer, q, pages[layer], starts, ends, f, ring=ring)[0]
 
 
 def _rings(
@@ -350,6 +334,50 @@ def _rings(
     num = int(size.max()) // store.layouts[0].tokens_per_page
     pages = store.tables[slots, :, :, RESIDUAL, :num].transpose(0, 1).contiguous()
     return pages, size.contiguous(), window.contiguous()
+
+
+# Page fields the quantizing write fills, in the order of its offsets and strides.
+_WRITE_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "score", "pos")
+
+
+@functools.cache
+def _write_fields(layout: PageLayout) -> tuple[list[int], list[int]]:
+    """Byte offsets and per-token strides of every field of ``layout``, for ``store_tokens``."""
+    offsets = layout.offsets()
+    strides = {field.name: field.token_bytes for field in layout.fields}
+    return [offsets[n] for n in _WRITE_FIELDS], [strides[n] for n in _WRITE_FIELDS]
+
+
+def store_tokens(
+    store: KVStore,
+    f: int,
+    pages: torch.Tensor,
+    rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Quantize ``k``/``v`` [N, H, D] to the store's format index ``f`` and write every field
+    (codes, scales, zeros, a zero score, ``positions`` [N]) of token ``n``, head ``h`` at row
+    ``rows[n, h]`` of page ``pages[n, h]``: the bytes ``KVFormat.encode`` and one indexed store
+    per field would write (``csrc/quantize_store.cpp``), in one call."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    fmt = store.formats[f]
+    offsets, strides = _write_fields(store.layouts[f])
+    torch.ops.tierkv.quantize_store(
+        k,
+        v,
+        positions,
+        store.pool.arena,
+        pages,
+        rows,
+        fmt.key_bits,
+        fmt.value_bits,
+        fmt.group_size,
+        offsets,
+        strides,
+    )
 
 
 def tiered_decode(

@@ -24,6 +24,7 @@ counts tells each row which slice of the allocation is its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,9 @@ class KVStore:
         self.tiers = SlotTiers(max_seqs)
         self.num_tiered = 0
         self.num_residual = 0
+        # Quantizes and writes new tokens in one call when set (``native.store_tokens``, set by
+        # the fast attention backend); else ``KVFormat.encode`` and one store per field.
+        self.token_writer: Callable[..., None] | None = None
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.register(FULL)
 
@@ -560,6 +564,9 @@ class KVStore:
         heads = torch.arange(self.num_kv_heads)
         pages = self.tables[slots[:, None], layer, heads, HIGH, dest // per_page]
         offset = dest % per_page
+        if self.token_writer is not None and self.formats[f].quantized:
+            self.token_writer(self, f, pages, offset, k, v, positions)
+            return
         views = self._views[f]
         encoded = self.formats[f].encode(k, v, positions=positions, dtype=self.dtype)
         for name, value in encoded.items():

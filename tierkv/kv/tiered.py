@@ -6,7 +6,9 @@ dequantized, masked by each head's counts and by the stored positions (causality
 windows), and the attention probabilities come out of the same pass. They update the tokens'
 scores, the policy decides every token's tier (``SlotTiers.decide``) and the tiers are
 compacted (``compact.apply_decisions``). It equals dense attention over the dequantized kept
-tokens; a fused fast path must match it.
+tokens; the fast paths must match it: decodes go to the native kernel (``native.tiered_decode``,
+reading both tiers in place; the decision then gathers only scores and positions) where it
+is built, else to the fused torch path (``workspace``); prefill chunks take the latter.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv import fast
+from tierkv.kv import fast, native
 from tierkv.kv.compact import apply_decisions
 from tierkv.kv.quant import KVFormat
 from tierkv.kv.store import HIGH, LOW, KVStore, TierRead
@@ -181,6 +183,34 @@ def attend_rows(
         tokens = starts[rows][:, None] + torch.arange(batch.query_lens[int(rows[0])])
         query_pos = batch.token_index[tokens]
         slots = batch.slots[rows]
-        att = attend(store, layer, q[tokens], slots, query_pos, window, workspace)
+        if workspace is not None and tokens.shape[1] == 1 and _native_serves(store, slots):
+            att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
+        else:
+            att = attend(store, layer, q[tokens], slots, query_pos, window, workspace)
         out[tokens] = att.out
         update(store, layer, slots, query_pos, att)
+
+
+def _native_serves(store: KVStore, slots: torch.Tensor) -> bool:
+    """Whether the native kernel serves both tier formats of ``slots`` (which share them)."""
+    formats = (store.format_of(int(slots[0]), HIGH), store.format_of(int(slots[0]), LOW))
+    return native.available() and all(native.supports(f, store.head_dim) for f in formats)
+
+
+def _attend_native(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    query_pos: torch.Tensor,
+    window: int | None,
+) -> TieredAttention:
+    """``attend`` for one decode query per slot (``q`` [B, Hq, D] at ``query_pos`` [B]), by
+    the native kernel reading both tiers in place; only the scores and positions the decision
+    needs are gathered."""
+    out, probs = native.tiered_decode(store, layer, q, slots, query_pos, window)
+    high = store.read_tier(layer, slots, HIGH, ("score", "pos"))
+    low = store.read_tier(layer, slots, LOW, ("score", "pos"))
+    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
+    valid = torch.cat([high.valid, low.valid], -1)
+    return TieredAttention(out[:, None], probs[:, :, :, None], high, low, pos, valid)
