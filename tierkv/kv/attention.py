@@ -36,9 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kv import fast, native, tiered
+from tierkv.kv.partial import causal_visibility
 from tierkv.kv.store import KVStore, Residual
 
 BACKENDS = ("reference", "fast")
+# Queries per attention call of a prefill chunk with a residual window (see ``_prefill``).
+_PREFILL_BLOCK = 256
 
 
 @dataclass
@@ -272,21 +275,39 @@ class PagedAttention:
         total = context + n
         keys, values = self.store.gather(layer, torch.tensor([slot]), total, q.dtype)
         keys, values = keys[:, :, :total], values[:, :, :total]
-        qpos = torch.arange(context, total)[:, None]
-        kpos = torch.arange(total)[None, :]
-        visible = kpos <= qpos
-        if window is not None:
-            visible &= kpos > qpos - window
-        if residual is not None:
-            visible &= kpos <= qpos - residual.window
-            visible = torch.cat([visible, residual.visible(qpos.T, window)[0]], 1)
-            keys = torch.cat([keys, residual.keys.to(keys.dtype)], 2)
-            values = torch.cat([values, residual.values.to(values.dtype)], 2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            keys,
-            values,
-            attn_mask=visible,
-            enable_gqa=True,
-        )
+        queries = q.transpose(0, 1)[None]
+        kpos = torch.arange(total)
+        if residual is None:
+            visible = causal_visibility(torch.arange(context, total), kpos, window)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=visible, enable_gqa=True
+            )
+            return out[0].transpose(0, 1)
+        # Each block of queries sees the quantized keys older than its residual windows and,
+        # uncompressed, the ring's entries and the chunk's own tokens within those windows: a
+        # block of B queries adds B + R - 1 keys, where the whole chunk at once would add n.
+        window_r = int(residual.window[0])
+        ring = residual.keys.shape[2] - n
+        out = torch.empty_like(queries)
+        for start in range(0, n, _PREFILL_BLOCK):
+            stop = min(n, start + _PREFILL_BLOCK)
+            qpos = torch.arange(context + start, context + stop)
+            seen = context + stop
+            quantized = causal_visibility(qpos, kpos[:seen], window)
+            quantized &= kpos[:seen] <= qpos[:, None] - window_r
+            own = torch.arange(max(0, start - window_r + 1), stop) + ring
+            cols = torch.cat([torch.arange(ring), own])
+            block = Residual(
+                residual.keys[:, :, cols],
+                residual.values[:, :, cols],
+                residual.pos[:, cols],
+                residual.window,
+            )
+            out[:, :, start:stop] = F.scaled_dot_product_attention(
+                queries[:, :, start:stop],
+                torch.cat([keys[:, :, :seen], block.keys.to(keys.dtype)], 2),
+                torch.cat([values[:, :, :seen], block.values.to(values.dtype)], 2),
+                attn_mask=torch.cat([quantized, block.visible(qpos[None], window)[0]], 1),
+                enable_gqa=True,
+            )
         return out[0].transpose(0, 1)

@@ -1,4 +1,5 @@
-"""Attention split over disjoint sets of tokens, and the merge that makes it whole again.
+"""Attention split over disjoint sets of tokens, the merge that makes it whole again, and the
+causal (sliding-window) visibility every path masks with.
 
 A part is ``(out, lse)``: the softmax-weighted values over its tokens and the log-sum-exp of
 its logits. Two parts over disjoint tokens combine exactly into attention over their union
@@ -13,6 +14,18 @@ import math
 import torch
 
 from tierkv.kv.store import Residual
+
+
+def causal_visibility(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """``[..., nq, T]``: which keys at ``key_pos`` [T] queries at ``query_pos`` [..., nq] see:
+    those at or before them, and within ``window`` positions under a sliding window."""
+    qpos, kpos = query_pos[..., None], key_pos
+    visible = kpos <= qpos
+    if window is not None:
+        visible &= kpos > qpos - window
+    return visible
 
 
 def merge(

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from tierkv.kv import fast, native
 from tierkv.kv.compact import apply_decisions
+from tierkv.kv.partial import causal_visibility
 from tierkv.kv.quant import KVFormat
 from tierkv.kv.store import HIGH, LOW, KVStore, TierRead
 
@@ -185,10 +187,49 @@ def attend_rows(
         slots = batch.slots[rows]
         if workspace is not None and tokens.shape[1] == 1 and _native_serves(store, slots):
             att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
+        elif workspace is not None and tokens.shape[1] > 1:
+            att, query_pos = _attend_prefill(store, layer, q[tokens], slots, query_pos, window)
         else:
             att = attend(store, layer, q[tokens], slots, query_pos, window, workspace)
         out[tokens] = att.out
         update(store, layer, slots, query_pos, att)
+
+
+def _attend_prefill(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    query_pos: torch.Tensor,
+    window: int | None,
+) -> tuple[TieredAttention, torch.Tensor]:
+    """``attend`` for a prefill chunk of one request (``q`` [1, n, Hq, D]).
+
+    Chunks come before the request's first decision, so its tokens are all in the high tier, in
+    position order: the output is dense causal attention (SDPA) over them, and probabilities are
+    computed only for the queries that score (the last ``sw`` of the prompt; at least the last
+    query, whose position tells ``update`` how many tokens were seen). Returns the attention,
+    its probabilities covering those queries, and their positions.
+    """
+    n = q.shape[1]
+    total = int(query_pos[0, -1]) + 1
+    keys, values = store.gather(layer, slots, total, q.dtype)
+    _, heads, width, dim = keys.shape
+    visible = causal_visibility(query_pos[0], torch.arange(width), window)
+    queries = q[0].transpose(0, 1)[None]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
+    counting = query_pos[0] >= store.tiers.score_start[slots[0]]
+    first = min(n - int(counting.sum()), n - 1)
+    group = q.shape[2] // heads
+    scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
+    logits = scoring @ keys.float()[:, :, None].transpose(-1, -2) * (1.0 / math.sqrt(dim))
+    probs = logits.masked_fill_(~visible[first:], -torch.inf).softmax(-1)
+    high = store.read_tier(layer, slots, HIGH, ("score", "pos"))
+    low = store.read_tier(layer, slots, LOW, ("score", "pos"))
+    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
+    valid = torch.cat([high.valid, low.valid], -1)
+    att = TieredAttention(out[0].transpose(0, 1)[None], probs, high, low, pos, valid)
+    return att, query_pos[:, first:]
 
 
 def _native_serves(store: KVStore, slots: torch.Tensor) -> bool:
