@@ -82,6 +82,20 @@ def test_fast_decode_in_bfloat16_matches_within_its_rounding() -> None:
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_uncompressed_slots_read_in_place_match_the_reference(
+    dtype: torch.dtype, window: int | None
+) -> None:
+    # The fast backend reads FULL pages in place (native.decode_full) where the kernel builds.
+    context = [0, 37, 130, 5, 300]
+    want = _run("reference", [FULL] * len(context), context, window, dtype=dtype, stale=True)
+    got = _run("fast", [FULL] * len(context), context, window, dtype=dtype, stale=True)
+    assert got.dtype == dtype and got.isfinite().all()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tolerance)
+
+
 def test_mixed_batches_and_stale_pages_fall_back_per_format() -> None:
     # Uncompressed rows keep the reference path; every format's rows still match, and bytes
     # left by another format in reused pages never reach the output.

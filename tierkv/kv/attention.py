@@ -217,6 +217,8 @@ class PagedAttention:
             if self._native and native.supports(store.formats[f], store.head_dim):
                 # Residual windows come from the rings in place, not from ``part_residual``.
                 part = native.decode(store, layer, *args, window, f, self._step_cache)
+            elif self._native and not store.formats[f].quantized:
+                part = native.decode_full(store, layer, *args, window, self._step_cache)
             elif fast.supports(store.formats[f], store.head_dim):
                 part = fast.decode(
                     store,

@@ -53,7 +53,7 @@ import torch
 
 from tierkv.kv.partial import merge
 from tierkv.kv.pool import PageLayout
-from tierkv.kv.quant import KVFormat
+from tierkv.kv.quant import FORMATS, KVFormat
 from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
 
 # The decode kernel (a pybind11 module) and the quantizing write (torch.ops.tierkv), one build.
@@ -320,6 +320,42 @@ def decode(
         rings = cache[("native_ring", f)] = _rings(store, slots) if store.num_residual else None
     ring = None if rings is None else Ring(rings[0][layer], rings[1], rings[2])
     return partial(store, layer, q, pages[layer], starts, ends, f, ring=ring)[0]
+
+
+def decode_full(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    window: int | None,
+    cache: dict | None = None,
+) -> torch.Tensor:
+    """``decode`` for slots stored uncompressed (FULL pages), read in place.
+
+    The kernel's ring path reads FULL rows; a ring as large as the request's whole high tier
+    (``position % size == position``) with a residual window covering the visible range is
+    exactly the uncompressed cache, so the quantized range is empty. ``cache`` holds the page
+    ids of every layer for the step, as in ``decode``.
+    """
+    cache = {} if cache is None else cache
+    plan = cache.get("native_full")
+    if plan is None:
+        per_page = store.layouts[0].tokens_per_page
+        num = -(-int(lens.max()) // per_page)
+        pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
+        # The kernel's signature wants a quantized layout too; none of its tokens is read.
+        carrier = store.register(FORMATS["k8v8"])
+        ends = lens.to(torch.int64).contiguous()
+        size = torch.full_like(ends, num * per_page)
+        plan = cache["native_full"] = (pages, carrier, ends, size)
+    pages, carrier, ends, size = plan
+    starts = cache.get(("native_full_starts", window))
+    if starts is None:
+        starts = ends.new_zeros(ends.shape) if window is None else (ends - window).clamp(min=0)
+        cache[("native_full_starts", window)] = starts
+    ring = Ring(pages[layer], size, ends)
+    return partial(store, layer, q, pages[layer], starts, ends, carrier, ring=ring)[0]
 
 
 def _rings(
