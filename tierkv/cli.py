@@ -76,8 +76,9 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
         "--attention-backend",
         default=EngineConfig.attention_backend,
         choices=list(BACKENDS),
-        help="fast (default: dequantization folded into the attention matmuls for quantized "
-        "and tiered decode) or reference (gather, dequantize, attend; what the tests trust)",
+        help="fast (default: C++ kernels that read the KV pages in place and dequantize in "
+        "registers, built on first use; fused torch ops where no compiler is) or reference "
+        "(gather, dequantize, attend; what the tests trust)",
     )
 
 

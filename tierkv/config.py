@@ -63,9 +63,9 @@ class EngineConfig:
         kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
             ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
-        attention_backend: ``fast`` (the default: decode over uniform quantized pages and
-            attention over tiered ones with dequantization folded into the matmuls) or
-            ``reference`` (gather, dequantize, attend; the path the tests trust).
+        attention_backend: ``fast`` (the default: C++ kernels read the pages in place and
+            dequantize in registers, ``tierkv.kv.native``; fused torch ops where they cannot
+            be built) or ``reference`` (gather, dequantize, attend; the path the tests trust).
     """
 
     model: str
