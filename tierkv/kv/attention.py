@@ -14,18 +14,21 @@ policy then decides and compacts their tiers. Uniform requests keep the SDPA pat
 nothing for tiers.
 
 Uniform slots with a residual window (``KVPolicy.residual``) attend to the newest tokens
-uncompressed: their ring is read before the step's write (``KVStore.read_residual``), the step's
-own tokens are appended to it, and each query sees those entries inside its window and the
-quantized tokens before it, as one softmax over both.
+uncompressed: on the reference and torch paths their ring is read before the step's write
+(``KVStore.read_residual``), the step's own tokens are appended to it, and each query sees
+those entries inside its window and the quantized tokens before it, as one softmax over both
+(a prefill chunk in blocks of queries, each with only its own windows' entries); the native
+decode reads the ring in place after the write.
 
 Backends: ``"reference"`` (what the tests trust) runs every decode through the
-gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path;
-``"fast"`` (the engine's default) sends decode rows of uniform quantized slots to the C++
-kernel of ``tierkv.kv.native`` (built on first use; ``tierkv.kv.fast``'s torch path where no
-compiler is available) and tiered slots (decodes and prefill chunks) to ``tiered.attend``'s fused
-path, both of which fold dequantization into the attention matmuls instead of materialising
-the cache (uncompressed slots and uniform prefill chunks keep the reference path). The engine
-picks the backend from ``EngineConfig.attention_backend`` (``--attention-backend``).
+gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path.
+``"fast"`` (the engine's default) sends decode rows to the C++ kernels of ``tierkv.kv.native``
+(built on first use): uniform quantized slots, uncompressed slots (``decode_full``) and tiered
+slots (``tiered_decode``), all reading pages in place; where no compiler is available, quantized
+and tiered decodes take ``tierkv.kv.fast``'s fused torch ops and uncompressed ones the
+reference path. Prefill chunks take SDPA (tiered chunks through ``tiered``, which computes
+probabilities only for the queries that score). The engine picks the backend from
+``EngineConfig.attention_backend`` (``--attention-backend``).
 """
 
 from __future__ import annotations
