@@ -6,13 +6,17 @@
 // through the page table, one block of up to kBlock tokens of one page at a time:
 //   1. logits: each key's codes are unpacked 16 bytes at a time into float vectors in "plane
 //      order" (plane p holds the codes at bit p * bits of every byte, so unpacking is a shift
-//      and a mask, no shuffle), dequantized in registers (x = scale * code + zero, the lanes'
-//      scales picked by one permute) and dotted with every query head, whose channels were
-//      put in the same order once per work item;
+//      and a mask, no shuffle), multiplied by their scales (one broadcast per chunk when a
+//      group spans whole chunks, else one permute) and dotted with every query head, whose
+//      channels were put in the same order once per work item; the zeros are dotted with each
+//      head's sums over the groups' channels instead of being added lane by lane, and each
+//      token's lane products are summed 16 tokens at a time (hsum16);
 //   2. one online-softmax update per block: the block's maximum rescales the running sums
-//      once, and the exponentials are taken over the block in one vectorisable loop;
+//      once, and the exponentials are taken over the block 16 lanes at a time;
 //   3. values: chunk by chunk over the block's tokens, so each head's sums of a chunk stay in
-//      registers, dequantized the same way; the plane order is undone once at the end.
+//      registers, the codes scaled the same way and the zeros weighted by the probabilities
+//      once per block and group; the plane order is undone once at the end.
+// While a page is read, the next one is prefetched.
 // Two optional extensions ride on the same loop:
 //   * masking by stored position (tiered slots, whose tokens are in no particular order): a
 //     token is visible iff pos <= query_pos and, under a sliding window, pos > query_pos -
@@ -29,10 +33,17 @@
 // Measured (demo shapes, k8v4, 1 thread, 2048 tokens, one layer): a first version written as
 // plain loops for the auto-vectoriser (dequantize a token into a buffer, then dot products)
 // took 66 ns per (token, KV head); GCC turned its short per-group loops into versioned
-// vector loops and the u8 -> u32 widening into scalar code. This version takes 27-45 ns.
-// Masking by position and writing the probabilities add about 20% (a tiered k8v4 tier of 23k
-// tokens over 16 requests: 0.68 ms against 0.56 ms unmasked); the ring's few dozen tokens
-// cost a few microseconds per layer.
+// vector loops and the u8 -> u32 widening into scalar code. The next version (per-lane scales
+// and zeros permuted for every chunk of every token, one horizontal sum per token and head,
+// scalar exponentials, no prefetch) took 27-45 ns. This one, per layer-call of
+// scripts/bench_native_decode.py (batch x context, 2 KV heads, ms, before -> after, one run):
+//   k8v4 32x1024 1.82 -> 0.84, 1x2048 0.096 -> 0.061; k8v8 2.40 -> 0.93, 0.102 -> 0.068;
+//   k4v2 1.21 -> 0.70, 0.083 -> 0.052; k2v2 1.13 -> 0.74, 0.081 -> 0.055;
+//   tiered k8v4/k4v2-g64 16x1024 0.85 -> 0.64;
+// against 2.1 ms (32x1024) and 0.082 ms (1x2048) for SDPA over a contiguous bf16 cache. Half
+// of the old large-batch time was cache misses at page starts, which the prefetch removed.
+// Masking by position and writing the probabilities add about 20%; the ring's few dozen
+// tokens cost a few microseconds per layer.
 
 #include <torch/extension.h>
 
@@ -161,6 +172,33 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
+// x in every lane: x - 0 is x for every x, so this is a splat, where f32x16{} + x is a scalar
+// add of 0 first (-0 + 0 is +0).
+inline f32x16 broadcast(float x) {
+  return x - f32x16{};
+}
+
+// exp_nonpositive on 16 lanes (GCC leaves the scalar one's loop scalar): n rounded to nearest
+// by adding and subtracting 1.5 * 2^23 instead of floor(x + 0.5), the same |r| <= ln2 / 2.
+inline f32x16 exp_nonpositive(f32x16 x) {
+  const f32x16 c = x < -87.0f ? broadcast(-87.0f) : x;
+  const f32x16 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  f32x16 r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  f32x16 p = broadcast(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  f32x16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.0f ? f32x16{} : p * two_n;
+}
+
 inline f32x16 load(const float* p) {
   f32x16 v;
   std::memcpy(&v, p, sizeof v);
@@ -218,9 +256,73 @@ inline f32x16 spread(f32x16 v, i32x16 idx) {
 #endif
 }
 
+// Lane l takes lane idx[l] of the 32 lanes of a then b.
+inline f32x16 shuffle2(f32x16 a, f32x16 b, i32x16 idx) {
+#if defined(__clang__)
+  f32x16 out;
+  for (int l = 0; l < kLanes; ++l) {
+    out[l] = idx[l] < kLanes ? a[idx[l]] : b[idx[l] - kLanes];
+  }
+  return out;
+#else
+  return __builtin_shuffle(a, b, idx);
+#endif
+}
+
+// The lane sums of 16 vectors, lane t holding the sum of v[t]: four rounds, each adding the
+// two halves of every token's lanes while pairing vectors up (2 shuffles and an add per pair:
+// 45 operations, against about 10 for each of 16 separate horizontal sums).
+inline f32x16 hsum16(const f32x16* v) {
+  // Round r keeps 16 >> r lanes per token: lo takes each token's first half of them (of a,
+  // then of b), hi the second half.
+  static const i32x16 lo[4] = {
+      {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+      {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+      {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+      {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}};
+  static const i32x16 hi[4] = {
+      {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+      {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+      {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
+      {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+  f32x16 w[8];
+  for (int j = 0; j < 8; ++j) {
+    w[j] = shuffle2(v[2 * j], v[2 * j + 1], lo[0]) + shuffle2(v[2 * j], v[2 * j + 1], hi[0]);
+  }
+  for (int r = 1, pairs = 4; r < 4; ++r, pairs /= 2) {
+    for (int j = 0; j < pairs; ++j) {
+      w[j] = shuffle2(w[2 * j], w[2 * j + 1], lo[r]) + shuffle2(w[2 * j], w[2 * j + 1], hi[r]);
+    }
+  }
+  return w[0];
+}
+
+// Plane p of 16 widened code bytes of B bits as floats (the top plane needs no mask).
+template <int B>
+inline f32x16 plane(u32x16 w, int p) {
+  const u32x16 bits = w >> (p * B);
+  return __builtin_convertvector(p == 8 / B - 1 ? bits : bits & ((1u << B) - 1u), f32x16);
+}
+
 // fp16 scales or zeros of tokens [first, first + n) of one page as floats, groups per token.
 inline void load_halves(const uint8_t* field, int64_t stride, int64_t first, int64_t n,
                         int64_t groups, float* out) {
+#if defined(__AVX512F__)
+  if (stride == 2 * groups) {
+    // The usual packed field: the block's halves are contiguous, 16 converted per instruction.
+    const uint8_t* h = field + first * stride;
+    const int64_t count = n * groups;
+    int64_t e = 0;
+    for (; e + kLanes <= count; e += kLanes) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 2 * e));
+      _mm512_storeu_ps(out + e, _mm512_cvtph_ps(v));
+    }
+    for (; e < count; ++e) {
+      out[e] = static_cast<float>(reinterpret_cast<const c10::Half*>(h)[e]);
+    }
+    return;
+  }
+#endif
   for (int64_t t = 0; t < n; ++t) {
     const auto* h = reinterpret_cast<const c10::Half*>(field + (first + t) * stride);
     for (int64_t g = 0; g < groups; ++g) {
@@ -255,15 +357,19 @@ inline void load_row(const uint8_t* row, RowType type, int64_t dim, float* out) 
 // Codes of one side (keys or values) in vector form: a token row of `nbytes` bytes is
 // `chunks` chunks of 16 bytes; plane p of chunk c, lane l is channel (16 c + l) * planes + p.
 // idx[c] maps each lane of chunk c to the group of its byte (lanes past the row: group 0).
+// When groups span whole chunks (`whole`), a chunk's lanes share one scale: a broadcast of
+// idx[c][0]'s instead of a permute.
 struct Side {
   int64_t nbytes;
   int64_t chunks;
+  bool whole;
   std::vector<i32x16> idx;
 
   Side(int64_t dim, int bits, int64_t groups) {
     nbytes = dim * bits / 8;
     chunks = (nbytes + kLanes - 1) / kLanes;
     const int64_t group_bytes = nbytes / groups;
+    whole = group_bytes % kLanes == 0;
     idx.resize(static_cast<size_t>(chunks));
     for (int64_t c = 0; c < chunks; ++c) {
       for (int64_t l = 0; l < kLanes; ++l) {
@@ -285,8 +391,6 @@ void attend(const Shared& sh, const Item& it) {
   constexpr int kTile = G > 0 ? G : 1;
   constexpr int kKP = 8 / KB;  // key planes
   constexpr int kVP = 8 / VB;  // value planes
-  constexpr unsigned kKMask = (1u << KB) - 1u;
-  constexpr unsigned kVMask = (1u << VB) - 1u;
   constexpr float kMasked = -std::numeric_limits<float>::infinity();
   const int64_t dim = lay.head_dim;
   const int64_t groups = lay.groups;
@@ -307,6 +411,14 @@ void attend(const Shared& sh, const Item& it) {
       qp[i * kvec + p * ks.chunks + j / kLanes][j % kLanes] = it.q[i * dim + d] * sh.sm_scale;
     }
   }
+  // Each head's query summed over each group's channels (lane g, 0 past the groups): a key
+  // scale * code + zero is dotted as its scaled codes, plus its zeros dotted with these sums.
+  std::vector<f32x16> qsum(static_cast<size_t>(group), f32x16{});
+  for (int64_t i = 0; i < group; ++i) {
+    for (int64_t d = 0; d < dim; ++d) {
+      qsum[i][d / (dim / groups)] += it.q[i * dim + d] * sh.sm_scale;
+    }
+  }
   std::vector<f32x16> acc(static_cast<size_t>(group * vvec), f32x16{});
   // The ring's rows are in natural channel order: queries, a row and the values' sums too.
   std::vector<f32x16> qn(static_cast<size_t>(ring ? group * nvec : 0), f32x16{});
@@ -325,6 +437,8 @@ void attend(const Shared& sh, const Item& it) {
   std::vector<float> s_buf(static_cast<size_t>(kBlock * groups + kLanes), 0.0f);
   std::vector<float> z_buf(s_buf.size(), 0.0f);
   std::vector<float> logits(static_cast<size_t>(group * kBlock));
+  // Each head's lane products of each token of a block, summed 16 tokens at a time.
+  std::vector<f32x16> dots(static_cast<size_t>(group * kBlock), f32x16{});
   std::vector<float> run_max(static_cast<size_t>(group), kMasked);
   std::vector<float> run_sum(static_cast<size_t>(group), 0.0f);
   std::vector<uint8_t> visible(static_cast<size_t>(it.masked ? kBlock : 0));
@@ -334,21 +448,33 @@ void attend(const Shared& sh, const Item& it) {
   // and the logits become the weights of the block's values. The probabilities keep the raw
   // logits until the log-sum-exp is known.
   const auto update = [&](int64_t n, int64_t col) {
+    // Whole vectors of logits, the lanes past n masked (their weights are then 0).
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
     for (int64_t i = 0; i < group; ++i) {
       float* l = logits.data() + i * kBlock;
       if (it.probs != nullptr) {
         std::copy(l, l + n, it.probs + i * it.probs_stride + col);
       }
-      const float new_max = std::max(run_max[i], *std::max_element(l, l + n));
+      std::fill(l + n, l + padded, kMasked);
+      f32x16 top = broadcast(run_max[i]);
+      for (int64_t t = 0; t < padded; t += kLanes) {
+        const f32x16 x = load(l + t);
+        top = x > top ? x : top;
+      }
+      float new_max = top[0];
+      for (int lane = 1; lane < kLanes; ++lane) {
+        new_max = std::max(new_max, top[lane]);
+      }
       // The first block rescales nothing: its alpha is 0 and the sums are still 0.
       const float alpha = exp_nonpositive(run_max[i] - new_max);
       run_max[i] = new_max;
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        l[t] = exp_nonpositive(l[t] - new_max);
-        sum += l[t];
+      f32x16 sum{};
+      for (int64_t t = 0; t < padded; t += kLanes) {
+        const f32x16 e = exp_nonpositive(load(l + t) - new_max);
+        std::memcpy(l + t, &e, sizeof e);
+        sum += e;
       }
-      run_sum[i] = run_sum[i] * alpha + sum;
+      run_sum[i] = run_sum[i] * alpha + hsum(sum);
       if (alpha != 1.0f) {
         for (int64_t v = 0; v < vvec; ++v) {
           acc[i * vvec + v] *= alpha;
@@ -366,6 +492,18 @@ void attend(const Shared& sh, const Item& it) {
     const int64_t first = t0 - column * tpp;
     const int64_t n = std::min({ring_from - t0, tpp - first, kBlock});
     const uint8_t* base = page_base(sh, it.pages[column]);
+    // The next page's lines are fetched while this block computes: pages are scattered over
+    // the arena, so the hardware prefetchers, which stop at 4 KiB boundaries, restart cold on
+    // each of them (about half the time of a large batch went to those misses).
+    if (first + n == tpp && t0 + n < ring_from) {
+      const int64_t next = it.pages[column + 1];
+      if (next >= 0 && next < sh.num_pages) {
+        const uint8_t* ahead = sh.arena + next * sh.page_bytes;
+        for (int64_t b = 0; b < sh.page_bytes; b += 64) {
+          __builtin_prefetch(ahead + b);
+        }
+      }
+    }
 
     if (it.masked) {
       int64_t seen = 0;
@@ -386,31 +524,25 @@ void attend(const Shared& sh, const Item& it) {
       }
     }
 
-    // Logits of the block: key x = scale * code + zero per lane, dotted with each head.
+    // Logits of the block: each token's codes times their scales, dotted with each head, plus
+    // its zeros dotted with the head's group sums; the lanes are summed 16 tokens at a time.
+    // Masked tokens are computed like the others (their bytes are real tokens') and dropped.
     load_halves(base + lay.k_scale.offset, lay.k_scale.stride, first, n, groups, s_buf.data());
     load_halves(base + lay.k_zero.offset, lay.k_zero.stride, first, n, groups, z_buf.data());
     for (int64_t t = 0; t < n; ++t) {
-      if (it.masked && !visible[t]) {
-        for (int64_t i = 0; i < group; ++i) {
-          logits[i * kBlock + t] = kMasked;
-        }
-        continue;
-      }
       const uint8_t* row_k = code_row(
           base + lay.k_codes.offset + (first + t) * lay.k_codes.stride, ks.nbytes,
           lay.k_overread, pad.data());
-      const f32x16 s = load(s_buf.data() + t * groups);
+      const float* st = s_buf.data() + t * groups;
       const f32x16 z = load(z_buf.data() + t * groups);
       for (int64_t i = 0; i < group; ++i) {
-        tot[i] = f32x16{};
+        tot[i] = z * qsum[i];
       }
       for (int64_t c = 0; c < ks.chunks; ++c) {
         const u32x16 w = widen(row_k + c * kLanes);
-        const f32x16 sc = spread(s, ks.idx[c]);
-        const f32x16 zc = spread(z, ks.idx[c]);
+        const f32x16 sc = ks.whole ? broadcast(st[ks.idx[c][0]]) : spread(load(st), ks.idx[c]);
         for (int p = 0; p < kKP; ++p) {
-          const f32x16 x =
-              __builtin_convertvector((w >> (p * KB)) & kKMask, f32x16) * sc + zc;
+          const f32x16 x = plane<KB>(w, p) * sc;
           const f32x16* qv = qp.data() + p * ks.chunks + c;
           for (int64_t i = 0; i < group; ++i) {
             tot[i] += qv[i * kvec] * x;
@@ -418,15 +550,48 @@ void attend(const Shared& sh, const Item& it) {
         }
       }
       for (int64_t i = 0; i < group; ++i) {
-        logits[i * kBlock + t] = hsum(tot[i]);
+        dots[i * kBlock + t] = tot[i];
+      }
+    }
+    // Lanes of tokens past n hold stale (finite) products: their sums land past the logits.
+    for (int64_t i = 0; i < group; ++i) {
+      for (int64_t t = 0; t < n; t += kLanes) {
+        const f32x16 sum = hsum16(dots.data() + i * kBlock + t);
+        std::memcpy(logits.data() + i * kBlock + t, &sum, sizeof sum);
+      }
+      for (int64_t t = 0; it.masked && t < n; ++t) {
+        if (!visible[t]) {
+          logits[i * kBlock + t] = kMasked;
+        }
       }
     }
     update(n, t0);
 
     // Values of the block, weighted by each head's probabilities (masked tokens: weight 0,
-    // and their bytes are real tokens', so finite).
+    // and their bytes are real tokens', so finite): the scaled codes here, the zeros summed
+    // by group (lane g) once per block.
     load_halves(base + lay.v_scale.offset, lay.v_scale.stride, first, n, groups, s_buf.data());
     load_halves(base + lay.v_zero.offset, lay.v_zero.stride, first, n, groups, z_buf.data());
+    for (int64_t i = 0; i < group; ++i) {
+      // Two sums in registers, so the adds do not all wait on each other's latency.
+      const float* l = logits.data() + i * kBlock;
+      f32x16 zsum{}, zsum_odd{};
+      int64_t t = 0;
+      for (; t + 2 <= n; t += 2) {
+        zsum += l[t] * load(z_buf.data() + t * groups);
+        zsum_odd += l[t + 1] * load(z_buf.data() + (t + 1) * groups);
+      }
+      if (t < n) {
+        zsum += l[t] * load(z_buf.data() + t * groups);
+      }
+      zsum += zsum_odd;
+      for (int64_t c = 0; c < vs.chunks; ++c) {
+        const f32x16 zc = spread(zsum, vs.idx[c]);
+        for (int p = 0; p < kVP; ++p) {
+          acc[i * vvec + p * vs.chunks + c] += zc;
+        }
+      }
+    }
     // Chunk by chunk, so each head's sums of the chunk stay in registers over the block's
     // tokens (heads are taken GT at a time: all of them when G is fixed).
     for (int64_t i0 = 0; i0 < group; i0 += kTile) {
@@ -437,11 +602,11 @@ void attend(const Shared& sh, const Item& it) {
               base + lay.v_codes.offset + (first + t) * lay.v_codes.stride, vs.nbytes,
               lay.v_overread, pad.data());
           const u32x16 w = widen(row_v + c * kLanes);
-          const f32x16 sc = spread(load(s_buf.data() + t * groups), vs.idx[c]);
-          const f32x16 zc = spread(load(z_buf.data() + t * groups), vs.idx[c]);
+          const float* st = s_buf.data() + t * groups;
+          const f32x16 sc =
+              vs.whole ? broadcast(st[vs.idx[c][0]]) : spread(load(st), vs.idx[c]);
           for (int p = 0; p < kVP; ++p) {
-            const f32x16 x =
-                __builtin_convertvector((w >> (p * VB)) & kVMask, f32x16) * sc + zc;
+            const f32x16 x = plane<VB>(w, p) * sc;
             for (int i = 0; i < kTile; ++i) {
               part[i][p] += logits[(i0 + i) * kBlock + t] * x;
             }
