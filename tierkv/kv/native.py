@@ -51,6 +51,7 @@ from types import ModuleType
 
 import torch
 
+from tierkv.kv import fast
 from tierkv.kv.partial import merge
 from tierkv.kv.pool import PageLayout
 from tierkv.kv.quant import FORMATS, KVFormat
@@ -137,17 +138,11 @@ def unavailable_reason() -> str | None:
 
 
 def supports(fmt: KVFormat, head_dim: int) -> bool:
-    """Whether the kernel serves slots stored in ``fmt`` at this head dim.
-
-    Quantized formats whose groups of channels fill whole bytes at both bit widths: the same
-    formats as ``tierkv.kv.fast.supports``.
-    """
-    if not fmt.quantized:
-        return False
-    width = min(fmt.group_size, head_dim)
-    return head_dim % width == 0 and all(
-        width * bits % 8 == 0 for bits in (fmt.key_bits, fmt.value_bits)
-    )
+    """Whether the kernel serves slots stored in ``fmt`` at this head dim: the quantized
+    formats whose groups of channels fill whole bytes at both bit widths, the formats
+    ``tierkv.kv.fast`` serves (a group size that does not divide the head dim never reaches a
+    store: ``KVStore.register`` refuses it)."""
+    return fast.supports(fmt, head_dim)
 
 
 @functools.cache

@@ -497,10 +497,7 @@ class KVStore:
     ) -> dict[str, torch.Tensor]:
         """Every field (``[M, numel]``) of the tokens at ``index`` of (``slots``, ``heads``) of
         one tier: the inverse of ``put``. All ``slots`` must store that tier in one format."""
-        f = int(self.slot_format[slots[0], tier])
-        per_page = self.layouts[f].tokens_per_page
-        pages = self.tables[slots, layer, heads, tier, index // per_page]
-        offset = index % per_page
+        f, pages, offset = self._locate(layer, tier, slots, heads, index)
         return {name: view[pages, offset] for name, view in self._views[f].items()}
 
     def put(
@@ -519,13 +516,23 @@ class KVStore:
         """
         if not index.numel():
             return
-        f = int(self.slot_format[slots[0], tier])
-        per_page = self.layouts[f].tokens_per_page
-        pages = self.tables[slots, layer, heads, tier, index // per_page]
-        offset = index % per_page
+        f, pages, offset = self._locate(layer, tier, slots, heads, index)
         views = self._views[f]
         for name, value in fields.items():
             views[name][pages, offset] = value
+
+    def _locate(
+        self,
+        layer: int,
+        tier: int,
+        slots: torch.Tensor,
+        heads: torch.Tensor,
+        index: torch.Tensor,
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The tier's format index, and the page and row of each token at ``index``."""
+        f = int(self.slot_format[slots[0], tier])
+        per_page = self.layouts[f].tokens_per_page
+        return f, self.tables[slots, layer, heads, tier, index // per_page], index % per_page
 
     def write_scores(
         self, layer: int, slots: torch.Tensor, tier: int, scores: torch.Tensor

@@ -45,6 +45,19 @@ class TieredAttention:
     pos: torch.Tensor
     valid: torch.Tensor
 
+    @classmethod
+    def of(
+        cls, out: torch.Tensor, probs: torch.Tensor, high: TierRead, low: TierRead
+    ) -> TieredAttention:
+        """The result over the columns of ``high`` then ``low`` (their positions and masks)."""
+        return cls(out, probs, high, low, *_columns(high, low))
+
+
+def _columns(high: TierRead, low: TierRead) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, H, T] and validity of the columns of ``high`` then ``low``."""
+    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
+    return pos, torch.cat([high.valid, low.valid], -1)
+
 
 def attend(
     store: KVStore,
@@ -66,8 +79,7 @@ def attend(
     low = store.read_tier(layer, slots, LOW)
     slot = int(slots[0])
     formats = (store.format_of(slot, HIGH), store.format_of(slot, LOW))
-    valid = torch.cat([high.valid, low.valid], -1)
-    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
+    pos, valid = _columns(high, low)
     b, nq, hq, dim = q.shape
     heads = store.num_kv_heads
     qg = q.float().view(b, nq, heads, hq // heads, dim).permute(0, 2, 3, 1, 4)
@@ -226,9 +238,7 @@ def _attend_prefill(
     probs = logits.masked_fill_(~visible[first:], -torch.inf).softmax(-1)
     high = store.read_tier(layer, slots, HIGH, ("score", "pos"))
     low = store.read_tier(layer, slots, LOW, ("score", "pos"))
-    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
-    valid = torch.cat([high.valid, low.valid], -1)
-    att = TieredAttention(out[0].transpose(0, 1)[None], probs, high, low, pos, valid)
+    att = TieredAttention.of(out[0].transpose(0, 1)[None], probs, high, low)
     return att, query_pos[:, first:]
 
 
@@ -252,6 +262,4 @@ def _attend_native(
     out, probs = native.tiered_decode(store, layer, q, slots, query_pos, window)
     high = store.read_tier(layer, slots, HIGH, ("score", "pos"))
     low = store.read_tier(layer, slots, LOW, ("score", "pos"))
-    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
-    valid = torch.cat([high.valid, low.valid], -1)
-    return TieredAttention(out[:, None], probs[:, :, :, None], high, low, pos, valid)
+    return TieredAttention.of(out[:, None], probs[:, :, :, None], high, low)
