@@ -235,8 +235,7 @@ class AsyncEngine:
                 self._drain(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished() and not self._stopping:
                     self._step()
-                if self._stats is not None:
-                    self._stats.record_engine(self.engine.pool_counters())
+                self._record_engine()
             error = EngineDeadError("the engine was shut down")
         except BaseException as exc:
             logger.exception("the engine loop died")
@@ -271,6 +270,8 @@ class AsyncEngine:
         tracked = self._tracked.pop(request_id, None)
         if tracked is not None:
             self.engine.abort(request_id)
+            # Pool gauges first: whoever sees the request counted as ended sees its pages freed.
+            self._record_engine()
             self._record(tracked, "abort")
 
     def _step(self) -> None:
@@ -280,6 +281,7 @@ class AsyncEngine:
             self._step_failed(exc)
             return
         self._failures = 0
+        self._record_engine()
         now = time.monotonic()
         for output in outputs:
             tracked = self._tracked.get(output.request_id)
@@ -292,6 +294,10 @@ class AsyncEngine:
             if output.finished:
                 del self._tracked[output.request_id]
                 self._record(tracked, None)
+
+    def _record_engine(self) -> None:
+        if self._stats is not None:
+            self._stats.record_engine(self.engine.pool_counters())
 
     def _step_failed(self, exc: Exception) -> None:
         self._failures += 1
