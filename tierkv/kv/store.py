@@ -148,6 +148,8 @@ class KVStore:
         # Quantizes and writes new tokens in one call when set (``native.store_tokens``, set by
         # the fast attention backend); else ``KVFormat.encode`` and one store per field.
         self.token_writer: Callable[..., None] | None = None
+        # Where the current step's tokens go in the residual rings (see ``_write_ring``).
+        self._ring_plan: tuple[torch.Tensor, ...] | None = None
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.register(FULL)
 
@@ -396,22 +398,33 @@ class KVStore:
         """Copy the new tokens of residual slots, uncompressed, into their rings.
 
         Only a slot's newest ``ring`` tokens of the call are written: older ones would be
-        overwritten within the same scatter, whose order is undefined.
+        overwritten within the same scatter, whose order is undefined. Where they go is the
+        same at every layer of a step (each layer has seen as many tokens when it writes), so
+        it is worked out once, for the step's ``index`` tensor, and reused by the next layers.
         """
-        ring = self.ring[slots]
-        end = self.seen[slots, layer] + torch.bincount(slots, minlength=self.seen.shape[0])[slots]
-        keep = torch.nonzero((ring > 0) & (index >= end - ring)).flatten()
+        plan = self._ring_plan
+        if plan is None or plan[0] is not index:
+            ring = self.ring[slots]
+            added = torch.bincount(slots, minlength=self.seen.shape[0])[slots]
+            keep = torch.nonzero((ring > 0) & (index >= self.seen[slots, layer] + added - ring))
+            keep = keep.flatten()
+            at = index[keep] % ring[keep]
+            per_page = self.layouts[0].tokens_per_page
+            # [kept tokens, layers, heads]: each token's ring page in every layer.
+            pages = self.tables[
+                slots[keep][:, None, None],
+                torch.arange(self.num_layers)[:, None],
+                torch.arange(self.num_kv_heads),
+                RESIDUAL,
+                (at // per_page)[:, None, None],
+            ]
+            plan = self._ring_plan = (index, keep, pages, (at % per_page)[:, None])
+        _, keep, pages, offset = plan
         if not keep.numel():
             return
-        slots, index, ring = slots[keep], index[keep], ring[keep]
-        per_page = self.layouts[0].tokens_per_page
-        at = index % ring
-        heads = torch.arange(self.num_kv_heads)
-        pages = self.tables[slots[:, None], layer, heads, RESIDUAL, (at // per_page)[:, None]]
-        offset = (at % per_page)[:, None]
-        encoded = FULL.encode(k[keep], v[keep], positions=index, dtype=self.dtype)
+        encoded = FULL.encode(k[keep], v[keep], dtype=self.dtype)
         for name, value in encoded.items():
-            self._views[0][name][pages, offset] = value
+            self._views[0][name][pages[:, layer], offset] = value
 
     def read_residual(self, layer: int, slots: torch.Tensor) -> Residual:
         """The ring entries of ``slots`` at ``layer``: their newest tokens before this step.
