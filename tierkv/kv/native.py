@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -56,6 +57,8 @@ from tierkv.kv.partial import merge
 from tierkv.kv.pool import PageLayout
 from tierkv.kv.quant import FORMATS, KVFormat
 from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
+
+logger = logging.getLogger(__name__)
 
 # The decode kernel (a pybind11 module) and the quantizing write (torch.ops.tierkv), one build.
 _SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.cpp")))
@@ -113,6 +116,9 @@ def _load() -> tuple[ModuleType | None, str | None]:
         build = _cache_root() / key
         try:
             build.mkdir(parents=True, exist_ok=True)
+            if not any(build.glob("*.so")):
+                # A silent minute at the first engine would look like a hang.
+                logger.warning("compiling tierkv's C++ kernels into %s (once per machine)", build)
             module = cpp_extension.load(
                 name=f"tierkv_native_{key}",
                 sources=[str(path) for path in _SOURCES],
@@ -124,7 +130,9 @@ def _load() -> tuple[ModuleType | None, str | None]:
             return module, None
         except Exception as exc:  # any build failure means "no native kernel", never a crash
             reasons.append(f"{' '.join(flags)}: {str(exc).strip().splitlines()[-1:]}")
-    return None, "the native kernel did not build (" + "; ".join(reasons) + ")"
+    reason = "the native kernel did not build (" + "; ".join(reasons) + ")"
+    logger.warning("%s; attention runs on the slower torch paths", reason)
+    return None, reason
 
 
 def available() -> bool:
