@@ -62,20 +62,17 @@ def _time(step: Callable[[], None], repeat: int) -> float:
     return statistics.median(samples)
 
 
+def _empty_store(pages: int, batch: int, context: int) -> KVStore:
+    """A store of ``pages`` pages for ``batch`` requests of up to ``context + 1`` tokens."""
+    pool = PagePool(pages, default_page_bytes(HEAD_DIM))
+    return KVStore(pool, LAYERS, KV_HEADS, HEAD_DIM, DTYPE, batch, context + 1)
+
+
 def _store(name: str, batch: int, context: int) -> tuple[KVStore, torch.Tensor, int]:
     """A store holding ``context`` random tokens per request in every layer, format ``name``."""
     fmt = FORMATS[name]
     per_page = fmt.layout(HEAD_DIM, DTYPE, default_page_bytes(HEAD_DIM)).tokens_per_page
-    pages = LAYERS * KV_HEADS * batch * -(-(context + 1) // per_page)
-    store = KVStore(
-        PagePool(pages, default_page_bytes(HEAD_DIM)),
-        LAYERS,
-        KV_HEADS,
-        HEAD_DIM,
-        DTYPE,
-        batch,
-        context + 1,
-    )
+    store = _empty_store(LAYERS * KV_HEADS * batch * -(-(context + 1) // per_page), batch, context)
     slots = torch.tensor([store.acquire_slot(fmt) for _ in range(batch)])
     store.reserve(slots, torch.full((batch,), context + 1))
     gen = torch.Generator().manual_seed(0)
@@ -143,16 +140,7 @@ def _tiered_store(policy: KVPolicy, batch: int, context: int) -> tuple[KVStore, 
         fmt.layout(HEAD_DIM, DTYPE, default_page_bytes(HEAD_DIM)).tokens_per_page
         for fmt in (policy.high, policy.low)
     )
-    pages = LAYERS * KV_HEADS * batch * (-(-context // per_page) + 2)
-    store = KVStore(
-        PagePool(pages, default_page_bytes(HEAD_DIM)),
-        LAYERS,
-        KV_HEADS,
-        HEAD_DIM,
-        DTYPE,
-        batch,
-        context + 1,
-    )
+    store = _empty_store(LAYERS * KV_HEADS * batch * (-(-context // per_page) + 2), batch, context)
     slots = torch.tensor([store.acquire_slot(policy, context) for _ in range(batch)])
     gen = torch.Generator().manual_seed(0)
     for layer in range(LAYERS):

@@ -443,7 +443,7 @@ def tiered_decode(
     """
     b, hq, _ = q.shape
     formats = store.slot_format[slots[0]].tolist()
-    counts = store.count[slots, layer, :, :RESIDUAL]
+    counts = store.count[slots, layer]
     # One column per token slot of the pages ``read_tier`` would gather, per tier.
     tiers = []
     for tier in (HIGH, LOW):

@@ -10,10 +10,12 @@ uncompressed tokens (``KVStore.read_residual``) are attended here, in torch.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.store import Residual
+if TYPE_CHECKING:  # the store builds its residual masks with ``causal_visibility``
+    from tierkv.kv.store import Residual
 
 
 def causal_visibility(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierkv.kv.partial import causal_visibility
 from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PageLayout, PagePool
 from tierkv.kv.quant import FULL, KVFormat
@@ -90,11 +91,8 @@ class Residual:
     def visible(self, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """``[B, nq, E]``: which entries queries at ``query_pos`` [B, nq] see uncompressed."""
         pos = self.pos[:, None, :]
-        qpos = query_pos[..., None]
-        seen = (pos >= 0) & (pos <= qpos) & (pos > qpos - self.window[:, None, None])
-        if window is not None:
-            seen &= pos > qpos - window
-        return seen
+        newest = pos > query_pos[..., None] - self.window[:, None, None]
+        return (pos >= 0) & newest & causal_visibility(query_pos, pos, window)
 
 
 class KVStore:
@@ -134,7 +132,8 @@ class KVStore:
         # One spare column: a low tier may hold one page beyond its tokens (the demotion room).
         self.tables = torch.zeros(*shape, self.max_pages + 1, dtype=torch.int64)
         self.held = torch.zeros(shape, dtype=torch.int64)
-        self.count = torch.zeros(shape, dtype=torch.int64)
+        # Tokens of each tier (a ring holds the newest min(seen, ring) tokens: derived).
+        self.count = torch.zeros(shape[:-1] + (RESIDUAL,), dtype=torch.int64)
         # Tokens appended per (slot, layer): the next token's position.
         self.seen = torch.zeros(max_seqs, num_layers, dtype=torch.int64)
         # Format index of each slot's tiers (the low one is -1 for uniform slots).
@@ -166,7 +165,7 @@ class KVStore:
     @property
     def num_tokens(self) -> torch.Tensor:
         """Tokens held by each (slot, layer, head), both tiers (the ring copies some of them)."""
-        return self.count[..., :RESIDUAL].sum(-1)
+        return self.count.sum(-1)
 
     # -- formats -------------------------------------------------------------------------------
 
@@ -315,7 +314,7 @@ class KVStore:
         want = want.reshape(-1)
         self._shrink(rows, want)
         self._grow(rows, (want - self.held.view(-1)[rows]).clamp(min=0))
-        self.count[slots, layer, :, :RESIDUAL] = counts
+        self.count[slots, layer] = counts
 
     def _want(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """Pages each (slot, layer, head, row) should hold before a step: ``[B, L, H, 3]``."""
@@ -389,8 +388,6 @@ class KVStore:
         added = torch.bincount(slots, minlength=self.seen.shape[0])
         self.seen[:, layer] += added
         self.count[:, layer, :, HIGH] += added[:, None]
-        ring = self.count[:, layer, :, RESIDUAL]
-        ring.copy_(torch.minimum(self.seen[:, layer], self.ring)[:, None].expand_as(ring))
 
     def _write_ring(
         self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -631,10 +628,14 @@ class KVStore:
     def tier_usage(self, slots: torch.Tensor) -> dict[str, tuple[int, int]]:
         """``tier -> (tokens, pages)`` held by ``slots`` over all layers and heads; the
         ``residual`` ring's tokens are uncompressed copies of the newest high-tier ones."""
-        return {
+        usage = {
             name: (int(self.count[slots, ..., tier].sum()), int(self.held[slots, ..., tier].sum()))
-            for name, tier in (("high", HIGH), ("low", LOW), ("residual", RESIDUAL))
+            for name, tier in (("high", HIGH), ("low", LOW))
         }
+        ring_tokens = torch.minimum(self.seen[slots], self.ring[slots, None]).sum()
+        ring_pages = int(self.held[slots, ..., RESIDUAL].sum())
+        usage["residual"] = (int(ring_tokens) * self.num_kv_heads, ring_pages)
+        return usage
 
     def bytes_in_use(self, slots: torch.Tensor | None = None) -> int:
         """Bytes held by the pages of ``slots`` (all slots by default) and their table entries."""

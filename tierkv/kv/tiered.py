@@ -83,10 +83,9 @@ def attend(
     b, nq, hq, dim = q.shape
     heads = store.num_kv_heads
     qg = q.float().view(b, nq, heads, hq // heads, dim).permute(0, 2, 3, 1, 4)
-    kpos, qpos = pos[:, :, None, None, :], query_pos[:, None, None, :, None]
-    visible = valid[:, :, None, None, :] & (kpos <= qpos)
-    if window is not None:
-        visible &= kpos > qpos - window
+    visible = valid[:, :, None, None, :] & causal_visibility(
+        query_pos[:, None, None, :], pos[:, :, None, None, :], window
+    )
     if workspace is not None and all(fast.supports(f, dim) for f in formats):
         probs, out = _fused(qg, (high, low), formats, valid, visible, workspace)
     else:

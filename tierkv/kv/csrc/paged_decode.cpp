@@ -149,37 +149,16 @@ inline const uint8_t* page_base(const Shared& sh, int64_t page) {
   return sh.arena + page * sh.page_bytes;
 }
 
-// exp(x) for x <= 0 in plain arithmetic (so a loop of it vectorises): x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by its Taylor series to degree 7 (relative error below 1e-8), and
-// 2^n built in the exponent bits. Inputs below -87 (masked tokens' -inf among them) give 0.
-inline float exp_nonpositive(float x) {
-  const float c = std::max(x, -87.0f);
-  const float n = std::floor(c * 1.44269504088896341f + 0.5f);
-  // ln2 split in two so that n * hi is exact (hi has 9 significant bits, |n| <= 126).
-  float r = c - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
 // x in every lane: x - 0 is x for every x, so this is a splat, where f32x16{} + x is a scalar
 // add of 0 first (-0 + 0 is +0).
 inline f32x16 broadcast(float x) {
   return x - f32x16{};
 }
 
-// exp_nonpositive on 16 lanes (GCC leaves the scalar one's loop scalar): n rounded to nearest
-// by adding and subtracting 1.5 * 2^23 instead of floor(x + 0.5), the same |r| <= ln2 / 2.
+// exp(x) for x <= 0 on 16 lanes, in plain arithmetic: x = n ln2 + r with |r| <= ln2 / 2 (n
+// rounded to nearest by adding and subtracting 1.5 * 2^23), exp(r) by its Taylor series to
+// degree 7 (relative error below 1e-8), and 2^n built in the exponent bits. Inputs below -87
+// (masked tokens' -inf among them) give 0.
 inline f32x16 exp_nonpositive(f32x16 x) {
   const f32x16 c = x < -87.0f ? broadcast(-87.0f) : x;
   const f32x16 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -197,6 +176,11 @@ inline f32x16 exp_nonpositive(f32x16 x) {
   f32x16 two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return x < -87.0f ? f32x16{} : p * two_n;
+}
+
+// The same for one value (a block's rescaling factor, a probability), from lane 0.
+inline float exp_nonpositive(float x) {
+  return exp_nonpositive(broadcast(x))[0];
 }
 
 inline f32x16 load(const float* p) {
@@ -676,7 +660,12 @@ void attend(const Shared& sh, const Item& it) {
     if (probs != nullptr) {
       // The raw logits of the range become probabilities; columns outside it are 0.
       std::fill(probs, probs + it.start, 0.0f);
-      for (int64_t t = it.start; t < it.end; ++t) {
+      int64_t t = it.start;
+      for (; t + kLanes <= it.end; t += kLanes) {
+        const f32x16 e = exp_nonpositive(load(probs + t) - lse);
+        std::memcpy(probs + t, &e, sizeof e);
+      }
+      for (; t < it.end; ++t) {
         probs[t] = exp_nonpositive(probs[t] - lse);
       }
       std::fill(probs + it.end, probs + it.probs_width, 0.0f);
