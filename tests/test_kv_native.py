@@ -249,6 +249,7 @@ def _tiered_store(
         q, k, v = tokens(sum(new))
         for layer in range(LAYERS):
             attention(layer, q, k, v, batch)
+        attention.finish_step(batch)
     store.reserve(slots, context + 1)
     q, k, v = tokens(len(TIERED_PROMPTS))
     store.write(LAYER, slots, context, k, v)
@@ -275,3 +276,19 @@ def test_tiered_decode_equals_tiered_attend(
     # What the policy takes from them: each token's largest probability over its group.
     received = store.tiers.received(want.probs, slots, query_pos[:, None])
     torch.testing.assert_close(probs.amax(2), received, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("formats", ["k8v4/k4v2", "k4v2/k2v2"])
+def test_native_scores_equal_the_torch_update(formats: str) -> None:
+    spec = f"{formats}-g32:ah=10,al=4,w=8,sw=16"
+    store, slots, q, query_pos = _tiered_store(spec, 4, None)
+    _, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, None)
+    arena = store.pool.arena.clone()
+    tiered.add_received(
+        store, LAYER, slots, query_pos[:, None], tiered.TieredAttention(q, probs[:, :, :, None])
+    )
+    want = store.pool.arena.clone()
+    store.pool.arena.copy_(arena)
+    native.add_scores(store, LAYER, slots, probs)
+    # The same float32 sums, so the same bytes; and something was added.
+    assert torch.equal(store.pool.arena, want) and not torch.equal(arena, want)

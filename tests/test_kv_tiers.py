@@ -55,6 +55,7 @@ def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_token
         store.reserve(torch.tensor([slot]), torch.tensor([prompt]))
         batch = AttentionBatch.build([slot], [0], [prompt])
         attention(layer, q[:prompt], k[:prompt], v[:prompt], batch)
+    attention.finish_step(batch)
     kept_after_prefill = store.num_tokens[slot].clone()
     assert (kept_after_prefill < prompt).any()  # the thresholds pruned something
     for step in range(prompt, total):
@@ -81,6 +82,7 @@ def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_token
                 layer, q[step : step + 1], k[step : step + 1], v[step : step + 1], batch
             )
             torch.testing.assert_close(out[0], torch.cat(want), rtol=1e-5, atol=1e-5)
+        attention.finish_step(batch)
     counts = store.count[slot]
     assert (counts[..., LOW] > 0).any() and (counts.sum(-1) != counts.sum(-1).max()).any()
     store.release_slot(slot)
@@ -176,13 +178,12 @@ def test_randomised_tier_workload_keeps_exact_accounting_and_contents(
             is_low = torch.arange(valid.shape[-1]) >= width
             to_high = valid & ~is_low & (fate == 0)
             to_low = valid & (fate == 1)
-            scores = torch.rand(valid.shape, generator=gen)
             pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[0, ..., 0]
             for head in range(HEADS):
                 tiers = held[req][layer][head]
                 tiers[HIGH] = set(pos[head][to_high[0, head]].tolist())
                 tiers[LOW] = set(pos[head][to_low[0, head]].tolist())
-            apply_decisions(store, layer, slot, scores, to_high, to_low, width)
+            apply_decisions(store, layer, slot, to_high, to_low, width)
             freed |= before - set(_owned(store, slots.values()).tolist())
         elif kind == "release" and req in slots:
             freed |= set(_owned(store, [slots[req]]).tolist())

@@ -53,7 +53,7 @@ def test_decisions_come_every_interval_steps(checkpoints: dict[str, Path]) -> No
             pruned_at.append(step)
         before = held
     assert pruned_at  # the decisions did prune
-    assert KVPolicy.parse("default").interval == 1
+    assert KVPolicy.parse("default").interval == 8
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
             "(uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2 (optional group "
             "size suffix, e.g. k4v2-g64, and residual window of uncompressed newest tokens, "
             "e.g. k8v8:r=32, the default; r=0 for none); differentiated HIGH/LOW[-gN] such as "
-            "k8v4/k4v2[:ah=2.0,al=0.2,w=64,sw=64,pk=7,di=1]"
+            "k8v4/k4v2[:ah=2.0,al=0.2,w=64,sw=64,pk=7,di=8]"
         ),
     )
     parser.add_argument(

@@ -1,18 +1,23 @@
 """Single-request decode speed against context length, and the memory bandwidth it achieves.
 
-Decode is bound by memory bandwidth: each step reads every weight once and the request's whole
-KV cache. Achieved bandwidth = (weight bytes + KV bytes read per step) / step time, reported
-next to the machine's own measured copy and read bandwidth, which is the physical limit.
+Decode is bound by memory bandwidth: each step reads every weight once (but of an input
+embedding not tied to the output head, only the step's row) and the request's whole KV cache.
+Achieved bandwidth = (weight bytes + KV bytes read per step) / step time, reported next to the
+machine's own measured copy and read bandwidth, which is the physical limit.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tierkv.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tierkv.model.decoder import Decoder
 
 
 @dataclass
@@ -76,7 +81,7 @@ def run_decode(
             attention_backend=attention_backend,
         )
     )
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    weight_bytes = _weight_bytes_per_step(engine.model)
     vocab = engine.spec.vocab_size
     results = []
     for context in contexts:
@@ -107,6 +112,16 @@ def run_decode(
             )
         )
     return results
+
+
+def _weight_bytes_per_step(model: Decoder) -> int:
+    """Bytes of the weights one decode step reads: all of them, except that an untied input
+    embedding contributes one row (the tied one is read whole as the output head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.spec.tie_word_embeddings:
+        return total
+    table = model.embed_tokens.weight
+    return total - table.numel() * table.element_size() + table[0].numel() * table.element_size()
 
 
 def format_table(results: list[DecodeResult], bandwidth: Bandwidth) -> str:

@@ -41,6 +41,7 @@ class ModelRunner:
             batch,
             torch.tensor(rows, dtype=torch.int64),
         )
+        self.attention.finish_step(batch)
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             req.num_computed_tokens += n
         return sampling, logits

@@ -9,9 +9,9 @@ are attended in one batched call; each prefill chunk attends alone, since chunks
 and differ in length.
 
 Requests under a differentiated policy (tiered slots) take ``tiered.attend``, an explicit
-softmax over both tiers that also returns the attention probabilities their scores need; the
-policy then decides and compacts their tiers. Uniform requests keep the SDPA path and pay
-nothing for tiers.
+softmax over both tiers that also returns the attention probabilities their scores need; after
+the step's last layer (``finish_step``) the policy decides and compacts their tiers. Uniform
+requests keep the SDPA path and pay nothing for tiers.
 
 Uniform slots with a residual window (``KVPolicy.residual``) attend to the newest tokens
 uncompressed: on the reference and torch paths their ring is read before the step's write
@@ -173,6 +173,17 @@ class PagedAttention:
                 residual,
             )
         return out
+
+    @torch.inference_mode()
+    def finish_step(self, batch: AttentionBatch) -> None:
+        """After the step's last layer: the tier decisions of its tiered requests, all layers
+        at once (``tiered.decide_step``)."""
+        store = self.store
+        if not store.num_tiered:
+            return
+        is_tiered = store.slot_format[batch.slots, 1] >= 0
+        seen = torch.tensor(batch.context_lens) + torch.tensor(batch.query_lens)
+        tiered.decide_step(store, batch.slots[is_tiered], seen[is_tiered])
 
     def _reads_rings(self, batch: AttentionBatch) -> bool:
         """Whether some request of the step needs its residual entries read before the write:

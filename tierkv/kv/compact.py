@@ -8,9 +8,9 @@ as many tokens as it removed (a few per head, where closing the gaps in order wo
 token after the first hole: measured 28% of all kept tokens per decode step). Demoted tokens
 are re-quantized to the low format and appended after the low tier's kept tokens.
 
-The updated scores of every token are written back first, page by page in one copy per tier;
-the tokens that move or are demoted are then read from their pages (the only full-field reads
-a decision needs, so its caller reads just scores and positions), the pages are resized
+The tokens' scores are already stored (the step's attention was added before the decision);
+the tokens that move or are demoted are read from their pages (the only full-field reads a
+decision needs, so its caller reads just scores and positions), the pages are resized
 (surplus freed, then missing ones allocated, so demotion can use the pages the high tier
 leaves), and the moved and demoted tokens are written, all of it vectorised over slots, heads
 and tokens.
@@ -30,7 +30,6 @@ def apply_decisions(
     store: KVStore,
     layer: int,
     slots: torch.Tensor,
-    scores: torch.Tensor,
     to_high: torch.Tensor,
     to_low: torch.Tensor,
     width: int,
@@ -38,13 +37,11 @@ def apply_decisions(
     """Rewrite both tiers of ``slots`` at ``layer``: tokens of ``to_high`` stay high, those of
     ``to_low`` go (or stay) low, the rest are pruned.
 
-    ``scores`` [B, H, T] are the tokens' updated scores and the masks [B, H, T] cover the
-    columns ``read_tier`` gave for both tiers, the ``width`` high-tier columns first. Low-tier
-    tokens must not be in ``to_high`` (no promotion).
+    The masks [B, H, T] cover the columns ``read_tier`` gave for both tiers, the ``width``
+    high-tier columns first; the tokens' scores are already stored. Low-tier tokens must not be
+    in ``to_high`` (no promotion).
     """
     keep_high, demote, keep_low = to_high[..., :width], to_low[..., :width], to_low[..., width:]
-    store.write_scores(layer, slots, HIGH, scores[..., :width])
-    store.write_scores(layer, slots, LOW, scores[..., width:])
     kept_low = keep_low.sum(-1)
     # Everything that moves is read before ``resize`` frees the pages it sits in.
     writes = [

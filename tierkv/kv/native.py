@@ -60,7 +60,8 @@ from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
 
 logger = logging.getLogger(__name__)
 
-# The decode kernel (a pybind11 module) and the quantizing write (torch.ops.tierkv), one build.
+# The decode kernel (a pybind11 module), the quantizing write and the score update
+# (torch.ops.tierkv), one build.
 _SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.cpp")))
 
 # Tried in order: the first set the compiler accepts is kept. -fopenmp lets at::parallel_for
@@ -417,6 +418,42 @@ def store_tokens(
         offsets,
         strides,
     )
+
+
+@functools.cache
+def _score_field(layout: PageLayout) -> tuple[int, int]:
+    """Byte offset and per-token stride of the ``score`` field in pages of ``layout``."""
+    field = next(field for field in layout.fields if field.name == "score")
+    return layout.offsets()["score"], field.token_bytes
+
+
+def add_scores(store: KVStore, layer: int, slots: torch.Tensor, probs: torch.Tensor) -> None:
+    """Add to the stored score of every token the tiered ``slots`` hold at ``layer`` the
+    largest probability any query head of its group gave it, in place.
+
+    ``probs`` [B, H, G, T_high + T_low] is ``tiered_decode``'s, taken before the store changed
+    (``csrc/add_scores.cpp``: the float32 sum ``tiered.update``'s torch path writes).
+    """
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    first = 0
+    for tier in (HIGH, LOW):
+        layout = store.layouts[int(store.slot_format[slots[0], tier])]
+        per_page = layout.tokens_per_page
+        count = store.count[slots, layer, :, tier]
+        num = -(-int(count.max()) // per_page) if count.numel() else 0
+        width = num * per_page
+        offset, stride = _score_field(layout)
+        torch.ops.tierkv.add_scores(
+            probs[..., first : first + width],
+            store.pool.arena,
+            store.tables[slots, layer, :, tier, :num],
+            count,
+            offset,
+            stride,
+            per_page,
+        )
+        first += width
 
 
 def tiered_decode(

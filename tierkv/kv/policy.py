@@ -18,7 +18,7 @@ request):
   ``HIGH/LOW[-gN][@BUDGET][:key=value,...]`` with keys ``ah`` (alpha_high, default 2.0),
   ``al`` (alpha_low, 0.2), ``w`` (protected recent window, 64 tokens), ``sw`` (prefill
   scoring window, 64 queries), ``pk`` (prefill score pooling kernel, odd, 1 = none; 7) and
-  ``di`` (decision interval in decode steps; 1, every step),
+  ``di`` (decision interval in decode steps; 8, and 1 in budget mode),
   e.g. ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64,pk=1`` (DiffKV's published thresholds). The
   defaults were tuned on the demo model's dev split (``docs/fidelity.md``).
 - ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
@@ -45,11 +45,13 @@ is demoted (dequantized and re-quantized to the low format), one below ``al / N`
 low token below ``al / N`` is pruned. Low tokens are never promoted. Heads therefore hold
 different numbers of tokens, and pages emptied by demotion and pruning return to the pool at
 once. With ``di > 1``, tokens between decisions only gather scores and new tokens join the high
-tier, and a token waits at most ``di - 1`` steps longer for its demotion. It saves the
-decisions' work on the other steps, but requests reach their decision steps at different
-times, so some decide at almost every step: on the demo model at 32 requests x 1024 tokens,
-``di=8`` took the score-and-decide part of a step from 9.9 to 8.3 ms, not enough to change the
-tuned default (``di=1``).
+tier, and a token waits at most ``di - 1`` steps longer for its demotion. Scores are added in
+place at every step (``native.add_scores`` on the native decode), and a step's decisions run
+once for all layers after its last one, over only the requests whose decision step it is, so
+the other steps pay nothing for decisions. The default ``di=8`` left the dev split's fidelity
+where ``di=1`` had it (ppl ratio 1.0050 against 1.0051, KL 0.0040, the same retrieval; ``di=16``
+1.0072) and took a decode step of 32 requests x 1536 tokens from 20.1 to 12.8 ms
+(BENCHMARKS.md).
 
 Budget mode (``@f``): after the same scoring, each (request, layer, KV head) may hold at most
 ``floor(f * N / fp16_tokens_per_page)`` pages, the pages ``fp16`` would need for ``N`` tokens
@@ -59,9 +61,9 @@ the low tier; tokens are kept in rank order while their summed per-token page co
 under the limit (that page covers the two partly filled last pages). ``al`` is not used: the
 budget decides what is pruned. The bound holds between engine steps (a step first reserves a
 page per head for its new token and demotions) once ``f * N`` fp16 tokens can hold the recent
-window at the high precision; before that the recent window alone exceeds it. With ``di > 1``
-the bound holds at decision steps; in between each head may hold up to ``di - 1`` newer tokens
-more.
+window at the high precision; before that the recent window alone exceeds it. Budget mode
+therefore decides every step unless ``di`` is given: with ``di > 1`` the bound holds at decision
+steps, and in between each head may hold up to ``di - 1`` newer tokens more.
 
 Bytes per token (``KVStore.bytes_per_token``): a page of ``page_bytes`` holds
 ``tokens_per_page`` tokens of one (request, layer, KV head) in one format, and its page-table
@@ -142,7 +144,7 @@ _SYNTAX = (
     "supported: fp16, {uniform} (optionally with a group size suffix such as k4v2-g64 and a "
     "residual window such as k8v8:r=32), "
     "HIGH/LOW tiers such as k8v4/k4v2 written "
-    "HIGH/LOW[-gN][@BUDGET][:ah=2.0,al=0.2,w=64,sw=64,pk=7,di=1], "
+    "HIGH/LOW[-gN][@BUDGET][:ah=2.0,al=0.2,w=64,sw=64,pk=7,di=8], "
     "and default (= k8v4/k4v2-g64, same suffixes)"
 )
 
@@ -174,7 +176,7 @@ class KVPolicy:
     recent: int = 64
     score_window: int = 64
     pool: int = 7
-    interval: int = 1
+    interval: int = 8
     budget: float | None = None
 
     @property
@@ -223,6 +225,7 @@ class KVPolicy:
             )
         values = _params(spec, match, _PARAMS)
         budget = float(match["budget"]) if match["budget"] else None
+        values.setdefault("interval", _default_interval(budget))
         policy = cls(name="", high=high, low=low, budget=budget, **values)  # type: ignore[arg-type]
         policy._validate(spec)
         return replace(policy, name=policy._canonical(match["group"]))
@@ -253,13 +256,18 @@ class KVPolicy:
         name = f"{self.high.name}/{self.low.name}{suffix}"
         if self.budget is not None:
             name += f"@{self.budget:g}"
-        defaults = KVPolicy(name="", high=self.high)
+        defaults = KVPolicy(name="", high=self.high, interval=_default_interval(self.budget))
         changed = [
             f"{key}={getattr(self, field):g}"
             for key, field in _PARAMS.items()
             if getattr(self, field) != getattr(defaults, field)
         ]
         return name + (":" + ",".join(changed) if changed else "")
+
+
+def _default_interval(budget: float | None) -> int:
+    """``di`` when not given: 8, but 1 in budget mode, whose byte cap then holds at every step."""
+    return 8 if budget is None else 1
 
 
 def _params(spec: str, match: re.Match[str], keys: dict[str, str]) -> dict[str, float | int]:

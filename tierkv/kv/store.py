@@ -46,7 +46,8 @@ class TierRead:
     """Every token of one tier of a group of slots at one layer, as raw page fields.
 
     ``fields`` maps field names to ``[B, H, T, numel]``; entries at or past ``count`` [B, H]
-    are stale bytes.
+    are stale bytes. Read at every layer (``layer=None``), H is ``num_layers * num_kv_heads``,
+    layer-major.
     """
 
     fields: dict[str, torch.Tensor]
@@ -297,24 +298,31 @@ class KVStore:
         self._grow(self._rows(slots), need.reshape(-1))
 
     def resize(
-        self, layer: int, slots: torch.Tensor, high: torch.Tensor, low: torch.Tensor
+        self, layer: int | None, slots: torch.Tensor, high: torch.Tensor, low: torch.Tensor
     ) -> None:
-        """Set the token counts [B, H] of both tiers of ``slots`` at ``layer`` and hold exactly
-        the pages they need: surplus pages are freed first, then missing ones allocated."""
+        """Set the token counts [B, H] of both tiers of ``slots`` at ``layer`` (every layer's
+        heads when None, see ``read_tier``) and hold exactly the pages they need: surplus pages
+        are freed first, then missing ones allocated."""
         counts = torch.stack([high, low], -1)
         per_page = self._tokens_per_page[self.slot_format[slots]][:, None, :]
         want = -(-counts // per_page)
-        heads = torch.arange(self.num_kv_heads)
+        units = counts.shape[1]
+        first = slots * (self.num_layers * self.num_kv_heads)
+        if layer is not None:
+            first = first + layer * self.num_kv_heads
         tiers = torch.arange(RESIDUAL)
         rows = (
-            ((slots[:, None, None] * self.num_layers + layer) * self.num_kv_heads + heads[:, None])
-            * self.held.shape[-1]
-            + tiers
+            (first[:, None, None] + torch.arange(units)[:, None]) * self.held.shape[-1] + tiers
         ).reshape(-1)
         want = want.reshape(-1)
         self._shrink(rows, want)
         self._grow(rows, (want - self.held.view(-1)[rows]).clamp(min=0))
-        self.count[slots, layer] = counts
+        self._units(self.count, layer)[slots] = counts
+
+    def _units(self, table: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """``table`` ([slots, layers, heads, ...]) at one layer, or with every layer's heads as
+        one axis (a view: writes go through)."""
+        return table.flatten(1, 2) if layer is None else table[:, layer]
 
     def _want(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """Pages each (slot, layer, head, row) should hold before a step: ``[B, L, H, 3]``."""
@@ -477,18 +485,22 @@ class KVStore:
         return keys, values
 
     def read_tier(
-        self, layer: int, slots: torch.Tensor, tier: int, names: tuple[str, ...] | None = None
+        self,
+        layer: int | None,
+        slots: torch.Tensor,
+        tier: int,
+        names: tuple[str, ...] | None = None,
     ) -> TierRead:
         """The fields ``names`` (all by default) of every token one tier of ``slots`` holds at
-        ``layer``.
+        ``layer``, or at every layer when None (its heads then index layer * H + head).
 
         All ``slots`` must store that tier in the same format.
         """
         f = int(self.slot_format[slots[0], tier])
         per_page = self.layouts[f].tokens_per_page
-        count = self.count[slots, layer, :, tier]
+        count = self._units(self.count, layer)[slots, :, tier]
         num = -(-int(count.max()) // per_page) if count.numel() else 0
-        pages = self.tables[slots, layer, :, tier, :num].reshape(-1)
+        pages = self._units(self.tables, layer)[slots, :, tier, :num].reshape(-1)
         b, h = count.shape
         fields = {
             name: view.index_select(0, pages).view(b, h, num * per_page, view.shape[-1])
@@ -499,7 +511,7 @@ class KVStore:
 
     def take(
         self,
-        layer: int,
+        layer: int | None,
         tier: int,
         slots: torch.Tensor,
         heads: torch.Tensor,
@@ -512,7 +524,7 @@ class KVStore:
 
     def put(
         self,
-        layer: int,
+        layer: int | None,
         tier: int,
         slots: torch.Tensor,
         heads: torch.Tensor,
@@ -533,16 +545,18 @@ class KVStore:
 
     def _locate(
         self,
-        layer: int,
+        layer: int | None,
         tier: int,
         slots: torch.Tensor,
         heads: torch.Tensor,
         index: torch.Tensor,
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """The tier's format index, and the page and row of each token at ``index``."""
+        """The tier's format index, and the page and row of each token at ``index`` (``heads``
+        as ``read_tier`` numbers them)."""
         f = int(self.slot_format[slots[0], tier])
         per_page = self.layouts[f].tokens_per_page
-        return f, self.tables[slots, layer, heads, tier, index // per_page], index % per_page
+        pages = self._units(self.tables, layer)[slots, heads, tier, index // per_page]
+        return f, pages, index % per_page
 
     def write_scores(
         self, layer: int, slots: torch.Tensor, tier: int, scores: torch.Tensor

@@ -3,12 +3,14 @@
 Tiered heads hold different numbers of tokens in two formats, with gaps in their positions, so
 attention is an explicit masked softmax: keys and values of both tiers are gathered and
 dequantized, masked by each head's counts and by the stored positions (causality and sliding
-windows), and the attention probabilities come out of the same pass. They update the tokens'
-scores, the policy decides every token's tier (``SlotTiers.decide``) and the tiers are
-compacted (``compact.apply_decisions``). It equals dense attention over the dequantized kept
-tokens; the fast paths must match it: decodes go to the native kernel (``native.tiered_decode``,
-reading both tiers in place; the decision then gathers only scores and positions) where it
-is built, else to the fused torch path (``workspace``); prefill chunks take the latter.
+windows), and the attention probabilities come out of the same pass. They are added to the
+tokens' scores layer by layer; after the step's last layer the policy decides every token's
+tier (``SlotTiers.decide``) for all layers at once and the tiers are compacted
+(``compact.apply_decisions``). It equals dense attention over the dequantized kept tokens; the
+fast paths must match it: decodes go to the native kernel (``native.tiered_decode``, reading
+both tiers in place, then ``native.add_scores`` updating the scores in place; the decision
+gathers only scores and positions) where it is built, else to the fused torch path
+(``workspace``); prefill chunks take SDPA (``_attend_prefill``).
 """
 
 from __future__ import annotations
@@ -32,25 +34,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class TieredAttention:
-    """The result of ``attend``: the output, the probabilities and the tokens they cover.
+    """The result of ``attend``: the output and the probabilities of every token.
 
-    Token columns ``T`` are the high tier's then the low tier's; ``probs`` is
-    ``[B, H, G, nq, T]`` (G query heads per KV head).
+    Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
+    ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head). ``scored``: the native
+    decode already added them to the stored scores.
     """
 
     out: torch.Tensor
     probs: torch.Tensor
-    high: TierRead
-    low: TierRead
-    pos: torch.Tensor
-    valid: torch.Tensor
-
-    @classmethod
-    def of(
-        cls, out: torch.Tensor, probs: torch.Tensor, high: TierRead, low: TierRead
-    ) -> TieredAttention:
-        """The result over the columns of ``high`` then ``low`` (their positions and masks)."""
-        return cls(out, probs, high, low, *_columns(high, low))
+    scored: bool = False
 
 
 def _columns(high: TierRead, low: TierRead) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +92,7 @@ def attend(
         probs = logits.masked_fill(~visible, -torch.inf).softmax(-1)
         out = probs @ values[:, :, None]
     out = out.permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
-    return TieredAttention(out.to(q.dtype), probs, high, low, pos, valid)
+    return TieredAttention(out.to(q.dtype), probs)
 
 
 def _fused(
@@ -142,32 +135,53 @@ def _fused(
     return probs, out.view(b, heads, group, nq, dim)
 
 
-def update(
+def add_received(
     store: KVStore, layer: int, slots: torch.Tensor, query_pos: torch.Tensor, att: TieredAttention
 ) -> None:
-    """Add the attention the tokens received to their scores, decide their tiers and compact."""
-    tiers = store.tiers
-    seen = query_pos[:, -1] + 1
-    counting = bool((query_pos >= tiers.score_start[slots][:, None]).any())
-    deciding = tiers.deciding(slots, seen)
-    if not counting and not bool(deciding.any()):
-        return  # an early prefill chunk: nothing scored, nothing decided
-    stored = torch.cat([att.high.fields["score"], att.low.fields["score"]], 2)[..., 0]
-    scores = stored + tiers.received(att.probs, slots, query_pos)
-    width = att.high.fields["pos"].shape[2]
-    pos, valid = att.pos, att.valid
-    if not bool(deciding.all()):
-        # Requests between decisions only keep their scores.
-        idle = ~deciding
-        store.write_scores(layer, slots[idle], HIGH, scores[idle, :, :width])
-        store.write_scores(layer, slots[idle], LOW, scores[idle, :, width:])
-        if not bool(deciding.any()):
-            return
-        slots, seen, scores, pos, valid = (x[deciding] for x in (slots, seen, scores, pos, valid))
+    """Add the attention the tokens of ``slots`` received at ``layer`` to their stored scores
+    (the native decode already did)."""
+    if att.scored or not bool((query_pos >= store.tiers.score_start[slots][:, None]).any()):
+        return
+    high = store.read_tier(layer, slots, HIGH, ("score",))
+    low = store.read_tier(layer, slots, LOW, ("score",))
+    width = high.fields["score"].shape[2]
+    stored = torch.cat([high.fields["score"], low.fields["score"]], 2)[..., 0]
+    scores = stored + store.tiers.received(att.probs, slots, query_pos)
+    store.write_scores(layer, slots, HIGH, scores[..., :width])
+    store.write_scores(layer, slots, LOW, scores[..., width:])
+
+
+def decide_step(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
+    """After a step's last layer: decide the tiers of the ``slots`` [B] (tiered, having seen
+    ``seen`` [B] tokens) whose decision step this is, and compact them.
+
+    Every layer at once: a slot's layers and KV heads are independent units of the decision
+    (``read_tier(None, ...)``), so the decision's few dozen tensor ops run once per step rather
+    than once per layer; nothing reads a layer's cache again within the step, so deciding at
+    its end is deciding right after each layer's attention.
+    """
+    deciding = store.tiers.deciding(slots, seen)
+    if not bool(deciding.any()):
+        return
+    slots, seen = slots[deciding], seen[deciding]
+    pairs = store.slot_format[slots]
+    _, group = pairs.unique(dim=0, return_inverse=True)
+    for g in range(int(group.max()) + 1):
+        mine = group == g
+        _decide(store, slots[mine], seen[mine])
+
+
+def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
+    """``decide_step`` for slots sharing their tier formats."""
+    high = store.read_tier(None, slots, HIGH, ("score", "pos"))
+    low = store.read_tier(None, slots, LOW, ("score", "pos"))
+    pos, valid = _columns(high, low)
+    scores = torch.cat([high.fields["score"], low.fields["score"]], 2)[..., 0]
+    width = high.fields["pos"].shape[2]
     is_low = torch.arange(pos.shape[2]) >= width
     costs = store.costs(int(slots[0]))
-    to_high, to_low = tiers.decide(slots, seen, scores, pos, valid, is_low, costs)
-    apply_decisions(store, layer, slots, scores, to_high, to_low, width)
+    to_high, to_low = store.tiers.decide(slots, seen, scores, pos, valid, is_low, costs)
+    apply_decisions(store, None, slots, to_high, to_low, width)
 
 
 def attend_rows(
@@ -180,9 +194,10 @@ def attend_rows(
     out: torch.Tensor,
     workspace: dict | None = None,
 ) -> None:
-    """Attend, score and decide for the tiered requests of a step, writing their rows of
-    ``out``. Decodes sharing tier formats form one batched call; prefill chunks go alone.
-    ``workspace`` selects the fused path of ``attend``."""
+    """Attend and score for the tiered requests of a step at one layer, writing their rows of
+    ``out`` (``decide_step`` decides after the last layer). Decodes sharing tier formats form
+    one batched call; prefill chunks go alone. ``workspace`` selects the fused path of
+    ``attend``."""
     lens = torch.tensor(batch.query_lens, dtype=torch.int64)
     decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
     units: list[torch.Tensor] = []
@@ -203,7 +218,7 @@ def attend_rows(
         else:
             att = attend(store, layer, q[tokens], slots, query_pos, window, workspace)
         out[tokens] = att.out
-        update(store, layer, slots, query_pos, att)
+        add_received(store, layer, slots, query_pos, att)
 
 
 def _attend_prefill(
@@ -219,7 +234,7 @@ def _attend_prefill(
     Chunks come before the request's first decision, so its tokens are all in the high tier, in
     position order: the output is dense causal attention (SDPA) over them, and probabilities are
     computed only for the queries that score (the last ``sw`` of the prompt; at least the last
-    query, whose position tells ``update`` how many tokens were seen). Returns the attention,
+    query, so the probabilities are never empty). Returns the attention,
     its probabilities covering those queries, and their positions.
     """
     n = q.shape[1]
@@ -235,10 +250,7 @@ def _attend_prefill(
     scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
     logits = scoring @ keys.float()[:, :, None].transpose(-1, -2) * (1.0 / math.sqrt(dim))
     probs = logits.masked_fill_(~visible[first:], -torch.inf).softmax(-1)
-    high = store.read_tier(layer, slots, HIGH, ("score", "pos"))
-    low = store.read_tier(layer, slots, LOW, ("score", "pos"))
-    att = TieredAttention.of(out[0].transpose(0, 1)[None], probs, high, low)
-    return att, query_pos[:, first:]
+    return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
 
 
 def _native_serves(store: KVStore, slots: torch.Tensor) -> bool:
@@ -256,9 +268,8 @@ def _attend_native(
     window: int | None,
 ) -> TieredAttention:
     """``attend`` for one decode query per slot (``q`` [B, Hq, D] at ``query_pos`` [B]), by
-    the native kernel reading both tiers in place; only the scores and positions the decision
-    needs are gathered."""
+    the native kernel reading both tiers in place, which then adds the probabilities to the
+    stored scores (a decode query always counts: it is past the prompt)."""
     out, probs = native.tiered_decode(store, layer, q, slots, query_pos, window)
-    high = store.read_tier(layer, slots, HIGH, ("score", "pos"))
-    low = store.read_tier(layer, slots, LOW, ("score", "pos"))
-    return TieredAttention.of(out[:, None], probs[:, :, :, None], high, low)
+    native.add_scores(store, layer, slots, probs)
+    return TieredAttention(out[:, None], probs[:, :, :, None], scored=True)
