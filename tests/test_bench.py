@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
 from server_harness import MODEL_NAME, live_server
 
 from tierkv.bench.serve import run_load, summarize
@@ -66,12 +67,19 @@ def test_bench_decode_reports_kv_bytes_and_bandwidth(
     )
     assert run.returncode == 0, run.stderr
     payload = json.loads(out.read_text())
-    assert payload["bandwidth"]["copy_gb_s"] > 0 and payload["bandwidth"]["read_gb_s"] > 0
+    assert all(payload["bandwidth"][k] > 0 for k in ("copy_gb_s", "read_gb_s", "matvec_gb_s"))
     short, long = payload["results"]
     assert (short["context"], long["context"]) == (64, 256)
     # The request's cache is alive while it is measured, and grows with the context.
     assert 0 < short["kv_bytes"] < long["kv_bytes"]
     assert short["weight_bytes"] == long["weight_bytes"] > 0
+    # Every float32 weight, but of the untied input embedding only the step's row.
+    config = json.loads((checkpoints["llama"] / "config.json").read_text())
+    assert not config["tie_word_embeddings"]
+    weights = load_file(checkpoints["llama"] / "model.safetensors")
+    total = sum(w.numel() for w in weights.values())
+    unread = (config["vocab_size"] - 1) * config["hidden_size"]
+    assert short["weight_bytes"] == 4 * (total - unread)
 
 
 def test_bench_serve_against_the_real_server(checkpoints: dict[str, Path]) -> None:

@@ -265,8 +265,9 @@ def _run_decode(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from tierkv.bench.decode import format_table, measure_bandwidth, run_decode
+    from tierkv.engine.engine import resolve_dtype
 
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth(resolve_dtype(args.dtype))
     contexts = [int(c) for c in args.contexts.split(",")]
     results = []
     for policy in args.kv_policy or ["fp16"]:

@@ -26,6 +26,10 @@ class Bandwidth:
 
     copy_gb_s: float  # bytes read + bytes written per second by a large tensor copy
     read_gb_s: float  # bytes read per second by a large reduction
+    # Weight bytes per second of a large matrix-vector product in the compute dtype: what the
+    # linear layers of a batch-1 decode step can stream here (below read_gb_s on CPUs whose
+    # matrix kernels do not saturate memory, and different per dtype).
+    matvec_gb_s: float
 
 
 @dataclass
@@ -40,10 +44,25 @@ class DecodeResult:
     kv_bytes: int
     achieved_gb_s: float
     fraction_of_read_bw: float
+    fraction_of_matvec_bw: float
 
 
-def measure_bandwidth(size_bytes: int = 1 << 29, repeats: int = 5) -> Bandwidth:
-    """Best-of-``repeats`` copy and read bandwidth over ``size_bytes`` of float32."""
+def measure_bandwidth(
+    dtype: torch.dtype = torch.float32, size_bytes: int = 1 << 29, repeats: int = 5
+) -> Bandwidth:
+    """Best-of-``repeats`` copy and read bandwidth over ``size_bytes`` of float32, and the
+    matrix-vector bandwidth over a ``size_bytes / 8`` matrix of ``dtype`` (larger than caches,
+    the size of a small model's largest weights)."""
+    cols = 4096
+    matrix = torch.randn(size_bytes // 8 // (cols * torch.finfo(dtype).bits // 8), cols).to(dtype)
+    vector = torch.randn(1, cols).to(dtype)
+    matvec_s = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(vector, matrix)
+        matvec_s = min(matvec_s, time.perf_counter() - start)
+    matvec_bytes = matrix.numel() * matrix.element_size()
+    del matrix
     src = torch.ones(size_bytes // 4)
     dst = torch.empty_like(src)
     copy_s = read_s = float("inf")
@@ -54,7 +73,11 @@ def measure_bandwidth(size_bytes: int = 1 << 29, repeats: int = 5) -> Bandwidth:
         start = time.perf_counter()
         src.sum()
         read_s = min(read_s, time.perf_counter() - start)
-    return Bandwidth(copy_gb_s=2 * size_bytes / copy_s / 1e9, read_gb_s=size_bytes / read_s / 1e9)
+    return Bandwidth(
+        copy_gb_s=2 * size_bytes / copy_s / 1e9,
+        read_gb_s=size_bytes / read_s / 1e9,
+        matvec_gb_s=matvec_bytes / matvec_s / 1e9,
+    )
 
 
 def run_decode(
@@ -109,6 +132,7 @@ def run_decode(
                 kv_bytes=kv_bytes,
                 achieved_gb_s=achieved,
                 fraction_of_read_bw=achieved / bandwidth.read_gb_s,
+                fraction_of_matvec_bw=achieved / bandwidth.matvec_gb_s,
             )
         )
     return results
@@ -128,16 +152,18 @@ def format_table(results: list[DecodeResult], bandwidth: Bandwidth) -> str:
     """A plain-text table of the rows and the machine's bandwidth."""
     head = (
         f"{'policy':<10}{'context':>8}{'ms/step':>9}{'tok/s':>8}"
-        f"{'KV MB':>8}{'GB/s':>7}{'of read':>9}"
+        f"{'KV MB':>8}{'GB/s':>7}{'of read':>9}{'of matvec':>11}"
     )
     lines = [
-        f"machine: copy {bandwidth.copy_gb_s:.1f} GB/s, read {bandwidth.read_gb_s:.1f} GB/s",
+        f"machine: copy {bandwidth.copy_gb_s:.1f} GB/s, read {bandwidth.read_gb_s:.1f} GB/s, "
+        f"matrix-vector {bandwidth.matvec_gb_s:.1f} GB/s",
         head,
         "-" * len(head),
     ]
     for r in results:
         lines.append(
             f"{r.policy:<10}{r.context:>8}{r.ms_per_step:>9.2f}{r.tokens_per_s:>8.1f}"
-            f"{r.kv_bytes / 1e6:>8.2f}{r.achieved_gb_s:>7.2f}{r.fraction_of_read_bw:>8.1%}"
+            f"{r.kv_bytes / 1e6:>8.2f}{r.achieved_gb_s:>7.2f}{r.fraction_of_read_bw:>9.1%}"
+            f"{r.fraction_of_matvec_bw:>11.1%}"
         )
     return "\n".join(lines)

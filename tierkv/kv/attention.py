@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kv import fast, native, tiered
-from tierkv.kv.partial import causal_visibility
+from tierkv.kv.partial import causal_attention, causal_visibility
 from tierkv.kv.store import KVStore, Residual
 
 BACKENDS = ("reference", "fast")
@@ -139,11 +139,18 @@ class PagedAttention:
         window = self.sliding_windows[layer]
         decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
         if store.num_tiered:
-            is_tiered = store.slot_format[batch.slots, 1] >= 0
+            cached = self._step_cache.get("tiered")
+            if cached is None:
+                is_tiered = store.slot_format[batch.slots, 1] >= 0
+                cached = self._step_cache["tiered"] = (
+                    is_tiered,
+                    tiered.step_units(store, batch, is_tiered),
+                )
+            is_tiered, units = cached
             decode_rows = decode_rows[~is_tiered[decode_rows]]
             prefill_rows = [r for r in prefill_rows if not is_tiered[r]]
             workspace = self._workspace if self.backend == "fast" else None
-            tiered.attend_rows(store, layer, q, batch, is_tiered, window, out, workspace)
+            tiered.attend_rows(store, layer, q, units, window, out, workspace)
         if decode_rows.numel():
             rows = decode_rows
             tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[rows]
@@ -294,11 +301,7 @@ class PagedAttention:
         queries = q.transpose(0, 1)[None]
         kpos = torch.arange(total)
         if residual is None:
-            visible = causal_visibility(torch.arange(context, total), kpos, window)
-            out = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=visible, enable_gqa=True
-            )
-            return out[0].transpose(0, 1)
+            return causal_attention(queries, keys, values, context, window)[0].transpose(0, 1)
         # Each block of queries sees the quantized keys older than its residual windows and,
         # uncompressed, the ring's entries and the chunk's own tokens within those windows: a
         # block of B queries adds B + R - 1 keys, where the whole chunk at once would add n.

@@ -1,5 +1,6 @@
-"""Attention split over disjoint sets of tokens, the merge that makes it whole again, and the
-causal (sliding-window) visibility every path masks with.
+"""Attention split over disjoint sets of tokens, the merge that makes it whole again, the
+causal (sliding-window) visibility every path masks with, and causal prefill attention that
+needs no mask.
 
 A part is ``(out, lse)``: the softmax-weighted values over its tokens and the log-sum-exp of
 its logits. Two parts over disjoint tokens combine exactly into attention over their union
@@ -13,6 +14,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the store builds its residual masks with ``causal_visibility``
     from tierkv.kv.store import Residual
@@ -28,6 +30,42 @@ def causal_visibility(
     if window is not None:
         visible &= kpos > qpos - window
     return visible
+
+
+def causal_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context: int,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of a prefill chunk: ``queries`` [1, Hq, n, D] at positions ``context ..
+    context + n - 1`` over ``keys``/``values`` [1, H, context + n, D] (H divides Hq), each
+    query seeing ``causal_visibility``'s keys. Output in the queries' dtype.
+
+    SDPA with a boolean mask computes every (query, key) pair, half of them masked; its causal
+    mode skips the masked blocks (1.6x faster at 1536 tokens here) but aligns queries with the
+    first keys. So a chunk attends its own tokens causally and the ``context`` keys before it
+    unmasked, and the two parts are merged by their log-sum-exps. Sliding windows keep the mask.
+    """
+    if window is not None:
+        visible = causal_visibility(
+            torch.arange(context, keys.shape[2]), torch.arange(keys.shape[2]), window
+        )
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=visible, enable_gqa=True
+        )
+    if context == 0:
+        return F.scaled_dot_product_attention(
+            queries, keys, values, is_causal=True, enable_gqa=True
+        )
+    group = queries.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    # The CPU flash kernel behind SDPA, which also returns the log-sum-exp a merge needs.
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    own, own_lse = flash(queries, keys[:, :, context:], values[:, :, context:], is_causal=True)[:2]
+    old, old_lse = flash(queries, keys[:, :, :context], values[:, :, :context])[:2]
+    return merge(own, own_lse, old, old_lse)[0].to(queries.dtype)
 
 
 def merge(

@@ -10,6 +10,7 @@ views of the arena for that layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -41,12 +42,13 @@ class PageLayout:
     fields: tuple[PageField, ...]
     page_bytes: int
 
-    @property
+    # Cached: the per-step paths ask for these many times per layer, and a layout never changes.
+    @cached_property
     def token_bytes(self) -> int:
         """Bytes one token occupies in a page, all its fields together."""
         return sum(f.token_bytes for f in self.fields)
 
-    @property
+    @cached_property
     def tokens_per_page(self) -> int:
         tokens = self.page_bytes // self.token_bytes
         while tokens > 0 and self._span(tokens) > self.page_bytes:
@@ -64,6 +66,10 @@ class PageLayout:
 
     def offsets(self) -> dict[str, int]:
         """Byte offset of each field inside a page."""
+        return dict(self._offsets)
+
+    @cached_property
+    def _offsets(self) -> dict[str, int]:
         out, offset, tokens = {}, 0, self.tokens_per_page
         for f in self.fields:
             out[f.name] = offset

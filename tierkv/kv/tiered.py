@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from tierkv.kv import fast, native
 from tierkv.kv.compact import apply_decisions
-from tierkv.kv.partial import causal_visibility
+from tierkv.kv.partial import causal_attention, causal_visibility
 from tierkv.kv.quant import KVFormat
 from tierkv.kv.store import HIGH, LOW, KVStore, TierRead
 
@@ -184,33 +183,52 @@ def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
     apply_decisions(store, None, slots, to_high, to_low, width)
 
 
+@dataclass
+class Unit:
+    """Tiered requests of a step attended in one call: decodes sharing their tier formats, or
+    one prefill chunk. ``rows`` [R] are batch indices, ``tokens`` [R, n] their tokens' indices
+    in the step, ``query_pos`` [R, n] their positions, ``slots`` [R] their store slots."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    query_pos: torch.Tensor
+    slots: torch.Tensor
+
+
+def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -> list[Unit]:
+    """How ``attend_rows`` groups the tiered requests (``is_tiered`` [B]) of a step: the same
+    at every layer, so worked out once per step."""
+    lens = torch.tensor(batch.query_lens, dtype=torch.int64)
+    decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
+    groups: list[torch.Tensor] = []
+    if decode.numel():
+        pairs = store.slot_format[batch.slots[decode]]
+        _, group = pairs.unique(dim=0, return_inverse=True)
+        groups += [decode[group == g] for g in range(int(group.max()) + 1)]
+    groups += [torch.tensor([r]) for r in torch.nonzero(is_tiered & (lens > 1)).flatten().tolist()]
+    starts = torch.tensor(batch.query_starts, dtype=torch.int64)
+    units = []
+    for rows in groups:
+        tokens = starts[rows][:, None] + torch.arange(batch.query_lens[int(rows[0])])
+        units.append(Unit(rows, tokens, batch.token_index[tokens], batch.slots[rows]))
+    return units
+
+
 def attend_rows(
     store: KVStore,
     layer: int,
     q: torch.Tensor,
-    batch: AttentionBatch,
-    is_tiered: torch.Tensor,
+    units: list[Unit],
     window: int | None,
     out: torch.Tensor,
     workspace: dict | None = None,
 ) -> None:
-    """Attend and score for the tiered requests of a step at one layer, writing their rows of
-    ``out`` (``decide_step`` decides after the last layer). Decodes sharing tier formats form
-    one batched call; prefill chunks go alone. ``workspace`` selects the fused path of
-    ``attend``."""
-    lens = torch.tensor(batch.query_lens, dtype=torch.int64)
-    decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
-    units: list[torch.Tensor] = []
-    if decode.numel():
-        pairs = store.slot_format[batch.slots[decode]]
-        _, group = pairs.unique(dim=0, return_inverse=True)
-        units += [decode[group == g] for g in range(int(group.max()) + 1)]
-    units += [torch.tensor([r]) for r in torch.nonzero(is_tiered & (lens > 1)).flatten().tolist()]
-    starts = torch.tensor(batch.query_starts, dtype=torch.int64)
-    for rows in units:
-        tokens = starts[rows][:, None] + torch.arange(batch.query_lens[int(rows[0])])
-        query_pos = batch.token_index[tokens]
-        slots = batch.slots[rows]
+    """Attend and score for the tiered requests of a step (``step_units``) at one layer,
+    writing their rows of ``out`` (``decide_step`` decides after the last layer). Decodes
+    sharing tier formats form one batched call; prefill chunks go alone. ``workspace`` selects
+    the fused path of ``attend``."""
+    for unit in units:
+        tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
         if workspace is not None and tokens.shape[1] == 1 and _native_serves(store, slots):
             att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
         elif workspace is not None and tokens.shape[1] > 1:
@@ -232,18 +250,20 @@ def _attend_prefill(
     """``attend`` for a prefill chunk of one request (``q`` [1, n, Hq, D]).
 
     Chunks come before the request's first decision, so its tokens are all in the high tier, in
-    position order: the output is dense causal attention (SDPA) over them, and probabilities are
-    computed only for the queries that score (the last ``sw`` of the prompt; at least the last
-    query, so the probabilities are never empty). Returns the attention,
-    its probabilities covering those queries, and their positions.
+    position order: the output is dense causal attention over them (``causal_attention``), and
+    probabilities are computed only for the queries that score (the last ``sw`` of the prompt;
+    at least the last query, so the probabilities are never empty). Returns the attention, its
+    probabilities covering those queries, and their positions.
     """
     n = q.shape[1]
     total = int(query_pos[0, -1]) + 1
     keys, values = store.gather(layer, slots, total, q.dtype)
+    # The probabilities span every column ``read_tier`` gives (whole pages); attention, only
+    # the tokens.
     _, heads, width, dim = keys.shape
     visible = causal_visibility(query_pos[0], torch.arange(width), window)
     queries = q[0].transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
+    out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], total - n, window)
     counting = query_pos[0] >= store.tiers.score_start[slots[0]]
     first = min(n - int(counting.sum()), n - 1)
     group = q.shape[2] // heads
