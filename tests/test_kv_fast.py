@@ -82,15 +82,19 @@ def test_fast_decode_in_bfloat16_matches_within_its_rounding() -> None:
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("head_dim", [64, 24])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_uncompressed_slots_read_in_place_match_the_reference(
-    dtype: torch.dtype, window: int | None
+    dtype: torch.dtype, window: int | None, head_dim: int
 ) -> None:
-    # The fast backend reads FULL pages in place (native.decode_full) where the kernel builds.
+    # The fast backend reads FULL pages in place (native.decode_full) where the kernel builds;
+    # a head dim that is not a whole number of vectors reads its last one partly.
     context = [0, 37, 130, 5, 300]
-    want = _run("reference", [FULL] * len(context), context, window, dtype=dtype, stale=True)
-    got = _run("fast", [FULL] * len(context), context, window, dtype=dtype, stale=True)
+    formats = [FULL] * len(context)
+    options = {"dtype": dtype, "stale": True, "head_dim": head_dim}
+    want = _run("reference", formats, context, window, **options)
+    got = _run("fast", formats, context, window, **options)
     assert got.dtype == dtype and got.isfinite().all()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tolerance)

@@ -24,8 +24,10 @@
 //     every token (relative to this part's log-sum-exp) can be written out;
 //   * the residual ring (uniform slots): the newest `residual` positions of the range are read
 //     from FULL-format ring pages (index pos % ring_size) after the quantized ones, their keys
-//     and values converted to float32 rows in natural channel order (the ring holds a few dozen
-//     tokens, so the plain rows cost little), their values summed in a second accumulator.
+//     and values converted to float32 rows in natural channel order, their values summed in a
+//     second accumulator. Uncompressed slots are read as one ring covering their whole range
+//     (tierkv/kv/native.py's decode_full), so these blocks span pages, sum their logits 16
+//     tokens at a time and prefetch the next block's rows like the quantized ones.
 // Everything is float32. SIMD is written with GCC/Clang vector extensions (16 floats, one
 // AVX-512 register with -march=native, split by the compiler on narrower machines); the
 // number of query heads per KV head is a template parameter for 1, 2, 4 and 8.
@@ -77,6 +79,7 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 // One per-token field of a page: where it starts in the page and how many bytes a token takes.
 struct Field {
@@ -315,26 +318,52 @@ inline void load_halves(const uint8_t* field, int64_t stride, int64_t first, int
   }
 }
 
-// One FULL-format row of `dim` elements in the stored dtype as floats.
-inline void load_row(const uint8_t* row, RowType type, int64_t dim, float* out) {
-  switch (type) {
-    case RowType::kFloat:
-      std::memcpy(out, row, static_cast<size_t>(dim) * sizeof(float));
-      return;
-    case RowType::kBFloat16: {
-      const auto* h = reinterpret_cast<const c10::BFloat16*>(row);
-      for (int64_t d = 0; d < dim; ++d) {
-        out[d] = static_cast<float>(h[d]);
+// One FULL-format row of `dim` elements in the stored dtype as floats, into `out`, whose
+// vectors past the row stay as they are (zero).
+inline void load_row(const uint8_t* row, RowType type, int64_t dim, f32x16* out) {
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    const uint8_t* p = row + d * (type == RowType::kFloat ? 4 : 2);
+    switch (type) {
+      case RowType::kFloat:
+        std::memcpy(&out[d / kLanes], p, sizeof(f32x16));
+        break;
+      case RowType::kBFloat16: {
+        // A bfloat16 is the top half of a float32.
+        u16x16 h;
+        std::memcpy(&h, p, sizeof h);
+        const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+        std::memcpy(&out[d / kLanes], &w, sizeof w);
+        break;
       }
-      return;
-    }
-    case RowType::kHalf: {
-      const auto* h = reinterpret_cast<const c10::Half*>(row);
-      for (int64_t d = 0; d < dim; ++d) {
-        out[d] = static_cast<float>(h[d]);
+      case RowType::kHalf: {
+#if defined(__AVX512F__)
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m512 f = _mm512_cvtph_ps(h);
+        std::memcpy(&out[d / kLanes], &f, sizeof f);
+#else
+        for (int l = 0; l < kLanes; ++l) {
+          out[d / kLanes][l] = static_cast<float>(reinterpret_cast<const c10::Half*>(p)[l]);
+        }
+#endif
+        break;
       }
-      return;
     }
+  }
+  for (; d < dim; ++d) {
+    float x = 0.0f;
+    switch (type) {
+      case RowType::kFloat:
+        std::memcpy(&x, row + 4 * d, sizeof x);
+        break;
+      case RowType::kBFloat16:
+        x = static_cast<float>(reinterpret_cast<const c10::BFloat16*>(row)[d]);
+        break;
+      case RowType::kHalf:
+        x = static_cast<float>(reinterpret_cast<const c10::Half*>(row)[d]);
+        break;
+    }
+    out[d / kLanes][d % kLanes] = x;
   }
 }
 
@@ -407,7 +436,9 @@ void attend(const Shared& sh, const Item& it) {
   // The ring's rows are in natural channel order: queries, a row and the values' sums too.
   std::vector<f32x16> qn(static_cast<size_t>(ring ? group * nvec : 0), f32x16{});
   std::vector<f32x16> acc_n(qn.size(), f32x16{});
-  std::vector<float> row(static_cast<size_t>(ring ? nvec * kLanes : 0), 0.0f);
+  // One block of ring rows as float vectors (zero past the row).
+  std::vector<f32x16> rows_k(static_cast<size_t>(ring ? kBlock * nvec : 0), f32x16{});
+  std::vector<f32x16> rows_v(rows_k.size(), f32x16{});
   for (int64_t i = 0; ring && i < group; ++i) {
     for (int64_t d = 0; d < dim; ++d) {
       qn[i * nvec + d / kLanes][d % kLanes] = it.q[i * dim + d] * sh.sm_scale;
@@ -606,31 +637,62 @@ void attend(const Shared& sh, const Item& it) {
     t0 += n;
   }
 
-  // The residual ring: a block never crosses one of its pages (a ring is whole pages).
+  // The residual ring, and the whole range of uncompressed slots (``decode_full``): blocks of
+  // up to kBlock positions, which may span several of its pages (a FULL page holds few
+  // tokens), each converted to float vectors once, then the logits summed 16 tokens at a time
+  // and the values taken chunk by chunk, as above. The next block's rows are fetched while a
+  // block computes.
   const RingLayout& rl = sh.ring;
-  for (int64_t p0 = ring_from; p0 < it.end;) {
-    const int64_t index = p0 % it.ring_size;
+  const int64_t row_bytes = dim * (rl.type == RowType::kFloat ? 4 : 2);
+  const auto ring_row = [&](int64_t position, const Field& field) {
+    const int64_t index = position % it.ring_size;
     const int64_t column = index / rl.tokens_per_page;
-    const int64_t first = index - column * rl.tokens_per_page;
-    const int64_t n = std::min({it.end - p0, rl.tokens_per_page - first, kBlock});
-    const uint8_t* base = page_base(sh, it.ring_pages[column]);
+    const int64_t slot = index - column * rl.tokens_per_page;
+    return page_base(sh, it.ring_pages[column]) + field.offset + slot * field.stride;
+  };
+  for (int64_t p0 = ring_from; p0 < it.end;) {
+    const int64_t n = std::min(it.end - p0, kBlock);
     for (int64_t t = 0; t < n; ++t) {
-      load_row(base + rl.k.offset + (first + t) * rl.k.stride, rl.type, dim, row.data());
+      load_row(ring_row(p0 + t, rl.k), rl.type, dim, rows_k.data() + t * nvec);
+      load_row(ring_row(p0 + t, rl.v), rl.type, dim, rows_v.data() + t * nvec);
+    }
+    const int64_t ahead = std::min(it.end - p0 - n, kBlock);
+    for (int64_t t = 0; t < ahead; ++t) {
+      const uint8_t* k_row = ring_row(p0 + n + t, rl.k);
+      const uint8_t* v_row = ring_row(p0 + n + t, rl.v);
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(k_row + b);
+        __builtin_prefetch(v_row + b);
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const f32x16* k_row = rows_k.data() + t * nvec;
       for (int64_t i = 0; i < group; ++i) {
         f32x16 sum{};
         for (int64_t c = 0; c < nvec; ++c) {
-          sum += qn[i * nvec + c] * load(row.data() + c * kLanes);
+          sum += qn[i * nvec + c] * k_row[c];
         }
-        logits[i * kBlock + t] = hsum(sum);
+        dots[i * kBlock + t] = sum;
+      }
+    }
+    for (int64_t i = 0; i < group; ++i) {
+      for (int64_t t = 0; t < n; t += kLanes) {
+        const f32x16 sum = hsum16(dots.data() + i * kBlock + t);
+        std::memcpy(logits.data() + i * kBlock + t, &sum, sizeof sum);
       }
     }
     update(n, p0);
-    for (int64_t t = 0; t < n; ++t) {
-      load_row(base + rl.v.offset + (first + t) * rl.v.stride, rl.type, dim, row.data());
-      for (int64_t i = 0; i < group; ++i) {
-        const float w = logits[i * kBlock + t];
-        for (int64_t c = 0; c < nvec; ++c) {
-          acc_n[i * nvec + c] += w * load(row.data() + c * kLanes);
+    for (int64_t i0 = 0; i0 < group; i0 += kTile) {
+      for (int64_t c = 0; c < nvec; ++c) {
+        f32x16 part[kTile] = {};
+        for (int64_t t = 0; t < n; ++t) {
+          const f32x16 x = rows_v[t * nvec + c];
+          for (int i = 0; i < kTile; ++i) {
+            part[i] += logits[(i0 + i) * kBlock + t] * x;
+          }
+        }
+        for (int i = 0; i < kTile; ++i) {
+          acc_n[(i0 + i) * nvec + c] += part[i];
         }
       }
     }
