@@ -278,17 +278,19 @@ def test_tiered_decode_equals_tiered_attend(
     torch.testing.assert_close(probs.amax(2), received, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 23])
 @pytest.mark.parametrize("formats", ["k8v4/k4v2", "k4v2/k2v2"])
-def test_native_scores_equal_the_torch_update(formats: str) -> None:
+def test_native_scores_equal_the_torch_update(formats: str, window: int | None) -> None:
     spec = f"{formats}-g32:ah=10,al=4,w=8,sw=16"
-    store, slots, q, query_pos = _tiered_store(spec, 4, None)
-    _, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, None)
+    store, slots, q, query_pos = _tiered_store(spec, 4, window)
     arena = store.pool.arena.clone()
-    tiered.add_received(
-        store, LAYER, slots, query_pos[:, None], tiered.TieredAttention(q, probs[:, :, :, None])
-    )
+    out, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, window)
+    assert probs is not None
+    att = tiered.TieredAttention(out[:, None], probs[:, :, :, None])
+    tiered.add_received(store, LAYER, slots, query_pos[:, None], att)
     want = store.pool.arena.clone()
     store.pool.arena.copy_(arena)
-    native.add_scores(store, LAYER, slots, probs)
-    # The same float32 sums, so the same bytes; and something was added.
+    scored, none = native.tiered_decode(store, LAYER, q, slots, query_pos, window, score=True)
+    # The same output, and the same float32 sums, so the same bytes; something was added.
+    assert none is None and torch.equal(scored, out)
     assert torch.equal(store.pool.arena, want) and not torch.equal(arena, want)

@@ -427,35 +427,6 @@ def _score_field(layout: PageLayout) -> tuple[int, int]:
     return layout.offsets()["score"], field.token_bytes
 
 
-def add_scores(store: KVStore, layer: int, slots: torch.Tensor, probs: torch.Tensor) -> None:
-    """Add to the stored score of every token the tiered ``slots`` hold at ``layer`` the
-    largest probability any query head of its group gave it, in place.
-
-    ``probs`` [B, H, G, T_high + T_low] is ``tiered_decode``'s, taken before the store changed
-    (``csrc/add_scores.cpp``: the float32 sum ``tiered.update``'s torch path writes).
-    """
-    if not available():
-        raise RuntimeError(unavailable_reason())
-    first = 0
-    for tier in (HIGH, LOW):
-        layout = store.layouts[int(store.slot_format[slots[0], tier])]
-        per_page = layout.tokens_per_page
-        count = store.count[slots, layer, :, tier]
-        num = -(-int(count.max()) // per_page) if count.numel() else 0
-        width = num * per_page
-        offset, stride = _score_field(layout)
-        torch.ops.tierkv.add_scores(
-            probs[..., first : first + width],
-            store.pool.arena,
-            store.tables[slots, layer, :, tier, :num],
-            count,
-            offset,
-            stride,
-            per_page,
-        )
-        first += width
-
-
 def tiered_decode(
     store: KVStore,
     layer: int,
@@ -463,7 +434,9 @@ def tiered_decode(
     slots: torch.Tensor,
     query_pos: torch.Tensor,
     window: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    score: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention of tiered slots, the kernel reading both tiers in place.
 
     ``q`` [B, Hq, D] is one query per slot at position ``query_pos`` [B] (int64), after the
@@ -477,8 +450,14 @@ def tiered_decode(
     columns laid out as ``tiered.attend``'s (``TieredAttention.probs[:, :, :, 0]``): the high
     tier's ``T_high = store.read_tier(layer, slots, HIGH)`` columns, then the low tier's; 0 for
     columns past a head's count and for tokens it does not see.
+
+    With ``score``, the probabilities are instead added to the tokens' stored scores, in place
+    (each token the largest any query head of its group gave it: the float32 sum
+    ``tiered.add_received``'s torch path writes, ``csrc/add_scores.cpp``), and ``probs`` is
+    None: each tier's part is rescaled to the whole inside that op, not in torch.
     """
     b, hq, _ = q.shape
+    heads = store.num_kv_heads
     formats = store.slot_format[slots[0]].tolist()
     counts = store.count[slots, layer]
     # One column per token slot of the pages ``read_tier`` would gather, per tier.
@@ -487,31 +466,44 @@ def tiered_decode(
         count = counts[..., tier].contiguous()
         per_page = store.layouts[formats[tier]].tokens_per_page
         num = -(-int(count.max()) // per_page) if count.numel() else 0
-        tiers.append((tier, count, num, num * per_page))
-    width_high = tiers[0][3]
-    probs = torch.empty(b, hq, width_high + tiers[1][3])
-    parts = []
-    for tier, count, num, width in tiers:
-        first = 0 if tier == HIGH else width_high
-        parts.append(
-            partial(
-                store,
-                layer,
-                q,
-                store.tables[slots, layer, :, tier, :num],
-                torch.zeros_like(count),
-                count,
-                formats[tier],
-                query_pos=query_pos,
-                window=window,
-                probs=probs[:, :, first : first + width],
-            )
+        tiers.append((tier, count, num, store.tables[slots, layer, :, tier, :num]))
+    widths = [num * store.layouts[formats[tier]].tokens_per_page for tier, _, num, _ in tiers]
+    probs = torch.empty(b, hq, sum(widths))
+    columns = (slice(0, widths[0]), slice(widths[0], sum(widths)))
+    parts = [
+        partial(
+            store,
+            layer,
+            q,
+            pages,
+            torch.zeros_like(count),
+            count,
+            formats[tier],
+            query_pos=query_pos,
+            window=window,
+            probs=probs[:, :, cols],
         )
+        for (tier, count, _, pages), cols in zip(tiers, columns, strict=True)
+    ]
     (out_high, lse_high), (out_low, lse_low) = parts
     out, lse = merge(out_high, lse_high, out_low, lse_low)
     # Each part's probabilities are relative to its own lse: rescale them to the whole's.
-    total = torch.where(torch.isinf(lse), 0.0, lse)[..., None]
-    probs[..., :width_high].mul_(torch.exp(lse_high[..., None] - total))
-    probs[..., width_high:].mul_(torch.exp(lse_low[..., None] - total))
-    heads = store.num_kv_heads
-    return out.to(q.dtype), probs.view(b, heads, hq // heads, -1)
+    total = torch.where(torch.isinf(lse), 0.0, lse)
+    grouped = probs.view(b, heads, hq // heads, -1)
+    for (tier, count, _, pages), cols, (_, part_lse) in zip(tiers, columns, parts, strict=True):
+        rescale = torch.exp(part_lse - total)
+        if not score:
+            probs[:, :, cols].mul_(rescale[..., None])
+            continue
+        offset, stride = _score_field(store.layouts[formats[tier]])
+        torch.ops.tierkv.add_scores(
+            grouped[..., cols],
+            rescale.view(b, heads, hq // heads),
+            store.pool.arena,
+            pages,
+            count,
+            offset,
+            stride,
+            store.layouts[formats[tier]].tokens_per_page,
+        )
+    return out.to(q.dtype), None if score else grouped

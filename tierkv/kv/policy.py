@@ -46,7 +46,7 @@ low token below ``al / N`` is pruned. Low tokens are never promoted. Heads there
 different numbers of tokens, and pages emptied by demotion and pruning return to the pool at
 once. With ``di > 1``, tokens between decisions only gather scores and new tokens join the high
 tier, and a token waits at most ``di - 1`` steps longer for its demotion. Scores are added in
-place at every step (``native.add_scores`` on the native decode), and a step's decisions run
+place at every step (by ``native.tiered_decode`` on the native decode), and a step's decisions run
 once for all layers after its last one, over only the requests whose decision step it is, so
 the other steps pay nothing for decisions. The default ``di=8`` left the dev split's fidelity
 where ``di=1`` had it (ppl ratio 1.0050 against 1.0051, KL 0.0040, the same retrieval; ``di=16``

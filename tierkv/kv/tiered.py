@@ -8,7 +8,7 @@ tokens' scores layer by layer; after the step's last layer the policy decides ev
 tier (``SlotTiers.decide``) for all layers at once and the tiers are compacted
 (``compact.apply_decisions``). It equals dense attention over the dequantized kept tokens; the
 fast paths must match it: decodes go to the native kernel (``native.tiered_decode``, reading
-both tiers in place, then ``native.add_scores`` updating the scores in place; the decision
+both tiers in place and adding the probabilities to the scores in place; the decision
 gathers only scores and positions) where it is built, else to the fused torch path
 (``workspace``); prefill chunks take SDPA (``_attend_prefill``).
 """
@@ -36,12 +36,12 @@ class TieredAttention:
     """The result of ``attend``: the output and the probabilities of every token.
 
     Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
-    ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head). ``scored``: the native
-    decode already added them to the stored scores.
+    ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), or None when ``scored``:
+    the native decode already added them to the stored scores.
     """
 
     out: torch.Tensor
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     scored: bool = False
 
 
@@ -290,6 +290,5 @@ def _attend_native(
     """``attend`` for one decode query per slot (``q`` [B, Hq, D] at ``query_pos`` [B]), by
     the native kernel reading both tiers in place, which then adds the probabilities to the
     stored scores (a decode query always counts: it is past the prompt)."""
-    out, probs = native.tiered_decode(store, layer, q, slots, query_pos, window)
-    native.add_scores(store, layer, slots, probs)
-    return TieredAttention(out[:, None], probs[:, :, :, None], scored=True)
+    out, _ = native.tiered_decode(store, layer, q, slots, query_pos, window, score=True)
+    return TieredAttention(out[:, None], None, scored=True)

@@ -4,8 +4,10 @@
 // every page's scores back) is a gather, a max, an add and a scatter per tier and layer: on
 // the demo model at 32 requests x 1536 tokens about 1 ms of a step, whether or not the step
 // then decides. This op walks each (request, KV head)'s pages once and adds, for each token it
-// holds, the largest probability any query head of its group gave it: the same float32 add as
-// the torch path (stored + max over the group), so the bytes are the same.
+// holds, the largest probability any query head of its group gave it. The kernel's
+// probabilities of one tier are relative to that tier's log-sum-exp: each query head's are
+// multiplied by its `rescale` here (exp(lse_tier - lse)), the multiply the torch path does
+// before its max and add, so the bytes are the same.
 //
 // Registered as torch.ops.tierkv.add_scores (a fragment of quantize_store.cpp's library).
 
@@ -19,11 +21,13 @@
 
 namespace {
 
-void add_scores(const at::Tensor& probs, at::Tensor& arena, const at::Tensor& pages,
-                const at::Tensor& counts, int64_t score_offset, int64_t score_stride,
-                int64_t tokens_per_page) {
+void add_scores(const at::Tensor& probs, const at::Tensor& rescale, at::Tensor& arena,
+                const at::Tensor& pages, const at::Tensor& counts, int64_t score_offset,
+                int64_t score_stride, int64_t tokens_per_page) {
   TORCH_CHECK(probs.dim() == 4 && probs.scalar_type() == at::kFloat,
               "probs must be float32 [B, H, G, W]");
+  TORCH_CHECK(rescale.scalar_type() == at::kFloat && rescale.sizes() == probs.sizes().slice(0, 3),
+              "rescale must be float32 [B, H, G]");
   TORCH_CHECK(probs.stride(3) == 1, "probs must have unit stride over tokens");
   TORCH_CHECK(arena.dim() == 2 && arena.scalar_type() == at::kByte && arena.is_contiguous(),
               "arena must be a contiguous uint8 [pages, page_bytes] tensor");
@@ -52,6 +56,7 @@ void add_scores(const at::Tensor& probs, at::Tensor& arena, const at::Tensor& pa
     }
   }
   const float* p = probs.data_ptr<float>();
+  const auto scale = rescale.accessor<float, 3>();
   uint8_t* base = arena.data_ptr<uint8_t>();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -59,9 +64,9 @@ void add_scores(const at::Tensor& probs, at::Tensor& arena, const at::Tensor& pa
       const int64_t count = cnt[b][h];
       const float* rows = p + b * probs.stride(0) + h * probs.stride(1);
       for (int64_t t = 0; t < count; ++t) {
-        float top = rows[t];
+        float top = rows[t] * scale[b][h][0];
         for (int64_t g = 1; g < group; ++g) {
-          top = std::max(top, rows[g * probs.stride(2) + t]);
+          top = std::max(top, rows[g * probs.stride(2) + t] * scale[b][h][g]);
         }
         uint8_t* at = base + pg[b][h][t / tokens_per_page] * page_bytes + score_offset +
                       (t % tokens_per_page) * score_stride;
@@ -78,8 +83,8 @@ void add_scores(const at::Tensor& probs, at::Tensor& arena, const at::Tensor& pa
 
 TORCH_LIBRARY_FRAGMENT(tierkv, m) {
   m.def(
-      "add_scores(Tensor probs, Tensor(a!) arena, Tensor pages, Tensor counts, int score_offset, "
-      "int score_stride, int tokens_per_page) -> ()");
+      "add_scores(Tensor probs, Tensor rescale, Tensor(a!) arena, Tensor pages, Tensor counts, "
+      "int score_offset, int score_stride, int tokens_per_page) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
