@@ -22,13 +22,13 @@ import torch
 
 from tierkv.kv.store import HIGH, LOW, KVStore
 
-# Where some tokens go: (slots [M], heads [M], destination indices [M], their fields).
+# Where some tokens move: (slots [M], heads [M], destination indices [M], their fields).
 _Writes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
 def apply_decisions(
     store: KVStore,
-    layer: int,
+    layer: int | None,
     slots: torch.Tensor,
     to_high: torch.Tensor,
     to_low: torch.Tensor,
@@ -44,22 +44,24 @@ def apply_decisions(
     keep_high, demote, keep_low = to_high[..., :width], to_low[..., :width], to_low[..., width:]
     kept_low = keep_low.sum(-1)
     # Everything that moves is read before ``resize`` frees the pages it sits in.
-    writes = [
+    moves = [
         (tier, w)
         for tier, w in (
             (HIGH, _fill_holes(store, layer, HIGH, slots, keep_high)),
             (LOW, _fill_holes(store, layer, LOW, slots, keep_low)),
-            (LOW, _demotions(store, layer, slots, demote, kept_low)),
         )
         if w is not None
     ]
+    demoted = _demotions(store, layer, slots, demote, kept_low)
     store.resize(layer, slots, keep_high.sum(-1), kept_low + demote.sum(-1))
-    for tier, (b_slots, heads, index, fields) in writes:
+    for tier, (b_slots, heads, index, fields) in moves:
         store.put(layer, tier, b_slots, heads, index, fields)
+    if demoted is not None:
+        store.put_tokens(layer, LOW, *demoted)
 
 
 def _fill_holes(
-    store: KVStore, layer: int, tier: int, slots: torch.Tensor, keep: torch.Tensor
+    store: KVStore, layer: int | None, tier: int, slots: torch.Tensor, keep: torch.Tensor
 ) -> _Writes | None:
     """The kept tokens past each head's new count, bound for the holes before it.
 
@@ -77,16 +79,19 @@ def _fill_holes(
 
 
 def _demotions(
-    store: KVStore, layer: int, slots: torch.Tensor, demote: torch.Tensor, kept_low: torch.Tensor
-) -> _Writes | None:
-    """The demoted high tokens re-quantized to the low format, appended after the kept low."""
+    store: KVStore,
+    layer: int | None,
+    slots: torch.Tensor,
+    demote: torch.Tensor,
+    kept_low: torch.Tensor,
+) -> tuple[torch.Tensor, ...] | None:
+    """The demoted high tokens, decoded, bound for the places after the kept low ones:
+    ``(slots, heads, index, keys, values, positions, scores)`` for ``KVStore.put_tokens``,
+    which re-quantizes them to the low format."""
     if not bool(demote.any()):
         return None
     b, h, t = demote.nonzero(as_tuple=True)
     picked = store.take(layer, HIGH, slots[b], h, t)
     k, v = store.format_of(int(slots[0]), HIGH).decode(picked, torch.float32)
-    encoded = store.format_of(int(slots[0]), LOW).encode(
-        k[:, None], v[:, None], positions=picked["pos"].view(-1), scores=picked["score"].view(-1)
-    )
     index = (kept_low[..., None] + demote.cumsum(-1) - 1)[b, h, t]
-    return slots[b], h, index, {name: value[:, 0] for name, value in encoded.items()}
+    return slots[b], h, index, k, v, picked["pos"].view(-1), picked["score"].view(-1)

@@ -543,6 +543,37 @@ class KVStore:
         for name, value in fields.items():
             views[name][pages, offset] = value
 
+    def put_tokens(
+        self,
+        layer: int | None,
+        tier: int,
+        slots: torch.Tensor,
+        heads: torch.Tensor,
+        index: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> None:
+        """Encode keys and values ``k``/``v`` [M, D] (with their ``positions`` and ``scores``
+        [M]) in the tier's format and store them like ``put``: by the native writer when it
+        serves the format (the same bytes), else by ``KVFormat.encode``."""
+        if not index.numel():
+            return
+        f, pages, offset = self._locate(layer, tier, slots, heads, index)
+        views = self._views[f]
+        if self.token_writer is not None and self.formats[f].quantized:
+            self.token_writer(
+                self, f, pages[:, None], offset[:, None], k[:, None], v[:, None], positions
+            )
+            views["score"][pages, offset] = scores[:, None].to(torch.float32)
+            return
+        encoded = self.formats[f].encode(
+            k[:, None], v[:, None], positions=positions, scores=scores, dtype=self.dtype
+        )
+        for name, value in encoded.items():
+            views[name][pages, offset] = value[:, 0]
+
     def _locate(
         self,
         layer: int | None,

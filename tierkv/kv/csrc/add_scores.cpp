@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -56,24 +57,34 @@ void add_scores(const at::Tensor& probs, const at::Tensor& rescale, at::Tensor& 
     }
   }
   const float* p = probs.data_ptr<float>();
+  const int64_t stride_b = probs.stride(0), stride_h = probs.stride(1), stride_g = probs.stride(2);
   const auto scale = rescale.accessor<float, 3>();
   uint8_t* base = arena.data_ptr<uint8_t>();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sc(static_cast<size_t>(group));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads, h = item % heads;
       const int64_t count = cnt[b][h];
-      const float* rows = p + b * probs.stride(0) + h * probs.stride(1);
-      for (int64_t t = 0; t < count; ++t) {
-        float top = rows[t] * scale[b][h][0];
-        for (int64_t g = 1; g < group; ++g) {
-          top = std::max(top, rows[g * probs.stride(2) + t] * scale[b][h][g]);
+      const float* rows = p + b * stride_b + h * stride_h;
+      for (int64_t g = 0; g < group; ++g) {
+        sc[g] = scale[b][h][g];
+      }
+      // Page by page: each page's score field is one strided run of floats.
+      for (int64_t first = 0; first < count; first += tokens_per_page) {
+        uint8_t* field = base + pg[b][h][first / tokens_per_page] * page_bytes + score_offset;
+        const int64_t n = std::min(tokens_per_page, count - first);
+        for (int64_t t = 0; t < n; ++t) {
+          const float* col = rows + first + t;
+          float top = col[0] * sc[0];
+          for (int64_t g = 1; g < group; ++g) {
+            top = std::max(top, col[g * stride_g] * sc[g]);
+          }
+          uint8_t* at = field + t * score_stride;
+          float score;
+          std::memcpy(&score, at, sizeof score);
+          score += top;
+          std::memcpy(at, &score, sizeof score);
         }
-        uint8_t* at = base + pg[b][h][t / tokens_per_page] * page_bytes + score_offset +
-                      (t % tokens_per_page) * score_stride;
-        float score;
-        std::memcpy(&score, at, sizeof score);
-        score += top;
-        std::memcpy(at, &score, sizeof score);
       }
     }
   });
