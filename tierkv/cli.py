@@ -224,7 +224,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         description=(
             "Time single-request decode steps after prompts of each --contexts length, and "
             "report achieved bandwidth = (weight bytes + KV bytes read per step) / step time "
-            "next to this machine's measured copy and read bandwidth."
+            "next to this machine's measured copy and read bandwidth and the bandwidth of a "
+            "large matrix-vector product in the compute dtype (what a batch-1 step's linear "
+            "layers can reach)."
         ),
     )
     add_comparison_args(p)
