@@ -128,9 +128,7 @@ class PagedAttention:
     ) -> torch.Tensor:
         """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
         store = self.store
-        if batch is not self._step:
-            # What the fast path can share between the layers of one step.
-            self._step, self._step_cache = batch, {}
+        self._cache(batch)
         # The rings hold the newest tokens before this step only until the write below (the
         # native decode reads them after it, in place).
         rings = store.read_residual(layer, batch.slots) if self._reads_rings(batch) else None
@@ -139,14 +137,7 @@ class PagedAttention:
         window = self.sliding_windows[layer]
         decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
         if store.num_tiered:
-            cached = self._step_cache.get("tiered")
-            if cached is None:
-                is_tiered = store.slot_format[batch.slots, 1] >= 0
-                cached = self._step_cache["tiered"] = (
-                    is_tiered,
-                    tiered.step_units(store, batch, is_tiered),
-                )
-            is_tiered, units = cached
+            is_tiered, units = self._tiered(batch)
             decode_rows = decode_rows[~is_tiered[decode_rows]]
             prefill_rows = [r for r in prefill_rows if not is_tiered[r]]
             workspace = self._workspace if self.backend == "fast" else None
@@ -185,12 +176,27 @@ class PagedAttention:
     def finish_step(self, batch: AttentionBatch) -> None:
         """After the step's last layer: the tier decisions of its tiered requests, all layers
         at once (``tiered.decide_step``)."""
-        store = self.store
-        if not store.num_tiered:
+        if not self.store.num_tiered:
             return
-        is_tiered = store.slot_format[batch.slots, 1] >= 0
+        is_tiered, _ = self._tiered(batch)
         seen = torch.tensor(batch.context_lens) + torch.tensor(batch.query_lens)
-        tiered.decide_step(store, batch.slots[is_tiered], seen[is_tiered])
+        tiered.decide_step(self.store, batch.slots[is_tiered], seen[is_tiered])
+
+    def _cache(self, batch: AttentionBatch) -> dict:
+        """What the layers of ``batch``'s step share (a new step starts an empty one)."""
+        if batch is not self._step:
+            self._step, self._step_cache = batch, {}
+        return self._step_cache
+
+    def _tiered(self, batch: AttentionBatch) -> tuple[torch.Tensor, list[tiered.Unit]]:
+        """Which requests of the step are tiered ([B]) and how they are attended
+        (``tiered.step_units``), worked out at the step's first layer."""
+        cached = self._cache(batch).get("tiered")
+        if cached is None:
+            is_tiered = self.store.slot_format[batch.slots, 1] >= 0
+            cached = (is_tiered, tiered.step_units(self.store, batch, is_tiered))
+            self._step_cache["tiered"] = cached
+        return cached
 
     def _reads_rings(self, batch: AttentionBatch) -> bool:
         """Whether some request of the step needs its residual entries read before the write:

@@ -420,13 +420,6 @@ def store_tokens(
     )
 
 
-@functools.cache
-def _score_field(layout: PageLayout) -> tuple[int, int]:
-    """Byte offset and per-token stride of the ``score`` field in pages of ``layout``."""
-    field = next(field for field in layout.fields if field.name == "score")
-    return layout.offsets()["score"], field.token_bytes
-
-
 def tiered_decode(
     store: KVStore,
     layer: int,
@@ -458,16 +451,9 @@ def tiered_decode(
     """
     b, hq, _ = q.shape
     heads = store.num_kv_heads
-    formats = store.slot_format[slots[0]].tolist()
-    counts = store.count[slots, layer]
     # One column per token slot of the pages ``read_tier`` would gather, per tier.
-    tiers = []
-    for tier in (HIGH, LOW):
-        count = counts[..., tier].contiguous()
-        per_page = store.layouts[formats[tier]].tokens_per_page
-        num = -(-int(count.max()) // per_page) if count.numel() else 0
-        tiers.append((tier, count, num, store.tables[slots, layer, :, tier, :num]))
-    widths = [num * store.layouts[formats[tier]].tokens_per_page for tier, _, num, _ in tiers]
+    tiers = [store.tier_pages(layer, slots, tier) for tier in (HIGH, LOW)]
+    widths = [pages.shape[-1] * store.layouts[f].tokens_per_page for f, _, pages in tiers]
     probs = torch.empty(b, hq, sum(widths))
     columns = (slice(0, widths[0]), slice(widths[0], sum(widths)))
     parts = [
@@ -477,33 +463,34 @@ def tiered_decode(
             q,
             pages,
             torch.zeros_like(count),
-            count,
-            formats[tier],
+            count.contiguous(),
+            f,
             query_pos=query_pos,
             window=window,
             probs=probs[:, :, cols],
         )
-        for (tier, count, _, pages), cols in zip(tiers, columns, strict=True)
+        for (f, count, pages), cols in zip(tiers, columns, strict=True)
     ]
     (out_high, lse_high), (out_low, lse_low) = parts
     out, lse = merge(out_high, lse_high, out_low, lse_low)
     # Each part's probabilities are relative to its own lse: rescale them to the whole's.
     total = torch.where(torch.isinf(lse), 0.0, lse)
     grouped = probs.view(b, heads, hq // heads, -1)
-    for (tier, count, _, pages), cols, (_, part_lse) in zip(tiers, columns, parts, strict=True):
+    score_field = _WRITE_FIELDS.index("score")
+    for (f, count, pages), cols, (_, part_lse) in zip(tiers, columns, parts, strict=True):
         rescale = torch.exp(part_lse - total)
         if not score:
             probs[:, :, cols].mul_(rescale[..., None])
             continue
-        offset, stride = _score_field(store.layouts[formats[tier]])
+        offsets, strides = _write_fields(store.layouts[f])
         torch.ops.tierkv.add_scores(
             grouped[..., cols],
             rescale.view(b, heads, hq // heads),
             store.pool.arena,
             pages,
             count,
-            offset,
-            stride,
-            store.layouts[formats[tier]].tokens_per_page,
+            offsets[score_field],
+            strides[score_field],
+            store.layouts[f].tokens_per_page,
         )
     return out.to(q.dtype), None if score else grouped

@@ -484,6 +484,17 @@ class KVStore:
             keys[rows], values[rows] = k[:, :, :length], v[:, :, :length]
         return keys, values
 
+    def tier_pages(
+        self, layer: int | None, slots: torch.Tensor, tier: int
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """One tier of ``slots`` at ``layer`` (every layer when None, as ``read_tier``): its
+        format index, the tokens each head holds ``[B, H]`` and the page ids ``[B, H, P]`` of
+        the pages covering the largest count (columns past a head's own pages are stale)."""
+        f = int(self.slot_format[slots[0], tier])
+        count = self._units(self.count, layer)[slots, :, tier]
+        num = -(-int(count.max()) // self.layouts[f].tokens_per_page) if count.numel() else 0
+        return f, count, self._units(self.tables, layer)[slots, :, tier, :num]
+
     def read_tier(
         self,
         layer: int | None,
@@ -496,11 +507,9 @@ class KVStore:
 
         All ``slots`` must store that tier in the same format.
         """
-        f = int(self.slot_format[slots[0], tier])
-        per_page = self.layouts[f].tokens_per_page
-        count = self._units(self.count, layer)[slots, :, tier]
-        num = -(-int(count.max()) // per_page) if count.numel() else 0
-        pages = self._units(self.tables, layer)[slots, :, tier, :num].reshape(-1)
+        f, count, pages = self.tier_pages(layer, slots, tier)
+        per_page, num = self.layouts[f].tokens_per_page, pages.shape[-1]
+        pages = pages.reshape(-1)
         b, h = count.shape
         fields = {
             name: view.index_select(0, pages).view(b, h, num * per_page, view.shape[-1])
@@ -561,18 +570,9 @@ class KVStore:
         if not index.numel():
             return
         f, pages, offset = self._locate(layer, tier, slots, heads, index)
-        views = self._views[f]
-        if self.token_writer is not None and self.formats[f].quantized:
-            self.token_writer(
-                self, f, pages[:, None], offset[:, None], k[:, None], v[:, None], positions
-            )
-            views["score"][pages, offset] = scores[:, None].to(torch.float32)
-            return
-        encoded = self.formats[f].encode(
-            k[:, None], v[:, None], positions=positions, scores=scores, dtype=self.dtype
+        self._encode_into(
+            f, pages[:, None], offset[:, None], k[:, None], v[:, None], positions, scores
         )
-        for name, value in encoded.items():
-            views[name][pages, offset] = value[:, 0]
 
     def _locate(
         self,
@@ -625,12 +625,29 @@ class KVStore:
         per_page = self.layouts[f].tokens_per_page
         heads = torch.arange(self.num_kv_heads)
         pages = self.tables[slots[:, None], layer, heads, HIGH, dest // per_page]
-        offset = dest % per_page
+        self._encode_into(f, pages, dest % per_page, k, v, positions)
+
+    def _encode_into(
+        self,
+        f: int,
+        pages: torch.Tensor,
+        offset: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        """Encode ``k``/``v`` [N, H, D] in format index ``f`` and store token ``n``, head ``h``
+        at row ``offset[n, h]`` of page ``pages[n, h]``, with ``positions`` [N] and ``scores``
+        [N] (0 when None): by the native writer when it serves the format (the same bytes),
+        else by ``KVFormat.encode``."""
+        views = self._views[f]
         if self.token_writer is not None and self.formats[f].quantized:
             self.token_writer(self, f, pages, offset, k, v, positions)
+            if scores is not None:
+                views["score"][pages, offset] = scores[:, None, None].to(torch.float32)
             return
-        views = self._views[f]
-        encoded = self.formats[f].encode(k, v, positions=positions, dtype=self.dtype)
+        encoded = self.formats[f].encode(k, v, positions=positions, scores=scores, dtype=self.dtype)
         for name, value in encoded.items():
             views[name][pages, offset] = value
 

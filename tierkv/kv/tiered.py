@@ -163,11 +163,15 @@ def decide_step(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None
     if not bool(deciding.any()):
         return
     slots, seen = slots[deciding], seen[deciding]
-    pairs = store.slot_format[slots]
-    _, group = pairs.unique(dim=0, return_inverse=True)
-    for g in range(int(group.max()) + 1):
-        mine = group == g
-        _decide(store, slots[mine], seen[mine])
+    for rows in _same_formats(store, slots):
+        _decide(store, slots[rows], seen[rows])
+
+
+def _same_formats(store: KVStore, slots: torch.Tensor) -> list[torch.Tensor]:
+    """The indices into ``slots`` [B] grouped by their (high, low) formats: what one batched
+    tiered call may take together."""
+    _, group = store.slot_format[slots].unique(dim=0, return_inverse=True)
+    return [torch.nonzero(group == g).flatten() for g in range(int(group.max()) + 1)]
 
 
 def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
@@ -202,9 +206,7 @@ def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -
     decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
     groups: list[torch.Tensor] = []
     if decode.numel():
-        pairs = store.slot_format[batch.slots[decode]]
-        _, group = pairs.unique(dim=0, return_inverse=True)
-        groups += [decode[group == g] for g in range(int(group.max()) + 1)]
+        groups += [decode[rows] for rows in _same_formats(store, batch.slots[decode])]
     groups += [torch.tensor([r]) for r in torch.nonzero(is_tiered & (lens > 1)).flatten().tolist()]
     starts = torch.tensor(batch.query_starts, dtype=torch.int64)
     units = []

@@ -58,6 +58,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -644,22 +645,25 @@ void attend(const Shared& sh, const Item& it) {
   // block computes.
   const RingLayout& rl = sh.ring;
   const int64_t row_bytes = dim * (rl.type == RowType::kFloat ? 4 : 2);
-  const auto ring_row = [&](int64_t position, const Field& field) {
+  // A position's key and value rows (one page lookup for both).
+  const auto ring_rows = [&](int64_t position) {
     const int64_t index = position % it.ring_size;
     const int64_t column = index / rl.tokens_per_page;
     const int64_t slot = index - column * rl.tokens_per_page;
-    return page_base(sh, it.ring_pages[column]) + field.offset + slot * field.stride;
+    const uint8_t* page = page_base(sh, it.ring_pages[column]);
+    return std::pair{page + rl.k.offset + slot * rl.k.stride,
+                     page + rl.v.offset + slot * rl.v.stride};
   };
   for (int64_t p0 = ring_from; p0 < it.end;) {
     const int64_t n = std::min(it.end - p0, kBlock);
     for (int64_t t = 0; t < n; ++t) {
-      load_row(ring_row(p0 + t, rl.k), rl.type, dim, rows_k.data() + t * nvec);
-      load_row(ring_row(p0 + t, rl.v), rl.type, dim, rows_v.data() + t * nvec);
+      const auto [k_row, v_row] = ring_rows(p0 + t);
+      load_row(k_row, rl.type, dim, rows_k.data() + t * nvec);
+      load_row(v_row, rl.type, dim, rows_v.data() + t * nvec);
     }
     const int64_t ahead = std::min(it.end - p0 - n, kBlock);
     for (int64_t t = 0; t < ahead; ++t) {
-      const uint8_t* k_row = ring_row(p0 + n + t, rl.k);
-      const uint8_t* v_row = ring_row(p0 + n + t, rl.v);
+      const auto [k_row, v_row] = ring_rows(p0 + n + t);
       for (int64_t b = 0; b < row_bytes; b += 64) {
         __builtin_prefetch(k_row + b);
         __builtin_prefetch(v_row + b);
