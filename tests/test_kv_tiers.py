@@ -131,9 +131,10 @@ def test_prefill_scores_are_the_normalised_attention_of_the_last_window(pool: in
 def test_randomised_tier_workload_keeps_exact_accounting_and_contents(
     events: list[tuple[str, int, int, int]],
 ) -> None:
-    """Admissions, appends, random keep/demote/prune decisions, preemptions and aborts (both
-    are releases): pages are exact, unique, never leaked, freed ones reused, and every head
-    holds exactly the positions the decisions kept."""
+    """Admissions, appends, random keep/demote/prune decisions (at one layer or at every layer
+    at once), preemptions and aborts (both are releases): pages are exact, unique, never
+    leaked, freed ones reused, and every head holds exactly the positions the decisions
+    kept."""
     store = _store(num_pages=90, max_len=150)
     pool = store.pool
     policy = KVPolicy.parse("k8v4/k2v2")
@@ -169,7 +170,8 @@ def test_randomised_tier_workload_keeps_exact_accounting_and_contents(
             seen[req] = target
         elif kind == "decide" and req in slots:
             slot = torch.tensor([slots[req]])
-            layer = n % LAYERS
+            # One layer, or every layer at once (None: units layer * HEADS + head).
+            layer = n % (LAYERS + 1) if n % (LAYERS + 1) < LAYERS else None
             before = set(_owned(store, slots.values()).tolist())
             high, low = store.read_tier(layer, slot, HIGH), store.read_tier(layer, slot, LOW)
             valid = torch.cat([high.valid, low.valid], -1)
@@ -179,10 +181,11 @@ def test_randomised_tier_workload_keeps_exact_accounting_and_contents(
             to_high = valid & ~is_low & (fate == 0)
             to_low = valid & (fate == 1)
             pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[0, ..., 0]
-            for head in range(HEADS):
-                tiers = held[req][layer][head]
-                tiers[HIGH] = set(pos[head][to_high[0, head]].tolist())
-                tiers[LOW] = set(pos[head][to_low[0, head]].tolist())
+            for unit in range(pos.shape[0]):
+                at = (layer, unit) if layer is not None else divmod(unit, HEADS)
+                tiers = held[req][at[0]][at[1]]
+                tiers[HIGH] = set(pos[unit][to_high[0, unit]].tolist())
+                tiers[LOW] = set(pos[unit][to_low[0, unit]].tolist())
             apply_decisions(store, layer, slot, to_high, to_low, width)
             freed |= before - set(_owned(store, slots.values()).tolist())
         elif kind == "release" and req in slots:
