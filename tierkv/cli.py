@@ -225,8 +225,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "Time single-request decode steps after prompts of each --contexts length, and "
             "report achieved bandwidth = (weight bytes + KV bytes read per step) / step time "
             "next to this machine's measured copy and read bandwidth and the bandwidth of a "
-            "large matrix-vector product in the compute dtype (what a batch-1 step's linear "
-            "layers can reach)."
+            "large matrix-vector product in the compute dtype by the engine's own linear layer "
+            "(what a batch-1 step's linear layers can reach)."
         ),
     )
     add_comparison_args(p)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tierkv.model.layers import linear
 from tierkv.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -26,9 +27,10 @@ class Bandwidth:
 
     copy_gb_s: float  # bytes read + bytes written per second by a large tensor copy
     read_gb_s: float  # bytes read per second by a large reduction
-    # Weight bytes per second of a large matrix-vector product in the compute dtype: what the
-    # linear layers of a batch-1 decode step can stream here (below read_gb_s on CPUs whose
-    # matrix kernels do not saturate memory, and different per dtype).
+    # Weight bytes per second of a large matrix-vector product in the compute dtype, by the
+    # engine's own linear layer (``tierkv.model.layers.linear``): what the linear layers of a
+    # batch-1 decode step can stream here (below read_gb_s where the kernel does not saturate
+    # memory, and different per dtype).
     matvec_gb_s: float
 
 
@@ -51,15 +53,15 @@ def measure_bandwidth(
     dtype: torch.dtype = torch.float32, size_bytes: int = 1 << 29, repeats: int = 5
 ) -> Bandwidth:
     """Best-of-``repeats`` copy and read bandwidth over ``size_bytes`` of float32, and the
-    matrix-vector bandwidth over a ``size_bytes / 8`` matrix of ``dtype`` (larger than caches,
-    the size of a small model's largest weights)."""
+    matrix-vector bandwidth of the engine's linear layer over a ``size_bytes / 8`` matrix of
+    ``dtype`` (larger than caches, the size of a small model's largest weights)."""
     cols = 4096
     matrix = torch.randn(size_bytes // 8 // (cols * torch.finfo(dtype).bits // 8), cols).to(dtype)
     vector = torch.randn(1, cols).to(dtype)
     matvec_s = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.nn.functional.linear(vector, matrix)
+        linear(vector, matrix)
         matvec_s = min(matvec_s, time.perf_counter() - start)
     matvec_bytes = matrix.numel() * matrix.element_size()
     del matrix

@@ -30,120 +30,32 @@ Two extensions serve the store's other layouts without a gather:
   writes each query head's probability of every token, so one call per tier and a merge give
   ``tiered.attend``'s output and probabilities.
 
-The extension is compiled with ``torch.utils.cpp_extension.load`` the first time it is needed
-(``-O3 -march=native``, or without ``-march=native`` when the compiler refuses it) into
-``$XDG_CACHE_HOME/tierkv/ext/<hash>`` (``~/.cache`` by default), the hash covering the source,
-the flags, torch's version and the CPU, so later processes load the cached build. A machine
-without a compiler simply has no native kernel: ``available()`` says so and the engine keeps
-its torch paths.
+The kernels are part of the package's C++ extension (``tierkv.extension``), built on first use;
+a machine without a compiler simply has no native kernel: ``available()`` says so and the
+engine keeps its torch paths.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import math
-import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
+from tierkv import extension
+from tierkv.extension import available, unavailable_reason
 from tierkv.kv import fast
 from tierkv.kv.partial import merge
 from tierkv.kv.pool import PageLayout
 from tierkv.kv.quant import FORMATS, KVFormat
 from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
 
-logger = logging.getLogger(__name__)
-
-# The decode kernel (a pybind11 module), the quantizing write and the score update
-# (torch.ops.tierkv), one build.
-_SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.cpp")))
-
-# Tried in order: the first set the compiler accepts is kept. -fopenmp lets at::parallel_for
-# (inlined from torch's headers) spread work items over torch's OpenMP threads.
-_FLAG_SETS = (
-    ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-fopenmp"),
-)
-
 # Per-token fields the kernel reads, in the order it takes their offsets and strides.
 _FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos")
 
 # Stored dtypes of FULL (ring) pages the kernel reads, by the name it takes.
 _RING_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tierkv" / "ext"
-
-
-def _cpu_signature() -> str:
-    """What a -march=native build depends on: the machine and, on Linux, its CPU flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-@functools.cache
-def _load() -> tuple[ModuleType | None, str | None]:
-    """Build (or load the cached build of) the extension once per process.
-
-    Returns the module, or None and why it could not be built.
-    """
-    try:
-        from torch.utils import cpp_extension
-
-        source = b"\0".join(path.read_bytes() for path in _SOURCES)
-    except (ImportError, OSError) as exc:
-        return None, f"cannot read the kernel source: {exc}"
-    reasons = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode()])
-            + _cpu_signature().encode()
-        ).hexdigest()[:16]
-        build = _cache_root() / key
-        try:
-            build.mkdir(parents=True, exist_ok=True)
-            if not any(build.glob("*.so")):
-                # A silent minute at the first engine would look like a hang.
-                logger.warning("compiling tierkv's C++ kernels into %s (once per machine)", build)
-            module = cpp_extension.load(
-                name=f"tierkv_native_{key}",
-                sources=[str(path) for path in _SOURCES],
-                extra_cflags=list(flags),
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build),
-                verbose=False,
-            )
-            return module, None
-        except Exception as exc:  # any build failure means "no native kernel", never a crash
-            reasons.append(f"{' '.join(flags)}: {str(exc).strip().splitlines()[-1:]}")
-    reason = "the native kernel did not build (" + "; ".join(reasons) + ")"
-    logger.warning("%s; attention runs on the slower torch paths", reason)
-    return None, reason
-
-
-def available() -> bool:
-    """Whether the native kernel is built and loadable here (builds it on the first call)."""
-    return _load()[0] is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why ``available()`` is False, or None when the kernel is available."""
-    return _load()[1]
 
 
 def supports(fmt: KVFormat, head_dim: int) -> bool:
@@ -240,7 +152,7 @@ def partial(
       positions ``[max(start, end - R), end)`` are read uncompressed from the ring (index
       ``position % size``), older ones from ``pages``. Not with ``query_pos``.
     """
-    module, reason = _load()
+    module, reason = extension.load()
     if module is None:
         raise RuntimeError(reason)
     if not 0 <= layer < store.num_layers:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tierkv.kv.attention import AttentionBatch
-from tierkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, fused_linear
+from tierkv.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, fused_linear, linear
 from tierkv.model.loader import ModelSpec
 
 
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.split = (q_out, kv_out, kv_out)
         parts = (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out))
         self.qkv_proj = fused_linear(spec.hidden_size, parts, bias=spec.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(q_out, spec.hidden_size, bias=spec.o_bias, dtype=dtype)
+        self.o_proj = Linear(q_out, spec.hidden_size, bias=spec.o_bias, dtype=dtype)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
@@ -104,7 +104,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope)
         if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
         self.requires_grad_(False)
 
     @torch.inference_mode()
@@ -122,4 +122,4 @@ class Decoder(nn.Module):
             x = layer(x, positions, self.rotary, attend, batch)
         x = self.norm(x[logits_rows])
         head = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return (x @ head.T).float()
+        return linear(x, head).float()

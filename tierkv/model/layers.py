@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, rotary position embedding, gated MLP."""
+"""Building blocks of the decoder: linear layers, RMSNorm, rotary position embedding, gated MLP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,36 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tierkv import extension
+
+# Up to this many rows (decode steps of that many requests) the native kernel
+# (``csrc/small_batch_linear.cpp``) streams the weights faster than torch's matrix product;
+# beyond, torch's blocked product reuses each weight across rows and wins.
+NATIVE_LINEAR_ROWS = 4
+_NATIVE_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` [N, in]: by the native small-batch kernel when N is at
+    most ``NATIVE_LINEAR_ROWS``, the dtype float32 or bfloat16 and the extension built (a
+    batch-1 decode step reads the weights at close to memory bandwidth), else ``F.linear``."""
+    if (
+        x.dim() == 2
+        and x.shape[0] <= NATIVE_LINEAR_ROWS
+        and x.dtype in _NATIVE_LINEAR_DTYPES
+        and x.dtype == weight.dtype
+        and extension.available()
+    ):
+        return torch.ops.tierkv.small_batch_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` computed by ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -26,14 +56,14 @@ class RMSNorm(nn.Module):
 
 def fused_linear(
     in_features: int, parts: tuple[tuple[str, int], ...], bias: bool, dtype: torch.dtype
-) -> nn.Linear:
+) -> Linear:
     """One linear layer standing for several checkpoint projections stacked along the output.
 
     ``parts`` names each projection as the checkpoint does (e.g. ``q_proj``) with its output
     size; the loader fills the matching row slices. One matmul instead of several per layer
     matters on CPU, where small models are bound by per-call overhead.
     """
-    layer = nn.Linear(in_features, sum(size for _, size in parts), bias=bias, dtype=dtype)
+    layer = Linear(in_features, sum(size for _, size in parts), bias=bias, dtype=dtype)
     layer.fused_from = parts
     return layer
 
@@ -45,7 +75,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         parts = (("gate_proj", intermediate), ("up_proj", intermediate))
         self.gate_up_proj = fused_linear(hidden, parts, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
+        self.down_proj = Linear(intermediate, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -9,7 +9,7 @@
 // beside them. tests/test_kv_native_quantize.py compares the bytes with the torch path.
 //
 // Registered as torch.ops.tierkv.quantize_store (TORCH_LIBRARY), so it loads with the rest of
-// the native extension (tierkv/kv/native.py).
+// the native extension (tierkv/extension.py).
 
 #include <torch/extension.h>
 
