@@ -90,7 +90,7 @@ def test_refuses_what_it_does_not_compute() -> None:
         op(torch.randn(1, 16), weight, torch.randn(7))
 
 
-@pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_ROWS, NATIVE_LINEAR_ROWS + 1, 33])
+@pytest.mark.parametrize("rows", [0, 1, NATIVE_LINEAR_ROWS, NATIVE_LINEAR_ROWS + 1, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_takes_the_kernel_for_small_batches_only(rows: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(2)
@@ -101,7 +101,7 @@ def test_layer_takes_the_kernel_for_small_batches_only(rows: int, dtype: torch.d
     x = torch.randn(rows, 48, generator=gen).to(dtype)
     out = layer(x)
     torch_out = F.linear(x, layer.weight, layer.bias)
-    native = rows <= NATIVE_LINEAR_ROWS and dtype != torch.float16
+    native = 0 < rows <= NATIVE_LINEAR_ROWS and dtype != torch.float16
     if native:
         assert torch.equal(out, torch.ops.tierkv.small_batch_linear(x, layer.weight, layer.bias))
         torch.testing.assert_close(out, torch_out, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 8)

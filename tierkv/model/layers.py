@@ -24,7 +24,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     batch-1 decode step reads the weights at close to memory bandwidth), else ``F.linear``."""
     if (
         x.dim() == 2
-        and x.shape[0] <= NATIVE_LINEAR_ROWS
+        and 0 < x.shape[0] <= NATIVE_LINEAR_ROWS
         and x.dtype in _NATIVE_LINEAR_DTYPES
         and x.dtype == weight.dtype
         and extension.available()
