@@ -97,6 +97,24 @@ class AttentionBatch:
         )
 
 
+@dataclass
+class _StepRows:
+    """How one step's requests are attended (``PagedAttention._rows``).
+
+    ``decode`` [Bd]: the uniform requests decoding (batch indices), ``tokens`` [Bd] their
+    tokens' indices in the step (None when they are all of its tokens, in order), ``slots`` and
+    ``lens`` [Bd] their store slots and lengths after the step; ``prefill``: the uniform
+    requests prefilling; ``units``: the tiered requests (``tiered.step_units``).
+    """
+
+    decode: torch.Tensor
+    tokens: torch.Tensor | None
+    slots: torch.Tensor
+    lens: torch.Tensor
+    prefill: list[int]
+    units: list[tiered.Unit]
+
+
 class PagedAttention:
     """Appends a step's keys and values to the store, then attends over everything kept."""
 
@@ -133,26 +151,26 @@ class PagedAttention:
         # native decode reads them after it, in place).
         rings = store.read_residual(layer, batch.slots) if self._reads_rings(batch) else None
         store.write(layer, batch.token_slots, batch.token_index, k, v)
-        out = torch.empty_like(q)
         window = self.sliding_windows[layer]
-        decode_rows, prefill_rows = batch.decode_rows, batch.prefill_rows
-        if store.num_tiered:
-            is_tiered, units = self._tiered(batch)
-            decode_rows = decode_rows[~is_tiered[decode_rows]]
-            prefill_rows = [r for r in prefill_rows if not is_tiered[r]]
-            workspace = self._workspace if self.backend == "fast" else None
-            tiered.attend_rows(store, layer, q, units, window, out, workspace)
-        if decode_rows.numel():
-            rows = decode_rows
-            tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[rows]
-            lens = torch.tensor(batch.context_lens, dtype=torch.int64)[rows] + 1
+        rows = self._rows(batch)
+        if rows.decode.numel():
+            # A step of uniform decodes only (tokens None) needs no gather of its rows.
+            tokens = slice(None) if rows.tokens is None else rows.tokens
             residual = None
             if rings is not None:
-                residual = rings.select(rows).append(
-                    k[tokens][:, :, None], v[tokens][:, :, None], (lens - 1)[:, None]
+                residual = rings.select(rows.decode).append(
+                    k[tokens][:, :, None], v[tokens][:, :, None], (rows.lens - 1)[:, None]
                 )
-            out[tokens] = self._decode(layer, q[tokens], batch.slots[rows], lens, window, residual)
-        for row in prefill_rows:
+            decoded = self._decode(layer, q[tokens], rows.slots, rows.lens, window, residual)
+            if rows.tokens is None:
+                return decoded
+        out = torch.empty_like(q)
+        if rows.decode.numel():
+            out[rows.tokens] = decoded
+        if rows.units:
+            workspace = self._workspace if self.backend == "fast" else None
+            tiered.attend_rows(store, layer, q, rows.units, window, out, workspace)
+        for row in rows.prefill:
             start, n = batch.query_starts[row], batch.query_lens[row]
             residual = None
             if rings is not None:
@@ -187,6 +205,25 @@ class PagedAttention:
         if batch is not self._step:
             self._step, self._step_cache = batch, {}
         return self._step_cache
+
+    def _rows(self, batch: AttentionBatch) -> _StepRows:
+        """How the requests of ``batch``'s step are attended, worked out at its first layer."""
+        cached = self._cache(batch).get("rows")
+        if cached is not None:
+            return cached
+        decode, prefill, units = batch.decode_rows, batch.prefill_rows, []
+        if self.store.num_tiered:
+            is_tiered, units = self._tiered(batch)
+            decode = decode[~is_tiered[decode]]
+            prefill = [r for r in prefill if not is_tiered[r]]
+        lens = torch.tensor(batch.context_lens, dtype=torch.int64)[decode] + 1
+        tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[decode]
+        only_decodes = decode.numel() == batch.token_slots.numel() and not units
+        cached = _StepRows(
+            decode, None if only_decodes else tokens, batch.slots[decode], lens, prefill, units
+        )
+        self._step_cache["rows"] = cached
+        return cached
 
     def _tiered(self, batch: AttentionBatch) -> tuple[torch.Tensor, list[tiered.Unit]]:
         """Which requests of the step are tiered ([B]) and how they are attended

@@ -96,6 +96,27 @@ class Residual:
         return (pos >= 0) & newest & causal_visibility(query_pos, pos, window)
 
 
+@dataclass
+class _WritePlan:
+    """Where one step's new tokens go at every layer (``KVStore._write_plan``).
+
+    ``parts`` holds, per high-tier format, the rows of the step's tokens in that format (None:
+    all of them) with their page ids and rows in the page, ``[N, layers, heads]``; ``added``
+    [max_seqs] is the tokens each slot gains per layer. The ring fields say which tokens are
+    copied into residual rings (``ring_keep`` [K], None without rings), to which FULL pages
+    ``[K, layers, heads]`` and rows ``[K, 1]``.
+    """
+
+    index: torch.Tensor
+    version: int
+    written: set[int]
+    parts: list[tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]]
+    added: torch.Tensor
+    ring_keep: torch.Tensor | None
+    ring_pages: torch.Tensor | None
+    ring_offset: torch.Tensor | None
+
+
 class KVStore:
     """Page tables for up to ``max_seqs`` requests of ``max_model_len`` tokens, any format."""
 
@@ -148,8 +169,10 @@ class KVStore:
         # Quantizes and writes new tokens in one call when set (``native.store_tokens``, set by
         # the fast attention backend); else ``KVFormat.encode`` and one store per field.
         self.token_writer: Callable[..., None] | None = None
-        # Where the current step's tokens go in the residual rings (see ``_write_ring``).
-        self._ring_plan: tuple[torch.Tensor, ...] | None = None
+        # Where the current step's tokens go (see ``_write_plan``), and a counter of the
+        # changes to the tables and counts other than writes, which invalidate it.
+        self._plan: _WritePlan | None = None
+        self._version = 0
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.register(FULL)
 
@@ -234,6 +257,7 @@ class KVStore:
         self.num_residual += int(window > 0)
         self.tiers.assign(slot, policy, prompt_len)
         self.num_tiered += int(low >= 0)
+        self._version += 1
         return slot
 
     def release_slot(self, slot: int) -> None:
@@ -248,6 +272,7 @@ class KVStore:
         self.residual[slot] = 0
         self.ring[slot] = 0
         self._free_slots.append(slot)
+        self._version += 1
 
     # -- capacity ------------------------------------------------------------------------------
 
@@ -318,6 +343,7 @@ class KVStore:
         self._shrink(rows, want)
         self._grow(rows, (want - self.held.view(-1)[rows]).clamp(min=0))
         self._units(self.count, layer)[slots] = counts
+        self._version += 1
 
     def _units(self, table: torch.Tensor, layer: int | None) -> torch.Tensor:
         """``table`` ([slots, layers, heads, ...]) at one layer, or with every layer's heads as
@@ -358,6 +384,7 @@ class KVStore:
         column = held[rows[owner]] + torch.arange(total) - start[owner]
         self.tables.view(-1, self.tables.shape[-1])[rows[owner], column] = pages
         held[rows] += need
+        self._version += 1
 
     def _shrink(self, rows: torch.Tensor, keep: torch.Tensor) -> None:
         """Free the pages of table row ``rows[i]`` past its first ``keep[i]``, in one batch."""
@@ -367,6 +394,7 @@ class KVStore:
         if bool(surplus.any()):
             self.pool.free(self.tables.view(-1, self.tables.shape[-1])[rows][surplus])
             held[rows] = torch.minimum(held[rows], keep)
+            self._version += 1
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -382,54 +410,76 @@ class KVStore:
 
         A slot's tokens of one call are consecutive positions after those it has seen. They go
         to the high tier, after the tokens each head holds there; each slot's tokens are encoded
-        in its own format (one vectorised write per format).
+        in its own format (one vectorised write per format). Slots with a residual window also
+        copy them, uncompressed, into their rings.
         """
-        # Uniform slots hold every seen token, so this is ``index`` itself for them.
-        dest = self.count[slots, layer, :, HIGH] + (index - self.seen[slots, layer])[:, None]
-        for f, rows in self.by_format(slots):
+        plan = self._write_plan(layer, slots, index)
+        for f, rows, pages, offset in plan.parts:
             if rows is None:
-                self._write(f, layer, slots, dest, index, k, v)
+                self._encode_into(f, pages[:, layer], offset[:, layer], k, v, index)
             else:
-                self._write(f, layer, slots[rows], dest[rows], index[rows], k[rows], v[rows])
-        if self.num_residual:
-            self._write_ring(layer, slots, index, k, v)
-        added = torch.bincount(slots, minlength=self.seen.shape[0])
-        self.seen[:, layer] += added
-        self.count[:, layer, :, HIGH] += added[:, None]
+                self._encode_into(
+                    f, pages[:, layer], offset[:, layer], k[rows], v[rows], index[rows]
+                )
+        if plan.ring_keep is not None and plan.ring_keep.numel():
+            # Only a slot's newest ``ring`` tokens of the call are written: older ones would be
+            # overwritten within the same scatter, whose order is undefined.
+            keep = plan.ring_keep
+            encoded = FULL.encode(k[keep], v[keep], dtype=self.dtype)
+            for name, value in encoded.items():
+                self._views[0][name][plan.ring_pages[:, layer], plan.ring_offset] = value
+        self.seen[:, layer] += plan.added
+        self.count[:, layer, :, HIGH] += plan.added[:, None]
 
-    def _write_ring(
-        self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Copy the new tokens of residual slots, uncompressed, into their rings.
+    def _write_plan(self, layer: int, slots: torch.Tensor, index: torch.Tensor) -> _WritePlan:
+        """Where the step's tokens (``index``) go, in every layer: worked out at the step's first
+        ``write`` and reused by its other layers.
 
-        Only a slot's newest ``ring`` tokens of the call are written: older ones would be
-        overwritten within the same scatter, whose order is undefined. Where they go is the
-        same at every layer of a step (each layer has seen as many tokens when it writes), so
-        it is worked out once, for the step's ``index`` tensor, and reused by the next layers.
+        Each layer's write changes only its own counts, so the destinations of every layer are
+        known before the first. The plan holds while nothing else changed the tables (the
+        ``_version`` it was made at) and until a layer is written twice (a new step).
         """
-        plan = self._ring_plan
-        if plan is None or plan[0] is not index:
-            ring = self.ring[slots]
-            added = torch.bincount(slots, minlength=self.seen.shape[0])[slots]
-            keep = torch.nonzero((ring > 0) & (index >= self.seen[slots, layer] + added - ring))
-            keep = keep.flatten()
-            at = index[keep] % ring[keep]
-            per_page = self.layouts[0].tokens_per_page
-            # [kept tokens, layers, heads]: each token's ring page in every layer.
+        plan = self._plan
+        if (
+            plan is not None
+            and plan.index is index
+            and plan.version == self._version
+            and layer not in plan.written
+        ):
+            plan.written.add(layer)
+            return plan
+        # Uniform slots hold every seen token, so this is ``index`` itself for them.
+        dest = self.count[slots, :, :, HIGH] + (index[:, None] - self.seen[slots])[..., None]
+        layers = torch.arange(self.num_layers)[:, None]
+        heads = torch.arange(self.num_kv_heads)
+        parts = []
+        for f, rows in self.by_format(slots):
+            part_slots, part_dest = (slots, dest) if rows is None else (slots[rows], dest[rows])
+            per_page = self.layouts[f].tokens_per_page
             pages = self.tables[
-                slots[keep][:, None, None],
-                torch.arange(self.num_layers)[:, None],
-                torch.arange(self.num_kv_heads),
+                part_slots[:, None, None], layers, heads, HIGH, part_dest // per_page
+            ]
+            parts.append((f, rows, pages, part_dest % per_page))
+        added = torch.bincount(slots, minlength=self.seen.shape[0])
+        ring_keep = ring_pages = ring_offset = None
+        if self.num_residual:
+            ring = self.ring[slots]
+            fresh = index >= self.seen[slots, layer] + added[slots] - ring
+            ring_keep = torch.nonzero((ring > 0) & fresh).flatten()
+            at = index[ring_keep] % ring[ring_keep]
+            per_page = self.layouts[0].tokens_per_page
+            ring_pages = self.tables[
+                slots[ring_keep][:, None, None],
+                layers,
+                heads,
                 RESIDUAL,
                 (at // per_page)[:, None, None],
             ]
-            plan = self._ring_plan = (index, keep, pages, (at % per_page)[:, None])
-        _, keep, pages, offset = plan
-        if not keep.numel():
-            return
-        encoded = FULL.encode(k[keep], v[keep], dtype=self.dtype)
-        for name, value in encoded.items():
-            self._views[0][name][pages[:, layer], offset] = value
+            ring_offset = (at % per_page)[:, None]
+        plan = self._plan = _WritePlan(
+            index, self._version, {layer}, parts, added, ring_keep, ring_pages, ring_offset
+        )
+        return plan
 
     def read_residual(self, layer: int, slots: torch.Tensor) -> Residual:
         """The ring entries of ``slots`` at ``layer``: their newest tokens before this step.
@@ -611,21 +661,6 @@ class KVStore:
         if present.numel() == 1:
             return [(int(present), None)]
         return [(int(f), torch.nonzero(formats == f).flatten()) for f in present]
-
-    def _write(
-        self,
-        f: int,
-        layer: int,
-        slots: torch.Tensor,
-        dest: torch.Tensor,
-        positions: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None:
-        per_page = self.layouts[f].tokens_per_page
-        heads = torch.arange(self.num_kv_heads)
-        pages = self.tables[slots[:, None], layer, heads, HIGH, dest // per_page]
-        self._encode_into(f, pages, dest % per_page, k, v, positions)
 
     def _encode_into(
         self,
