@@ -17,8 +17,8 @@ With ``--tiered``, tiered slots instead (default policy ``k8v4/k4v2-g64``): each
 layer, KV head) holds a random 60-80% of the context in the high tier and most of the rest in
 the low one (the others pruned), positions shuffled as decisions leave them; compared:
 
-* ``native``: ``tierkv.kv.native.tiered_decode`` (the kernel once per tier, the merge and the
-  rescaled probabilities);
+* ``native``: ``tierkv.kv.native.tiered_decode`` (one call: the kernel over each tier, the
+  merge and the rescaled probabilities);
 * ``fused``: ``tierkv.kv.tiered.attend`` with a workspace (its fused torch path: a gather of
   each tier's pages, then dequantization folded into the matmuls), as the engine calls it.
 

@@ -26,9 +26,9 @@ Two extensions serve the store's other layouts without a gather:
   and the older ones from the quantized pages, in one softmax, so a decode step needs no
   ``KVStore.read_residual`` (whose torch ops and merge cost about 1 ms per step at batch 1);
 * tiered slots (``tiered_decode``): each (request, KV head) attends its own count of tokens
-  per tier, masked by their stored ``pos`` (causality and the sliding window), and the kernel
-  writes each query head's probability of every token, so one call per tier and a merge give
-  ``tiered.attend``'s output and probabilities.
+  per tier, masked by their stored ``pos`` (causality and the sliding window); one call
+  attends both tiers, merges them and adds each token's probability to its stored score (or
+  writes the probabilities out), which gives ``tiered.attend``'s output and probabilities.
 
 The kernels are part of the package's C++ extension (``tierkv.extension``), built on first use;
 a machine without a compiler simply has no native kernel: ``available()`` says so and the
@@ -46,7 +46,6 @@ import torch
 from tierkv import extension
 from tierkv.extension import available, unavailable_reason
 from tierkv.kv import fast
-from tierkv.kv.partial import merge
 from tierkv.kv.pool import PageLayout
 from tierkv.kv.quant import FORMATS, KVFormat
 from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
@@ -120,9 +119,6 @@ def partial(
     ends: torch.Tensor,
     f: int,
     *,
-    query_pos: torch.Tensor | None = None,
-    window: int | None = None,
-    probs: torch.Tensor | None = None,
     ring: Ring | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [B, Hq, D] over the token indices ``[starts, ends)`` of each request
@@ -138,19 +134,9 @@ def partial(
     ``layer`` is only checked against the store (the pages already name the layer's tokens).
     ``tierkv.kv.partial.merge`` combines parts.
 
-    Options (keyword-only):
-
-    * ``query_pos`` [B] int64: mask tokens by their stored ``pos`` field (tiered slots, whose
-      tokens are in no particular order): a token is seen iff ``pos <= query_pos`` and, with a
-      ``window``, ``pos > query_pos - window``. Without ``query_pos``, ``window`` is ignored
-      (the range is the window).
-    * ``probs`` float32 [B, Hq, T] (T at least every range's end; unit stride over tokens, any
-      other strides, e.g. a column slice of a larger buffer): filled with each query head's
-      probability of token ``t`` relative to this part's own ``lse``; 0 outside the range, for
-      masked tokens and for an empty range.
-    * ``ring`` (uniform slots with a residual window, after the step's ``KVStore.write``):
-      positions ``[max(start, end - R), end)`` are read uncompressed from the ring (index
-      ``position % size``), older ones from ``pages``. Not with ``query_pos``.
+    With ``ring`` (uniform slots with a residual window, after the step's ``KVStore.write``),
+    positions ``[max(start, end - R), end)`` are read uncompressed from the ring (index
+    ``position % size``), older ones from ``pages``.
     """
     module, reason = extension.load()
     if module is None:
@@ -162,11 +148,9 @@ def partial(
         raise ValueError(
             f"the native kernel does not serve {fmt.name} at head dim {store.head_dim}"
         )
-    if window is not None and window < 1:
-        raise ValueError(f"a sliding window must be positive, got {window}")
     offsets, strides, per_page = _fields(store.layouts[f])
     dim = q.shape[-1]
-    options: dict = {"query_pos": query_pos, "window": window or 0, "probs": probs}
+    options: dict = {}
     if ring is not None:
         ring_fields, ring_per_page, ring_dtype = _ring_layout(store.layouts[0])
         options.update(
@@ -332,6 +316,25 @@ def store_tokens(
     )
 
 
+@functools.cache
+def _tier_args(
+    formats: tuple[KVFormat, KVFormat], layouts: tuple[PageLayout, PageLayout]
+) -> tuple[list[int], list[int], list[int]]:
+    """``tiered_decode``'s format arguments for a (high, low) pair: each tier's key bits,
+    value bits, group size and tokens per page; the offsets and strides of its kernel fields
+    then of its score."""
+    packed: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for fmt, layout in zip(formats, layouts, strict=True):
+        offsets, strides, per_page = _fields(layout)
+        score_offset, score_stride = (
+            v[_WRITE_FIELDS.index("score")] for v in _write_fields(layout)
+        )
+        packed[0].extend([fmt.key_bits, fmt.value_bits, fmt.group_size, per_page])
+        packed[1].extend([*offsets, score_offset])
+        packed[2].extend([*strides, score_stride])
+    return packed
+
+
 def tiered_decode(
     store: KVStore,
     layer: int,
@@ -342,13 +345,14 @@ def tiered_decode(
     *,
     score: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode attention of tiered slots, the kernel reading both tiers in place.
+    """Decode attention of tiered slots, the kernel reading both tiers in place, in one call.
 
     ``q`` [B, Hq, D] is one query per slot at position ``query_pos`` [B] (int64), after the
     step's ``KVStore.write``; the slots share their tier formats (as ``tiered.attend``
     requires), both of which the kernel ``supports``. Each (slot, KV head) attends the
     ``store.count`` tokens it holds in each tier that ``pos <= query_pos`` and, under a sliding
-    ``window``, ``pos > query_pos - window``.
+    ``window``, ``pos > query_pos - window``; the kernel merges the two tiers' parts by their
+    log-sum-exps.
 
     Returns ``(out, probs)``: ``out`` [B, Hq, D] in ``q``'s dtype and ``probs`` float32
     [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,
@@ -358,51 +362,44 @@ def tiered_decode(
 
     With ``score``, the probabilities are instead added to the tokens' stored scores, in place
     (each token the largest any query head of its group gave it: the float32 sum
-    ``tiered.add_received``'s torch path writes, ``csrc/add_scores.cpp``), and ``probs`` is
-    None: each tier's part is rescaled to the whole inside that op, not in torch.
+    ``tiered.add_received``'s torch path writes from ``probs``), and ``probs`` is None.
     """
-    b, hq, _ = q.shape
+    module, reason = extension.load()
+    if module is None:
+        raise RuntimeError(reason)
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be positive, got {window}")
+    b, hq, dim = q.shape
+    slot = int(slots[0])
+    tier_formats = [int(store.slot_format[slot, tier]) for tier in (HIGH, LOW)]
+    formats = tuple(store.formats[f] for f in tier_formats)
+    if not all(supports(fmt, store.head_dim) for fmt in formats):
+        raise ValueError(f"the native kernel does not serve {formats} at head dim {dim}")
+    fmt_args, offsets, strides = _tier_args(formats, tuple(store.layouts[f] for f in tier_formats))
+    probs, split = None, 0
+    if not score:
+        # One column per token slot of the pages ``read_tier`` would gather, per tier.
+        tiers = [store.tier_pages(layer, slots, tier) for tier in (HIGH, LOW)]
+        widths = [pages.shape[-1] * store.layouts[f].tokens_per_page for f, _, pages in tiers]
+        probs, split = torch.empty(b, hq, sum(widths)), widths[0]
+    out = module.tiered_decode(
+        q,
+        store.pool.arena,
+        store.tables,
+        store.count,
+        slots,
+        layer,
+        query_pos,
+        window or 0,
+        1.0 / math.sqrt(dim),
+        fmt_args,
+        offsets,
+        strides,
+        score,
+        probs,
+        split,
+    )
+    if probs is None:
+        return out, None
     heads = store.num_kv_heads
-    # One column per token slot of the pages ``read_tier`` would gather, per tier.
-    tiers = [store.tier_pages(layer, slots, tier) for tier in (HIGH, LOW)]
-    widths = [pages.shape[-1] * store.layouts[f].tokens_per_page for f, _, pages in tiers]
-    probs = torch.empty(b, hq, sum(widths))
-    columns = (slice(0, widths[0]), slice(widths[0], sum(widths)))
-    parts = [
-        partial(
-            store,
-            layer,
-            q,
-            pages,
-            torch.zeros_like(count),
-            count.contiguous(),
-            f,
-            query_pos=query_pos,
-            window=window,
-            probs=probs[:, :, cols],
-        )
-        for (f, count, pages), cols in zip(tiers, columns, strict=True)
-    ]
-    (out_high, lse_high), (out_low, lse_low) = parts
-    out, lse = merge(out_high, lse_high, out_low, lse_low)
-    # Each part's probabilities are relative to its own lse: rescale them to the whole's.
-    total = torch.where(torch.isinf(lse), 0.0, lse)
-    grouped = probs.view(b, heads, hq // heads, -1)
-    score_field = _WRITE_FIELDS.index("score")
-    for (f, count, pages), cols, (_, part_lse) in zip(tiers, columns, parts, strict=True):
-        rescale = torch.exp(part_lse - total)
-        if not score:
-            probs[:, :, cols].mul_(rescale[..., None])
-            continue
-        offsets, strides = _write_fields(store.layouts[f])
-        torch.ops.tierkv.add_scores(
-            grouped[..., cols],
-            rescale.view(b, heads, hq // heads),
-            store.pool.arena,
-            pages,
-            count,
-            offsets[score_field],
-            strides[score_field],
-            store.layouts[f].tokens_per_page,
-        )
-    return out.to(q.dtype), None if score else grouped
+    return out, probs.view(b, heads, hq // heads, -1)

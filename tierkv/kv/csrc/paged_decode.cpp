@@ -21,7 +21,9 @@
 //   * masking by stored position (tiered slots, whose tokens are in no particular order): a
 //     token is visible iff pos <= query_pos and, under a sliding window, pos > query_pos -
 //     window; blocks without a visible token are skipped, and each head's probability of
-//     every token (relative to this part's log-sum-exp) can be written out;
+//     every token (relative to this part's log-sum-exp) can be written out. tiered_decode
+//     runs it over both tiers of each (request, KV head), merges the two parts and adds the
+//     probabilities to the tokens' stored scores in the same call;
 //   * the residual ring (uniform slots): the newest `residual` positions of the range are read
 //     from FULL-format ring pages (index pos % ring_size) after the quantized ones, their keys
 //     and values converted to float32 rows in natural channel order, their values summed in a
@@ -799,6 +801,43 @@ RowType row_type(const std::string& dtype) {
   return RowType::kHalf;
 }
 
+// The page layout of one format, its fields checked against the page: offsets and strides of
+// k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos.
+Layout make_layout(int64_t dim, int64_t key_bits, int64_t value_bits, int64_t group_size,
+                   const std::vector<int64_t>& offsets, const std::vector<int64_t>& strides,
+                   int64_t tokens_per_page, int64_t page_bytes) {
+  TORCH_CHECK(offsets.size() >= 7 && strides.size() >= 7,
+              "offsets and strides: k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos");
+  TORCH_CHECK(tokens_per_page > 0, "tokens_per_page must be positive");
+  const int64_t width = std::min(group_size, dim);
+  TORCH_CHECK(width > 0 && dim % width == 0, "group size ", group_size, " does not divide ", dim);
+  const int64_t groups = dim / width;
+  TORCH_CHECK(groups <= kLanes, "at most ", kLanes, " groups of channels per head, got ", groups);
+  for (int64_t bits : {key_bits, value_bits}) {
+    TORCH_CHECK(width * bits % 8 == 0, bits, "-bit groups of ", width, " channels split a byte");
+  }
+  const int64_t need[7] = {dim * key_bits / 8, 2 * groups, 2 * groups,
+                           dim * value_bits / 8, 2 * groups, 2 * groups, 4};
+  for (int i = 0; i < 7; ++i) {
+    TORCH_CHECK(strides[i] >= need[i], "field ", i, " stride ", strides[i], " < ", need[i]);
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + tokens_per_page * strides[i] <= page_bytes,
+                "field ", i, " does not fit a page");
+    // fp16 scales and zeros are read in place: keep them aligned (codes are loaded a chunk
+    // at a time and positions copied, at any alignment).
+    const bool codes_or_pos = i == 0 || i == 3 || i == 6;
+    TORCH_CHECK(codes_or_pos || (offsets[i] % 2 == 0 && strides[i] % 2 == 0),
+                "fp16 fields must be 2-byte aligned");
+  }
+  const Layout lay{
+      {offsets[0], strides[0]}, {offsets[1], strides[1]}, {offsets[2], strides[2]},
+      {offsets[3], strides[3]}, {offsets[4], strides[4]}, {offsets[5], strides[5]},
+      {offsets[6], strides[6]}, tokens_per_page, dim, groups,
+      // A 16-byte load past a row's last byte must stay inside the page.
+      offsets[0] + tokens_per_page * strides[0] + kLanes <= page_bytes,
+      offsets[3] + tokens_per_page * strides[3] + kLanes <= page_bytes};
+  return lay;
+}
+
 std::tuple<at::Tensor, at::Tensor> paged_decode(
     const at::Tensor& q,
     const at::Tensor& arena,
@@ -812,9 +851,6 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
     std::vector<int64_t> offsets,
     std::vector<int64_t> strides,
     int64_t tokens_per_page,
-    const std::optional<at::Tensor>& query_pos,
-    int64_t window,
-    const std::optional<at::Tensor>& probs,
     const std::optional<at::Tensor>& ring,
     const std::optional<at::Tensor>& ring_size,
     const std::optional<at::Tensor>& residual,
@@ -844,56 +880,15 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
                   (per_head ? ends.size(0) == batch && ends.size(1) == kv_heads
                             : ends.dim() == 1 && ends.size(0) == batch),
               "starts and ends must both be [B] or both [B, H]");
-  TORCH_CHECK(tokens_per_page > 0, "tokens_per_page must be positive");
 
-  const int64_t width = std::min(group_size, dim);
-  TORCH_CHECK(width > 0 && dim % width == 0, "group size ", group_size, " does not divide ", dim);
-  const int64_t groups = dim / width;
-  TORCH_CHECK(groups <= kLanes, "at most ", kLanes, " groups of channels per head, got ", groups);
-  for (int64_t bits : {key_bits, value_bits}) {
-    TORCH_CHECK(width * bits % 8 == 0, bits, "-bit groups of ", width, " channels split a byte");
-  }
+  const Layout lay = make_layout(dim, key_bits, value_bits, group_size, offsets, strides,
+                                 tokens_per_page, arena.size(1));
   const int64_t page_bytes = arena.size(1);
-  const int64_t need[7] = {dim * key_bits / 8, 2 * groups, 2 * groups,
-                           dim * value_bits / 8, 2 * groups, 2 * groups, 4};
-  for (int i = 0; i < 7; ++i) {
-    TORCH_CHECK(strides[i] >= need[i], "field ", i, " stride ", strides[i], " < ", need[i]);
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + tokens_per_page * strides[i] <= page_bytes,
-                "field ", i, " does not fit a page");
-    // fp16 scales and zeros are read in place: keep them aligned (codes are loaded a chunk
-    // at a time and positions copied, at any alignment).
-    const bool codes_or_pos = i == 0 || i == 3 || i == 6;
-    TORCH_CHECK(codes_or_pos || (offsets[i] % 2 == 0 && strides[i] % 2 == 0),
-                "fp16 fields must be 2-byte aligned");
-  }
-  const Layout lay{
-      {offsets[0], strides[0]}, {offsets[1], strides[1]}, {offsets[2], strides[2]},
-      {offsets[3], strides[3]}, {offsets[4], strides[4]}, {offsets[5], strides[5]},
-      {offsets[6], strides[6]}, tokens_per_page, dim, groups,
-      // A 16-byte load past a row's last byte must stay inside the page.
-      offsets[0] + tokens_per_page * strides[0] + kLanes <= page_bytes,
-      offsets[3] + tokens_per_page * strides[3] + kLanes <= page_bytes};
-
-  at::Tensor qpos;
-  if (query_pos.has_value()) {
-    TORCH_CHECK(query_pos->scalar_type() == at::kLong && query_pos->numel() == batch,
-                "query_pos must be int64 [B]");
-    qpos = query_pos->contiguous();
-  }
-  int64_t probs_width = 0;
-  if (probs.has_value()) {
-    TORCH_CHECK(probs->scalar_type() == at::kFloat && probs->dim() == 3 &&
-                    probs->size(0) == batch && probs->size(1) == q_heads &&
-                    probs->stride(2) == 1 && probs->device().is_cpu(),
-                "probs must be float32 [B, Hq, T] with unit stride over tokens");
-    probs_width = probs->size(2);
-  }
   RingLayout ring_lay{{0, 0}, {0, 0}, 1, RowType::kFloat};
   at::Tensor ring_table, ring_len, ring_window;
   if (ring.has_value()) {
     TORCH_CHECK(ring_size.has_value() && residual.has_value(),
                 "a ring needs its ring_size and residual");
-    TORCH_CHECK(!query_pos.has_value(), "the ring serves uniform slots: no position masking");
     TORCH_CHECK(ring->dim() == 3 && ring->scalar_type() == at::kLong &&
                     ring->size(0) == batch && ring->size(1) == kv_heads,
                 "ring must be int64 [B, H, P]");
@@ -947,8 +942,6 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
       TORCH_CHECK(lo_p[r] >= 0 && (quantized_end <= lo_p[r] ||
                                    quantized_end <= columns * tokens_per_page),
                   "token range of request ", b, " outside its page table");
-      TORCH_CHECK(!probs.has_value() || hi_p[r] <= lo_p[r] || hi_p[r] <= probs_width,
-                  "token range of request ", b, " outside probs");
     }
   }
   const Shared shared{lay,
@@ -960,10 +953,6 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
                       static_cast<float>(sm_scale)};
   const int64_t* table_p = table.data_ptr<int64_t>();
   const int64_t* ring_p = ring.has_value() ? ring_table.data_ptr<int64_t>() : nullptr;
-  const int64_t* qpos_p = query_pos.has_value() ? qpos.data_ptr<int64_t>() : nullptr;
-  float* probs_p = probs.has_value() ? probs->data_ptr<float>() : nullptr;
-  const int64_t probs_batch = probs.has_value() ? probs->stride(0) : 0;
-  const int64_t probs_head = probs.has_value() ? probs->stride(1) : 0;
   const float* q_p = qf.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
@@ -980,13 +969,12 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
           q_p + head_q * dim,
           out_p + head_q * dim,
           lse_p + head_q,
-          qpos_p != nullptr,
-          qpos_p != nullptr ? qpos_p[b] : 0,
-          window,
-          probs_p != nullptr ? probs_p + b * probs_batch + (head_q - b * q_heads) * probs_head
-                             : nullptr,
-          probs_head,
-          probs_width,
+          false,
+          0,
+          0,
+          nullptr,
+          0,
+          0,
           ring_p != nullptr ? ring_p + item * ring_columns : nullptr,
           ring_len_p != nullptr ? ring_len_p[b] : 0,
           ring_window_p != nullptr ? ring_window_p[b] : 0,
@@ -1000,6 +988,195 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
   return {out, lse};
 }
 
+
+// Both tiers of tiered slots at one layer, in one call (tierkv/kv/native.py's tiered_decode):
+// per (request, KV head), the kernel attends the tokens the head holds in each tier, masked by
+// their stored positions; the two parts are merged by their log-sum-exps and each tier's
+// probabilities rescaled to the whole; then, with `score`, each token's stored score gains the
+// largest probability any query head of its group gave it (in place, float32), and with
+// `probs` the probabilities are written out. `tables` and `counts` are the store's whole
+// tables ([S, L, H, 3, P], [S, L, H, 2]), read at `slots` [B] and `layer` here, so the call
+// needs no per-layer gathers. `formats` holds each tier's key bits, value bits, group size and
+// tokens per page; `offsets` and `strides` each tier's seven kernel fields then its score.
+at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tensor& tables,
+                         const at::Tensor& counts, const at::Tensor& slots, int64_t layer,
+                         const at::Tensor& query_pos, int64_t window, double sm_scale,
+                         std::vector<int64_t> formats, std::vector<int64_t> offsets,
+                         std::vector<int64_t> strides, bool score,
+                         const std::optional<at::Tensor>& probs, int64_t probs_split) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  TORCH_CHECK(q.dim() == 3 && q.device().is_cpu(), "q must be a CPU tensor [B, Hq, D]");
+  TORCH_CHECK(arena.dim() == 2 && arena.scalar_type() == at::kByte && arena.is_contiguous(),
+              "arena must be a contiguous uint8 [pages, page_bytes] tensor");
+  TORCH_CHECK(tables.dim() == 5 && tables.size(3) == 3 && tables.scalar_type() == at::kLong &&
+                  tables.is_contiguous(),
+              "tables must be the store's contiguous int64 [S, L, H, 3, P]");
+  TORCH_CHECK(counts.dim() == 4 && counts.size(0) == tables.size(0) &&
+                  counts.size(1) == tables.size(1) && counts.size(2) == tables.size(2) &&
+                  counts.size(3) == 2 && counts.scalar_type() == at::kLong &&
+                  counts.is_contiguous(),
+              "counts must be the store's contiguous int64 [S, L, H, 2]");
+  TORCH_CHECK(formats.size() == 8 && offsets.size() == 16 && strides.size() == 16,
+              "formats: 4 per tier; offsets and strides: 8 fields per tier");
+  const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(2);
+  const int64_t num_slots = tables.size(0), layers = tables.size(1), kv_heads = tables.size(2);
+  const int64_t columns = tables.size(4);
+  TORCH_CHECK(layer >= 0 && layer < layers, "layer ", layer, " outside the tables");
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0,
+              "query heads must be a multiple of KV heads");
+  TORCH_CHECK(slots.dim() == 1 && slots.numel() == batch && slots.scalar_type() == at::kLong,
+              "slots must be int64 [B]");
+  TORCH_CHECK(query_pos.dim() == 1 && query_pos.numel() == batch &&
+                  query_pos.scalar_type() == at::kLong,
+              "query_pos must be int64 [B]");
+  const int64_t page_bytes = arena.size(1), num_pages = arena.size(0);
+  const int64_t group = q_heads / kv_heads;
+  Layout lays[2] = {
+      make_layout(dim, formats[0], formats[1], formats[2], {offsets.begin(), offsets.begin() + 7},
+                  {strides.begin(), strides.begin() + 7}, formats[3], page_bytes),
+      make_layout(dim, formats[4], formats[5], formats[6],
+                  {offsets.begin() + 8, offsets.begin() + 15},
+                  {strides.begin() + 8, strides.begin() + 15}, formats[7], page_bytes)};
+  const AttendFn fns[2] = {pick(formats[0], formats[1], group), pick(formats[4], formats[5], group)};
+  for (int tier = 0; tier < 2; ++tier) {
+    const int64_t so = offsets[tier * 8 + 7], ss = strides[tier * 8 + 7];
+    TORCH_CHECK(so >= 0 && ss >= 4 && so + formats[tier * 4 + 3] * ss <= page_bytes,
+                "the score field lies outside the page");
+  }
+  int64_t widths[2] = {0, 0};
+  if (probs.has_value()) {
+    TORCH_CHECK(probs->scalar_type() == at::kFloat && probs->dim() == 3 &&
+                    probs->size(0) == batch && probs->size(1) == q_heads && probs->is_contiguous(),
+                "probs must be a contiguous float32 [B, Hq, T]");
+    TORCH_CHECK(probs_split >= 0 && probs_split <= probs->size(2), "probs_split outside probs");
+    widths[0] = probs_split;
+    widths[1] = probs->size(2) - probs_split;
+  }
+
+  const at::Tensor slot_t = slots.contiguous(), qpos_t = query_pos.contiguous();
+  const int64_t* slot_p = slot_t.data_ptr<int64_t>();
+  const int64_t* qpos_p = qpos_t.data_ptr<int64_t>();
+  const int64_t* table_p = tables.data_ptr<int64_t>();
+  const int64_t* count_p = counts.data_ptr<int64_t>();
+  // Row of (request b, KV head h) in the tables, in units of (tier rows x columns).
+  const auto unit = [&](int64_t b, int64_t h) {
+    return (slot_p[b] * layers + layer) * kv_heads + h;
+  };
+  // Every page a call will read or write, checked before any is.
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(slot_p[b] >= 0 && slot_p[b] < num_slots, "slot ", slot_p[b], " outside tables");
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int tier = 0; tier < 2; ++tier) {
+        const int64_t count = count_p[unit(b, h) * 2 + tier];
+        const int64_t tpp = formats[tier * 4 + 3];
+        TORCH_CHECK(count >= 0 && count <= columns * tpp, "a head holds ", count,
+                    " tokens, more than its page table");
+        TORCH_CHECK(!probs.has_value() || count <= widths[tier], "a head holds ", count,
+                    " tokens, outside the probabilities' ", widths[tier], " columns");
+        const int64_t* row = table_p + (unit(b, h) * 3 + tier) * columns;
+        for (int64_t c = 0; c * tpp < count; ++c) {
+          TORCH_CHECK(row[c] >= 0 && row[c] < num_pages, "page id ", row[c], " outside the arena");
+        }
+      }
+    }
+  }
+
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({batch, q_heads, dim}, qf.options());
+  const RingLayout no_ring{{0, 0}, {0, 0}, 1, RowType::kFloat};
+  uint8_t* base = arena.data_ptr<uint8_t>();
+  const Shared shared[2] = {
+      {lays[0], no_ring, base, page_bytes, num_pages, group, static_cast<float>(sm_scale)},
+      {lays[1], no_ring, base, page_bytes, num_pages, group, static_cast<float>(sm_scale)}};
+  const float* q_p = qf.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  float* probs_p = probs.has_value() ? probs->data_ptr<float>() : nullptr;
+  const int64_t probs_cols = probs.has_value() ? probs->size(2) : 0;
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t finish) {
+    std::vector<float> part_out(static_cast<size_t>(2 * group * dim));
+    std::vector<float> part_lse(static_cast<size_t>(2 * group));
+    std::vector<float> scratch[2];
+    for (int64_t item = begin; item < finish; ++item) {
+      const int64_t b = item / kv_heads, h = item % kv_heads;
+      const int64_t head_q = item * group;  // first query head of this KV head
+      int64_t count[2];
+      float* tier_probs[2];
+      int64_t stride[2];
+      for (int tier = 0; tier < 2; ++tier) {
+        count[tier] = count_p[unit(b, h) * 2 + tier];
+        if (probs_p != nullptr) {
+          tier_probs[tier] = probs_p + head_q * probs_cols + (tier == 0 ? 0 : probs_split);
+          stride[tier] = probs_cols;
+        } else {
+          scratch[tier].resize(static_cast<size_t>(group * count[tier]));
+          tier_probs[tier] = scratch[tier].data();
+          stride[tier] = count[tier];
+        }
+        const Item work{table_p + (unit(b, h) * 3 + tier) * columns,
+                        0,
+                        count[tier],
+                        q_p + head_q * dim,
+                        part_out.data() + tier * group * dim,
+                        part_lse.data() + tier * group,
+                        true,
+                        qpos_p[b],
+                        window,
+                        tier_probs[tier],
+                        stride[tier],
+                        probs_p != nullptr ? widths[tier] : count[tier],
+                        nullptr,
+                        0,
+                        0};
+        fns[tier](shared[tier], work);
+      }
+      // Merge the tiers (an empty part has lse -inf and weight 0) and rescale each tier's
+      // probabilities from its own log-sum-exp to the whole's.
+      for (int64_t i = 0; i < group; ++i) {
+        const float a = part_lse[i], c = part_lse[group + i];
+        const float hi = std::max(a, c);
+        const float lse = hi == kMasked ? kMasked : hi + std::log1p(std::exp(-std::fabs(a - c)));
+        const float safe = lse == kMasked ? 0.0f : lse;
+        const float w[2] = {std::exp(a - safe), std::exp(c - safe)};
+        float* o = out_p + (head_q + i) * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          o[d] = part_out[i * dim + d] * w[0] + part_out[(group + i) * dim + d] * w[1];
+        }
+        for (int tier = 0; tier < 2; ++tier) {
+          float* row = tier_probs[tier] + i * stride[tier];
+          for (int64_t t = 0; t < count[tier]; ++t) {
+            row[t] *= w[tier];
+          }
+        }
+      }
+      if (!score) {
+        continue;
+      }
+      // Each token's stored score gains its largest probability over the query heads.
+      for (int tier = 0; tier < 2; ++tier) {
+        const int64_t tpp = formats[tier * 4 + 3];
+        const int64_t so = offsets[tier * 8 + 7], ss = strides[tier * 8 + 7];
+        const int64_t* row = table_p + (unit(b, h) * 3 + tier) * columns;
+        for (int64_t t = 0; t < count[tier]; ++t) {
+          float top = tier_probs[tier][t];
+          for (int64_t i = 1; i < group; ++i) {
+            top = std::max(top, tier_probs[tier][i * stride[tier] + t]);
+          }
+          uint8_t* at = base + row[t / tpp] * page_bytes + so + (t % tpp) * ss;
+          float stored;
+          std::memcpy(&stored, at, sizeof stored);
+          stored += top;
+          std::memcpy(at, &stored, sizeof stored);
+        }
+      }
+    }
+  });
+  if (q.scalar_type() != at::kFloat) {
+    out = out.to(q.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1008,8 +1185,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("arena"), py::arg("pages"), py::arg("starts"), py::arg("ends"),
         py::arg("sm_scale"), py::arg("key_bits"), py::arg("value_bits"), py::arg("group_size"),
         py::arg("offsets"), py::arg("strides"), py::arg("tokens_per_page"), py::kw_only(),
-        py::arg("query_pos") = py::none(), py::arg("window") = 0, py::arg("probs") = py::none(),
         py::arg("ring") = py::none(), py::arg("ring_size") = py::none(),
         py::arg("residual") = py::none(), py::arg("ring_fields") = std::vector<int64_t>{},
         py::arg("ring_tokens_per_page") = 1, py::arg("ring_dtype") = "float32");
+  m.def("tiered_decode", &tiered_decode,
+        "Decode attention over both tiers of tiered slots at one layer, merged; optionally adds "
+        "the probabilities to the stored scores and writes them out: out [B, Hq, D] in q's dtype",
+        py::arg("q"), py::arg("arena"), py::arg("tables"), py::arg("counts"), py::arg("slots"),
+        py::arg("layer"), py::arg("query_pos"), py::arg("window"), py::arg("sm_scale"),
+        py::arg("formats"), py::arg("offsets"), py::arg("strides"), py::arg("score"),
+        py::arg("probs"), py::arg("probs_split"));
 }
