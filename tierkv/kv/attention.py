@@ -198,7 +198,7 @@ class PagedAttention:
             return
         is_tiered, _ = self._tiered(batch)
         seen = torch.tensor(batch.context_lens) + torch.tensor(batch.query_lens)
-        tiered.decide_step(self.store, batch.slots[is_tiered], seen[is_tiered])
+        tiered.decide_step(self.store, batch.slots[is_tiered], seen[is_tiered], self._native)
 
     def _cache(self, batch: AttentionBatch) -> dict:
         """What the layers of ``batch``'s step share (a new step starts an empty one)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from tierkv.kv import native as native_ops
 from tierkv.kv.store import HIGH, LOW, KVStore
 
 # Where some tokens move: (slots [M], heads [M], destination indices [M], their fields).
@@ -33,26 +34,33 @@ def apply_decisions(
     to_high: torch.Tensor,
     to_low: torch.Tensor,
     width: int,
+    native: bool = False,
 ) -> None:
     """Rewrite both tiers of ``slots`` at ``layer``: tokens of ``to_high`` stay high, those of
     ``to_low`` go (or stay) low, the rest are pruned.
 
     The masks [B, H, T] cover the columns ``read_tier`` gave for both tiers, the ``width``
     high-tier columns first; the tokens' scores are already stored. Low-tier tokens must not be
-    in ``to_high`` (no promotion).
+    in ``to_high`` (no promotion). With ``native``, the holes are filled and the demoted tokens
+    decoded by one C++ call (``native.compact_tiers``, the same bytes) instead of torch ops.
     """
     keep_high, demote, keep_low = to_high[..., :width], to_low[..., :width], to_low[..., width:]
     kept_low = keep_low.sum(-1)
-    # Everything that moves is read before ``resize`` frees the pages it sits in.
-    moves = [
-        (tier, w)
-        for tier, w in (
-            (HIGH, _fill_holes(store, layer, HIGH, slots, keep_high)),
-            (LOW, _fill_holes(store, layer, LOW, slots, keep_low)),
-        )
-        if w is not None
-    ]
-    demoted = _demotions(store, layer, slots, demote, kept_low)
+    # Everything that moves is read (and, natively, moved) before ``resize`` frees the pages it
+    # sits in.
+    if native:
+        moves = []
+        demoted = native_ops.compact_tiers(store, layer, slots, keep_high, demote, keep_low)
+    else:
+        moves = [
+            (tier, w)
+            for tier, w in (
+                (HIGH, _fill_holes(store, layer, HIGH, slots, keep_high)),
+                (LOW, _fill_holes(store, layer, LOW, slots, keep_low)),
+            )
+            if w is not None
+        ]
+        demoted = _demotions(store, layer, slots, demote, kept_low)
     store.resize(layer, slots, keep_high.sum(-1), kept_low + demote.sum(-1))
     for tier, (b_slots, heads, index, fields) in moves:
         store.put(layer, tier, b_slots, heads, index, fields)

@@ -403,3 +403,48 @@ def tiered_decode(
         return out, None
     heads = store.num_kv_heads
     return out, probs.view(b, heads, hq // heads, -1)
+
+
+def compact_tiers(
+    store: KVStore,
+    layer: int | None,
+    slots: torch.Tensor,
+    keep_high: torch.Tensor,
+    demote: torch.Tensor,
+    keep_low: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The byte-moving half of ``compact.apply_decisions`` for ``slots`` sharing their tier
+    formats (``csrc/compact_tiers.cpp``): in each tier, the kept tokens past the new count fill
+    the holes before it, in place; the high tokens ``demote`` names are decoded.
+
+    The masks are ``[B, units, T]`` over the columns ``read_tier(layer, ...)`` gives (every
+    layer's heads when ``layer`` is None). Returns the demoted tokens as
+    ``KVStore.put_tokens`` takes them after the caller's ``resize``: ``(slots, heads, index,
+    keys, values, positions, scores)``, the index after each head's kept low tokens.
+    """
+    module, reason = extension.load()
+    if module is None:
+        raise RuntimeError(reason)
+    slot = int(slots[0])
+    high, low = (int(store.slot_format[slot, tier]) for tier in (HIGH, LOW))
+    fmt = store.formats[high]
+    high_offsets, high_strides = _write_fields(store.layouts[high])
+    low_offsets, low_strides = _write_fields(store.layouts[low])
+    unit, index, keys, values, positions, scores = torch.ops.tierkv.compact_tiers(
+        store.pool.arena,
+        store.tables,
+        store.count,
+        slots,
+        -1 if layer is None else layer,
+        keep_high.contiguous(),
+        demote.contiguous(),
+        keep_low.contiguous(),
+        [fmt.key_bits, fmt.value_bits, store.layouts[high].tokens_per_page],
+        high_offsets,
+        high_strides,
+        store.layouts[low].tokens_per_page,
+        low_offsets,
+        low_strides,
+    )
+    units = keep_high.shape[1]
+    return slots[unit // units], unit % units, index, keys, values, positions, scores

@@ -150,9 +150,12 @@ def add_received(
     store.write_scores(layer, slots, LOW, scores[..., width:])
 
 
-def decide_step(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
+def decide_step(
+    store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: bool = False
+) -> None:
     """After a step's last layer: decide the tiers of the ``slots`` [B] (tiered, having seen
-    ``seen`` [B] tokens) whose decision step this is, and compact them.
+    ``seen`` [B] tokens) whose decision step this is, and compact them (by the native kernel
+    with ``native``, where it serves the slots' formats).
 
     Every layer at once: a slot's layers and KV heads are independent units of the decision
     (``read_tier(None, ...)``), so the decision's few dozen tensor ops run once per step rather
@@ -164,7 +167,7 @@ def decide_step(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None
         return
     slots, seen = slots[deciding], seen[deciding]
     for rows in _same_formats(store, slots):
-        _decide(store, slots[rows], seen[rows])
+        _decide(store, slots[rows], seen[rows], native and _native_serves(store, slots[rows]))
 
 
 def _same_formats(store: KVStore, slots: torch.Tensor) -> list[torch.Tensor]:
@@ -174,7 +177,7 @@ def _same_formats(store: KVStore, slots: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(group == g).flatten() for g in range(int(group.max()) + 1)]
 
 
-def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
+def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: bool) -> None:
     """``decide_step`` for slots sharing their tier formats."""
     high = store.read_tier(None, slots, HIGH, ("score", "pos"))
     low = store.read_tier(None, slots, LOW, ("score", "pos"))
@@ -184,7 +187,7 @@ def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor) -> None:
     is_low = torch.arange(pos.shape[2]) >= width
     costs = store.costs(int(slots[0]))
     to_high, to_low = store.tiers.decide(slots, seen, scores, pos, valid, is_low, costs)
-    apply_decisions(store, None, slots, to_high, to_low, width)
+    apply_decisions(store, None, slots, to_high, to_low, width, native)
 
 
 @dataclass
