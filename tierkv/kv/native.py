@@ -351,8 +351,9 @@ def tiered_decode(
     step's ``KVStore.write``; the slots share their tier formats (as ``tiered.attend``
     requires), both of which the kernel ``supports``. Each (slot, KV head) attends the
     ``store.count`` tokens it holds in each tier that ``pos <= query_pos`` and, under a sliding
-    ``window``, ``pos > query_pos - window``; the kernel merges the two tiers' parts by their
-    log-sum-exps.
+    ``window``, ``pos > query_pos - window`` (a decode query comes after every stored token, so
+    only a window masks anything, and without one the kernel reads no position); the kernel
+    merges the two tiers' parts by their log-sum-exps.
 
     Returns ``(out, probs)``: ``out`` [B, Hq, D] in ``q``'s dtype and ``probs`` float32
     [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,

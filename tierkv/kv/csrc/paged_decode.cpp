@@ -1119,7 +1119,9 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
                         q_p + head_q * dim,
                         part_out.data() + tier * group * dim,
                         part_lse.data() + tier * group,
-                        true,
+                        // A decode query comes after every token stored: only a sliding
+                        // window hides some.
+                        window > 0,
                         qpos_p[b],
                         window,
                         tier_probs[tier],
