@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from tierkv.kv.attention import AttentionBatch
-from tierkv.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, fused_linear, linear
+from tierkv.model.layers import (
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    fused_linear,
+    linear,
+)
 from tierkv.model.loader import ModelSpec
 
 
@@ -54,8 +62,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         attend: AttentionBackend,
         batch: AttentionBatch,
     ) -> torch.Tensor:
@@ -66,7 +73,7 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         out = attend(self.layer, q, k, v, batch)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -84,12 +91,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         attend: AttentionBackend,
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attend, batch)
+        x = x + self.self_attn(self.input_layernorm(x), rope, attend, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -118,8 +124,9 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Run tokens ``input_ids`` [N]; return float32 logits of the rows ``logits_rows``."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attend, batch)
+            x = layer(x, rope, attend, batch)
         x = self.norm(x[logits_rows])
         head = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
         return linear(x, head).float()
