@@ -231,7 +231,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_comparison_args(p)
     p.add_argument("--contexts", default="512,1024,2048", help="comma-separated context lengths")
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed per context")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=32,
+        help="decode steps timed per context (after steps // 4 untimed ones)",
+    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_decode)
 

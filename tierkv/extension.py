@@ -24,8 +24,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# The decode kernel (a pybind11 module) and the ops registered under torch.ops.tierkv.
+# The decode kernel (a pybind11 module) and the ops registered under torch.ops.tierkv, and the
+# headers they share (part of the build's hash, so editing one rebuilds).
 _SOURCES = tuple(sorted(Path(__file__).parent.glob("*/csrc/*.cpp")))
+_HEADERS = tuple(sorted(Path(__file__).parent.glob("*/csrc/*.h")))
 
 # Tried in order: the first set the compiler accepts is kept. -fopenmp lets at::parallel_for
 # (inlined from torch's headers) spread work items over torch's OpenMP threads.
@@ -62,7 +64,7 @@ def load() -> tuple[ModuleType | None, str | None]:
     try:
         from torch.utils import cpp_extension
 
-        source = b"\0".join(path.read_bytes() for path in _SOURCES)
+        source = b"\0".join(path.read_bytes() for path in _SOURCES + _HEADERS)
     except (ImportError, OSError) as exc:
         return None, f"cannot read the kernel source: {exc}"
     reasons = []

@@ -108,6 +108,7 @@ class _WritePlan:
     """
 
     index: torch.Tensor
+    slots: torch.Tensor
     version: int
     written: set[int]
     parts: list[tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]]
@@ -436,13 +437,15 @@ class KVStore:
         ``write`` and reused by its other layers.
 
         Each layer's write changes only its own counts, so the destinations of every layer are
-        known before the first. The plan holds while nothing else changed the tables (the
-        ``_version`` it was made at) and until a layer is written twice (a new step).
+        known before the first. The plan holds for the same ``index`` and ``slots`` tensors while
+        nothing else changed the tables (the ``_version`` it was made at), until a layer is
+        written twice (a new step).
         """
         plan = self._plan
         if (
             plan is not None
             and plan.index is index
+            and plan.slots is slots
             and plan.version == self._version
             and layer not in plan.written
         ):
@@ -477,7 +480,7 @@ class KVStore:
             ]
             ring_offset = (at % per_page)[:, None]
         plan = self._plan = _WritePlan(
-            index, self._version, {layer}, parts, added, ring_keep, ring_pages, ring_offset
+            index, slots, self._version, {layer}, parts, added, ring_keep, ring_pages, ring_offset
         )
         return plan
 

@@ -22,6 +22,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "store_tables.h"
+
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -81,16 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& keep_low, std::vector<int64_t> high_format, std::vector<int64_t> high_offsets,
     std::vector<int64_t> high_strides, int64_t low_tokens_per_page,
     std::vector<int64_t> low_offsets, std::vector<int64_t> low_strides) {
-  TORCH_CHECK(arena.dim() == 2 && arena.scalar_type() == at::kByte && arena.is_contiguous(),
-              "arena must be a contiguous uint8 [pages, page_bytes] tensor");
-  TORCH_CHECK(tables.dim() == 5 && tables.size(3) == 3 && tables.scalar_type() == at::kLong &&
-                  tables.is_contiguous(),
-              "tables must be the store's contiguous int64 [S, L, H, 3, P]");
-  TORCH_CHECK(counts.dim() == 4 && counts.size(0) == tables.size(0) &&
-                  counts.size(1) == tables.size(1) && counts.size(2) == tables.size(2) &&
-                  counts.size(3) == 2 && counts.scalar_type() == at::kLong &&
-                  counts.is_contiguous(),
-              "counts must be the store's contiguous int64 [S, L, H, 2]");
+  check_store_tables(arena, tables, counts);
   TORCH_CHECK(high_format.size() == 3, "high_format: key bits, value bits, tokens per page");
   const int64_t num_slots = tables.size(0), layers = tables.size(1), heads = tables.size(2);
   const int64_t columns = tables.size(4);

@@ -53,6 +53,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "store_tables.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -1006,16 +1008,7 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
                          const std::optional<at::Tensor>& probs, int64_t probs_split) {
   constexpr float kMasked = -std::numeric_limits<float>::infinity();
   TORCH_CHECK(q.dim() == 3 && q.device().is_cpu(), "q must be a CPU tensor [B, Hq, D]");
-  TORCH_CHECK(arena.dim() == 2 && arena.scalar_type() == at::kByte && arena.is_contiguous(),
-              "arena must be a contiguous uint8 [pages, page_bytes] tensor");
-  TORCH_CHECK(tables.dim() == 5 && tables.size(3) == 3 && tables.scalar_type() == at::kLong &&
-                  tables.is_contiguous(),
-              "tables must be the store's contiguous int64 [S, L, H, 3, P]");
-  TORCH_CHECK(counts.dim() == 4 && counts.size(0) == tables.size(0) &&
-                  counts.size(1) == tables.size(1) && counts.size(2) == tables.size(2) &&
-                  counts.size(3) == 2 && counts.scalar_type() == at::kLong &&
-                  counts.is_contiguous(),
-              "counts must be the store's contiguous int64 [S, L, H, 2]");
+  check_store_tables(arena, tables, counts);
   TORCH_CHECK(formats.size() == 8 && offsets.size() == 16 && strides.size() == 16,
               "formats: 4 per tier; offsets and strides: 8 fields per tier");
   const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(2);
