@@ -58,6 +58,8 @@ def test_bench_decode_reports_kv_bytes_and_bandwidth(
             "64,256",
             "--steps",
             "4",
+            "--repeats",
+            "3",
             "--json",
             str(out),
         ],
@@ -70,6 +72,9 @@ def test_bench_decode_reports_kv_bytes_and_bandwidth(
     assert all(payload["bandwidth"][k] > 0 for k in ("copy_gb_s", "read_gb_s", "matvec_gb_s"))
     short, long = payload["results"]
     assert (short["context"], long["context"]) == (64, 256)
+    # Each row is the median of its three rounds.
+    for row in (short, long):
+        assert len(row["runs_ms"]) == 3 and sorted(row["runs_ms"])[1] == row["ms_per_step"]
     # The request's cache is alive while it is measured, and grows with the context.
     assert 0 < short["kv_bytes"] < long["kv_bytes"]
     assert short["weight_bytes"] == long["weight_bytes"] > 0

@@ -237,6 +237,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=32,
         help="decode steps timed per context (after steps // 4 untimed ones)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds over the policies, alternating; each row is its median round",
+    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_decode)
 
@@ -271,16 +277,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_decode(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from tierkv.bench.decode import format_table, measure_bandwidth, run_decode
+    from tierkv.bench.decode import format_table, measure_bandwidth, run_rounds
     from tierkv.engine.engine import resolve_dtype
 
     bandwidth = measure_bandwidth(resolve_dtype(args.dtype))
     contexts = [int(c) for c in args.contexts.split(",")]
-    results = []
-    for policy in args.kv_policy or ["fp16"]:
-        results += run_decode(
-            args.model, policy, contexts, args.steps, args.dtype, bandwidth, args.attention_backend
-        )
+    results = run_rounds(
+        args.model,
+        args.kv_policy or ["fp16"],
+        contexts,
+        args.steps,
+        args.dtype,
+        bandwidth,
+        args.attention_backend,
+        args.repeats,
+    )
     print(format_table(results, bandwidth))
     if args.json:
         payload = {"bandwidth": asdict(bandwidth), "results": [asdict(r) for r in results]}

@@ -9,7 +9,8 @@ machine's own measured copy and read bandwidth, which is the physical limit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from statistics import median_low
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,8 @@ class DecodeResult:
     achieved_gb_s: float
     fraction_of_read_bw: float
     fraction_of_matvec_bw: float
+    # ms per step of every round (``run_rounds``); the row is the median one.
+    runs_ms: list[float] = field(default_factory=list)
 
 
 def measure_bandwidth(
@@ -144,6 +147,39 @@ def run_decode(
                 fraction_of_matvec_bw=achieved / bandwidth.matvec_gb_s,
             )
         )
+    return results
+
+
+def run_rounds(
+    model: str,
+    policies: list[str],
+    contexts: list[int],
+    steps: int,
+    dtype: str,
+    bandwidth: Bandwidth,
+    attention_backend: str = "reference",
+    repeats: int = 1,
+) -> list[DecodeResult]:
+    """``run_decode`` for every policy, ``repeats`` rounds with the policies alternating (so a
+    slow spell of a shared machine hits all of them); each (policy, context) row is its median
+    round, with every round's ms per step in ``runs_ms``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    rounds = [
+        [
+            row
+            for policy in policies
+            for row in run_decode(
+                model, policy, contexts, steps, dtype, bandwidth, attention_backend
+            )
+        ]
+        for _ in range(repeats)
+    ]
+    results = []
+    for rows in zip(*rounds, strict=True):
+        mid = median_low(r.ms_per_step for r in rows)
+        row = next(r for r in rows if r.ms_per_step == mid)
+        results.append(replace(row, runs_ms=[r.ms_per_step for r in rows]))
     return results
 
 
