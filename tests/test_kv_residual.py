@@ -115,9 +115,11 @@ def test_each_query_sees_its_newest_tokens_uncompressed(backend: str, window: in
 
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_long_chunks_are_attended_block_by_block(backend: str) -> None:
-    # A chunk of several query blocks, one ending mid-block, then a second chunk and decodes.
-    got, want, _ = _drive(backend, [("k4v2:r=16", [600, 1, 7, 1])], 13, seed=2)
+@pytest.mark.parametrize("window", [None, 13])
+def test_long_chunks_and_their_windows(backend: str, window: int | None) -> None:
+    # A chunk of several query blocks (with a sliding window), one ending mid-block, then a
+    # second chunk and decodes; a ring larger than the window (r=20: two 16-token pages).
+    got, want, _ = _drive(backend, [("k4v2:r=20", [600, 1, 7, 1, 45, 1])], window, seed=2)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
 
 

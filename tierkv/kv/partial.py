@@ -19,6 +19,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # the store builds its residual masks with ``causal_visibility``
     from tierkv.kv.store import Residual
 
+# Queries per batched matrix product of a residual window's band (``_residual_band``).
+_BAND_BLOCK = 16
+
 
 def causal_visibility(
     query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None
@@ -66,6 +69,91 @@ def causal_attention(
     own, own_lse = flash(queries, keys[:, :, context:], values[:, :, context:], is_causal=True)[:2]
     old, old_lse = flash(queries, keys[:, :, :context], values[:, :, :context])[:2]
     return merge(own, own_lse, old, old_lse)[0].to(queries.dtype)
+
+
+def residual_prefill(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context: int,
+    residual: Residual,
+) -> torch.Tensor:
+    """Attention of a prefill chunk of a slot with a residual window and no sliding window:
+    ``queries`` [1, Hq, n, D] at positions ``context .. context + n - 1`` see the dequantized
+    ``keys``/``values`` [1, H, context + n, D] at least ``R`` positions older than themselves
+    (``R = residual.window``) and ``residual``'s uncompressed entries (the ring's, then the
+    chunk's own, ``Residual.append``) within the newest ``R``. Output in the queries' dtype.
+
+    No mask over the whole chunk: the quantized keys split into those every query sees
+    (positions up to ``context - R``), attended unmasked, and the next ones, which query ``i``
+    sees up to ``i - s`` (``s`` the first query that sees any): a causal square of the later
+    queries over them. The uncompressed entries are a band of ``R`` per query
+    (``_residual_band``). The three parts are merged by log-sum-exp.
+    """
+    n = queries.shape[2]
+    group = queries.shape[1] // keys.shape[1]
+    window = int(residual.window[0])
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = torch.zeros(queries.shape, dtype=torch.float32)
+    lse = torch.full(queries.shape[:3], -torch.inf)
+    # Quantized keys every query sees: positions [0, context - R].
+    seen_by_all = max(0, context - window + 1)
+    if seen_by_all:
+        part, part_lse = flash(queries, keys[:, :, :seen_by_all], values[:, :, :seen_by_all])[:2]
+        out, lse = merge(out, lse, part, part_lse)
+    # The next ones, [seen_by_all, context + n - R): query i sees the j-th iff j <= i - s.
+    first = seen_by_all - (context - window)
+    if first < n:
+        stop = context + n - window
+        part, part_lse = flash(
+            queries[:, :, first:],
+            keys[:, :, seen_by_all:stop],
+            values[:, :, seen_by_all:stop],
+            is_causal=True,
+        )[:2]
+        tail_out, tail_lse = merge(out[:, :, first:], lse[:, :, first:], part, part_lse)
+        out[:, :, first:], lse[:, :, first:] = tail_out, tail_lse
+    band_out, band_lse = _residual_band(queries, residual, context, window)
+    return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
+
+
+def _residual_band(
+    queries: torch.Tensor, residual: Residual, context: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual_prefill``'s uncompressed part: each query over the entries of the newest
+    ``window`` positions up to its own, as ``(out [1, Hq, n, D] float32, lse [1, Hq, n])``.
+
+    Sorted by position, the live entries are consecutive positions ending with the chunk's
+    own (empty ones, at -1, come first). A block of ``_BAND_BLOCK`` queries then has its
+    candidates in one run of entries, its own and the ``window - 1`` before them: one batched
+    matrix product per block, masked to each query's window.
+    """
+    _, hq, n, dim = queries.shape
+    heads = residual.keys.shape[1]
+    blocks, block = -(-n // _BAND_BLOCK), _BAND_BLOCK
+    span = block + window - 1
+    order = residual.pos[0].argsort()
+    # Entries padded with empty ones: ``window`` in front (the first queries' windows reach
+    # before the first entry) and behind, up to the last block's end.
+    behind = blocks * block - n
+    pos = F.pad(residual.pos[0][order], (window, behind), value=-1)
+    keys = F.pad(residual.keys[0][:, order].float(), (0, 0, window, behind))
+    values = F.pad(residual.values[0][:, order].float(), (0, 0, window, behind))
+    first = pos.shape[0] - behind - n - window + 1  # query 0's first candidate
+    band_keys = keys[:, first:].unfold(1, span, block)  # [H, blocks, D, span]
+    band_values = values[:, first:].unfold(1, span, block).transpose(-1, -2)
+    band_pos = pos[first:].unfold(0, span, block)[:, None, :]  # [blocks, 1, span]
+    query_pos = torch.arange(context, context + blocks * block).view(blocks, block, 1)
+    visible = (band_pos >= 0) & (band_pos > query_pos - window) & (band_pos <= query_pos)
+    qg = F.pad(queries[0].float(), (0, 0, 0, behind)) * (1.0 / math.sqrt(dim))
+    qg = qg.view(heads, hq // heads, blocks, block, dim)
+    logits = torch.matmul(qg, band_keys[:, None]).masked_fill_(~visible, -torch.inf)
+    lse = torch.logsumexp(logits, -1)
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.matmul(probs, band_values[:, None])  # [H, G, blocks, block, D]
+    out = out.reshape(1, hq, blocks * block, dim)[:, :, :n]
+    return out, lse.reshape(1, hq, blocks * block)[:, :, :n]
 
 
 def merge(
