@@ -1046,7 +1046,8 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
       make_layout(dim, formats[4], formats[5], formats[6],
                   {offsets.begin() + 8, offsets.begin() + 15},
                   {strides.begin() + 8, strides.begin() + 15}, formats[7], page_bytes)};
-  const AttendFn fns[2] = {pick(formats[0], formats[1], group), pick(formats[4], formats[5], group)};
+  const AttendFn fns[2] = {pick(formats[0], formats[1], group),
+                           pick(formats[4], formats[5], group)};
   for (int tier = 0; tier < 2; ++tier) {
     const int64_t so = offsets[tier * 8 + 7], ss = strides[tier * 8 + 7];
     TORCH_CHECK(so >= 0 && ss >= 4 && so + formats[tier * 4 + 3] * ss <= page_bytes,
