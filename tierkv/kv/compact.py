@@ -1,4 +1,4 @@
-"""Applying tier decisions: compaction of both tiers of a group of slots at one layer.
+"""Applying tier decisions: compaction of both tiers of a group of slots at one layer (or all).
 
 Each head keeps each tier as a dense prefix, in no particular order (attention and decisions
 read a token's position from its ``pos`` field). A decision leaves holes where tokens were
@@ -13,7 +13,9 @@ the tokens that move or are demoted are read from their pages (the only full-fie
 decision needs, so its caller reads just scores and positions), the pages are resized
 (surplus freed, then missing ones allocated, so demotion can use the pages the high tier
 leaves), and the moved and demoted tokens are written, all of it vectorised over slots, heads
-and tokens.
+and tokens. On the fast backend the moves and the decoding of the demoted tokens are one
+native call instead (``native.compact_tiers``, the same bytes), before the same resize and
+re-quantizing store.
 """
 
 from __future__ import annotations
