@@ -153,20 +153,19 @@ class PagedAttention:
         store.write(layer, batch.token_slots, batch.token_index, k, v)
         window = self.sliding_windows[layer]
         rows = self._rows(batch)
+        # A step of uniform decodes only (tokens None): their output is the step's, no gather.
+        out = None if rows.tokens is None else torch.empty_like(q)
         if rows.decode.numel():
-            # A step of uniform decodes only (tokens None) needs no gather of its rows.
-            tokens = slice(None) if rows.tokens is None else rows.tokens
+            tokens = slice(None) if out is None else rows.tokens
             residual = None
             if rings is not None:
                 residual = rings.select(rows.decode).append(
                     k[tokens][:, :, None], v[tokens][:, :, None], (rows.lens - 1)[:, None]
                 )
             decoded = self._decode(layer, q[tokens], rows.slots, rows.lens, window, residual)
-            if rows.tokens is None:
+            if out is None:
                 return decoded
-        out = torch.empty_like(q)
-        if rows.decode.numel():
-            out[rows.tokens] = decoded
+            out[tokens] = decoded
         if rows.units:
             workspace = self._workspace if self.backend == "fast" else None
             tiered.attend_rows(store, layer, q, rows.units, window, out, workspace)

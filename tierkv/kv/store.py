@@ -416,12 +416,8 @@ class KVStore:
         """
         plan = self._write_plan(layer, slots, index)
         for f, rows, pages, offset in plan.parts:
-            if rows is None:
-                self._encode_into(f, pages[:, layer], offset[:, layer], k, v, index)
-            else:
-                self._encode_into(
-                    f, pages[:, layer], offset[:, layer], k[rows], v[rows], index[rows]
-                )
+            part = (k, v, index) if rows is None else (k[rows], v[rows], index[rows])
+            self._encode_into(f, pages[:, layer], offset[:, layer], *part)
         if plan.ring_keep is not None and plan.ring_keep.numel():
             # Only a slot's newest ``ring`` tokens of the call are written: older ones would be
             # overwritten within the same scatter, whose order is undefined.

@@ -193,13 +193,14 @@ def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: boo
 @dataclass
 class Unit:
     """Tiered requests of a step attended in one call: decodes sharing their tier formats, or
-    one prefill chunk. ``rows`` [R] are batch indices, ``tokens`` [R, n] their tokens' indices
-    in the step, ``query_pos`` [R, n] their positions, ``slots`` [R] their store slots."""
+    one prefill chunk. ``tokens`` [R, n] are their tokens' indices in the step, ``query_pos``
+    [R, n] their positions, ``slots`` [R] their store slots; ``native``: decodes whose tier
+    formats the native kernel serves."""
 
-    rows: torch.Tensor
     tokens: torch.Tensor
     query_pos: torch.Tensor
     slots: torch.Tensor
+    native: bool
 
 
 def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -> list[Unit]:
@@ -214,8 +215,11 @@ def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -
     starts = torch.tensor(batch.query_starts, dtype=torch.int64)
     units = []
     for rows in groups:
-        tokens = starts[rows][:, None] + torch.arange(batch.query_lens[int(rows[0])])
-        units.append(Unit(rows, tokens, batch.token_index[tokens], batch.slots[rows]))
+        n = batch.query_lens[int(rows[0])]
+        tokens = starts[rows][:, None] + torch.arange(n)
+        slots = batch.slots[rows]
+        native_decode = n == 1 and _native_serves(store, slots)
+        units.append(Unit(tokens, batch.token_index[tokens], slots, native_decode))
     return units
 
 
@@ -234,7 +238,7 @@ def attend_rows(
     the fused path of ``attend``."""
     for unit in units:
         tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
-        if workspace is not None and tokens.shape[1] == 1 and _native_serves(store, slots):
+        if workspace is not None and unit.native:
             att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
         elif workspace is not None and tokens.shape[1] > 1:
             att, query_pos = _attend_prefill(store, layer, q[tokens], slots, query_pos, window)

@@ -125,13 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return layer < 0 ? slot_p[b] * units + u : (slot_p[b] * layers + layer) * heads + u;
   };
   // Checks first (a mask naming a token past the head's count, a page id outside the arena),
-  // and each unit's first demoted row.
+  // with each unit's tokens per mask (kept high, demoted, kept low) and first demoted row.
+  std::vector<int64_t> marked(static_cast<size_t>(batch * units * 3), 0);
   std::vector<int64_t> first(static_cast<size_t>(batch * units + 1), 0);
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(slot_p[b] >= 0 && slot_p[b] < num_slots, "slot ", slot_p[b], " outside tables");
     for (int64_t u = 0; u < units; ++u) {
       const int64_t item = b * units + u;
-      int64_t demoted = 0;
       for (int m = 0; m < 3; ++m) {
         const int tier = m == 2 ? 1 : 0;
         const int64_t count = count_p[row(b, u) * 2 + tier];
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t t = 0; t < mask_width[m]; ++t) {
           TORCH_CHECK(!mask[t] || t < count, "a mask names token ", t, " of a head holding ",
                       count);
-          demoted += m == 1 && mask[t];
+          marked[item * 3 + m] += mask[t];
         }
         const int64_t* pages = table_p + (row(b, u) * 3 + tier) * columns;
         for (int64_t c = 0; c * lays[tier].tokens_per_page < count; ++c) {
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       " outside the arena");
         }
       }
-      first[item + 1] = first[item] + demoted;
+      first[item + 1] = first[item] + marked[item * 3 + 1];
     }
   }
   const int64_t total = first.back();
@@ -181,9 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         return page + lays[tier].offsets[f] + slot * lays[tier].strides[f];
       };
       // 1. The demoted tokens, decoded, bound for the places after the kept low ones.
-      const bool* keep_low_m = masks[2] + item * mask_width[2];
-      int64_t kept_low = 0;
-      for (int64_t t = 0; t < mask_width[2]; ++t) kept_low += keep_low_m[t];
+      const int64_t kept_low = marked[item * 3 + 2];
       const bool* demote_m = masks[1] + item * mask_width[1];
       int64_t out = first[item];
       for (int64_t t = 0; t < mask_width[1]; ++t) {
@@ -204,8 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int tier = 0; tier < 2; ++tier) {
         const int m = tier == 0 ? 0 : 2;
         const bool* keep = masks[m] + item * mask_width[m];
-        int64_t kept = 0;
-        for (int64_t t = 0; t < mask_width[m]; ++t) kept += keep[t];
+        const int64_t kept = marked[item * 3 + m];
         holes.clear();
         movers.clear();
         for (int64_t t = 0; t < mask_width[m]; ++t) {
