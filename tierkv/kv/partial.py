@@ -1,6 +1,6 @@
 """Attention split over disjoint sets of tokens, the merge that makes it whole again, the
 causal (sliding-window) visibility every path masks with, and causal prefill attention that
-needs no mask.
+needs no mask (by the native flash kernel in bfloat16, ``csrc/flash_prefill.cpp``).
 
 A part is ``(out, lse)``: the softmax-weighted values over its tokens and the log-sum-exp of
 its logits. Two parts over disjoint tokens combine exactly into attention over their union
@@ -10,11 +10,14 @@ uncompressed tokens (``KVStore.read_residual``) are attended here, in torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from tierkv import extension
 
 if TYPE_CHECKING:  # the store builds its residual masks with ``causal_visibility``
     from tierkv.kv.store import Residual
@@ -35,6 +38,34 @@ def causal_visibility(
     return visible
 
 
+@functools.cache
+def _flash_built() -> bool:
+    return extension.available() and torch.ops.tierkv.flash_prefill_supported()
+
+
+def flash_serves(queries: torch.Tensor) -> bool:
+    """Whether ``flash`` computes attention for ``queries`` [1, Hq, n, D]: bfloat16, a head dim
+    that is a multiple of 16, and the extension built with the CPU's bf16 dot product."""
+    return queries.dtype == torch.bfloat16 and queries.shape[-1] % 16 == 0 and _flash_built()
+
+
+def flash(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    shift: int,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``queries`` [1, Hq, n, D] over ``keys``/``values`` [1, H, T, D] (H divides
+    Hq) by the native kernel (``flash_serves``), query ``i`` seeing keys ``j <= i + shift``
+    and, under a sliding ``window``, ``j > i + shift - window``. Returns ``(out [1, Hq, n, D]
+    bfloat16, lse [1, Hq, n] float32)``; a query seeing no key gets zeros and lse -inf."""
+    out, lse = torch.ops.tierkv.flash_prefill(
+        queries[0], keys[0], values[0], shift, window or 0, 1.0 / math.sqrt(queries.shape[-1])
+    )
+    return out.transpose(0, 1)[None], lse[None]
+
+
 def causal_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -50,7 +81,10 @@ def causal_attention(
     mode skips the masked blocks (1.6x faster at 1536 tokens here) but aligns queries with the
     first keys. So a chunk attends its own tokens causally and the ``context`` keys before it
     unmasked, and the two parts are merged by their log-sum-exps. Sliding windows keep the mask.
+    The native ``flash`` kernel, where it serves, does it all in one call.
     """
+    if flash_serves(queries):
+        return flash(queries, keys, values, context, window)[0]
     if window is not None:
         visible = causal_visibility(
             torch.arange(context, keys.shape[2]), torch.arange(keys.shape[2]), window
@@ -65,9 +99,11 @@ def causal_attention(
     group = queries.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     # The CPU flash kernel behind SDPA, which also returns the log-sum-exp a merge needs.
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    own, own_lse = flash(queries, keys[:, :, context:], values[:, :, context:], is_causal=True)[:2]
-    old, old_lse = flash(queries, keys[:, :, :context], values[:, :, :context])[:2]
+    sdpa_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    own, own_lse = sdpa_flash(
+        queries, keys[:, :, context:], values[:, :, context:], is_causal=True
+    )[:2]
+    old, old_lse = sdpa_flash(queries, keys[:, :, :context], values[:, :, :context])[:2]
     return merge(own, own_lse, old, old_lse)[0].to(queries.dtype)
 
 
@@ -88,25 +124,35 @@ def residual_prefill(
     (positions up to ``context - R``), attended unmasked, and the next ones, which query ``i``
     sees up to ``i - s`` (``s`` the first query that sees any): a causal square of the later
     queries over them. The uncompressed entries are a band of ``R`` per query
-    (``_residual_band``). The three parts are merged by log-sum-exp.
+    (``_residual_band``). The three parts are merged by log-sum-exp. The native ``flash``
+    kernel, where it serves, attends the quantized keys in one call (query ``i`` sees those up
+    to position ``context + i - R``).
     """
     n = queries.shape[2]
     group = queries.shape[1] // keys.shape[1]
     window = int(residual.window[0])
+    if flash_serves(queries):
+        # Query i sees the quantized keys up to position context + i - R: one band.
+        stop = max(0, context + n - window)
+        out, lse = flash(queries, keys[:, :, :stop], values[:, :, :stop], context - window, None)
+        band_out, band_lse = _residual_band(queries, residual, context, window)
+        return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    sdpa_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out = torch.zeros(queries.shape, dtype=torch.float32)
     lse = torch.full(queries.shape[:3], -torch.inf)
     # Quantized keys every query sees: positions [0, context - R].
     seen_by_all = max(0, context - window + 1)
     if seen_by_all:
-        part, part_lse = flash(queries, keys[:, :, :seen_by_all], values[:, :, :seen_by_all])[:2]
+        part, part_lse = sdpa_flash(queries, keys[:, :, :seen_by_all], values[:, :, :seen_by_all])[
+            :2
+        ]
         out, lse = merge(out, lse, part, part_lse)
     # The next ones, [seen_by_all, context + n - R): query i sees the j-th iff j <= i - s.
     first = seen_by_all - (context - window)
     if first < n:
         stop = context + n - window
-        part, part_lse = flash(
+        part, part_lse = sdpa_flash(
             queries[:, :, first:],
             keys[:, :, seen_by_all:stop],
             values[:, :, seen_by_all:stop],
