@@ -8,10 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from server_harness import MODEL_NAME, live_server
 
 from tierkv.bench.serve import run_load, summarize
+from tierkv.bench.throughput import Workload
+from tierkv.cli import DEMO_MODEL
+from tierkv.eval import corpus
+from tierkv.tokenizer import Tokenizer
 
 
 def test_bench_throughput_rows_for_policies_and_hf_caches(
@@ -110,3 +115,18 @@ def test_bench_serve_counts_failures() -> None:
     )
     report = summarize(records, duration)
     assert report.completed == 0 and report.failed == 1
+
+
+def test_stdlib_prompts_are_windows_of_the_held_out_text() -> None:
+    work = Workload(str(DEMO_MODEL), num_prompts=4, input_len=64, dataset="stdlib")
+    prompts = work.prompts()
+    assert [len(p) for p in prompts] == [64] * 4
+    assert prompts == work.prompts()  # fixed by the seed
+    assert prompts != Workload(str(DEMO_MODEL), 4, 64, seed=1, dataset="stdlib").prompts()
+    text = "\n\n".join(corpus.read_text(corpus.held_out_files("test")))
+    tokenizer = Tokenizer(DEMO_MODEL)
+    assert all(tokenizer.decode(p) in text for p in prompts)
+    with pytest.raises(ValueError, match="too short"):
+        Workload(str(DEMO_MODEL), 1, 10**7, dataset="stdlib").prompts()
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        Workload(str(DEMO_MODEL), dataset="sharegpt").prompts()

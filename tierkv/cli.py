@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tierkv.bench import DATASETS
 from tierkv.config import DTYPES, EngineConfig
 from tierkv.eval.cli import add_eval_parser
 from tierkv.kv.attention import BACKENDS
@@ -79,6 +80,20 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
         help="fast (default: C++ kernels that read the KV pages in place and dequantize in "
         "registers, built on first use; fused torch ops where no compiler is) or reference "
         "(gather, dequantize, attend; what the tests trust)",
+    )
+
+
+def add_dataset_arg(parser: argparse.ArgumentParser) -> None:
+    """``--dataset-name``: where a benchmark's prompts come from (``Workload``)."""
+    parser.add_argument(
+        "--dataset-name",
+        choices=DATASETS,
+        default="random",
+        help=(
+            "random: uniformly random token ids; stdlib: windows of the demo corpus's held-out "
+            "Python source (real text, whose attention tiered KV policies can compress) "
+            "(default: random)"
+        ),
     )
 
 
@@ -187,7 +202,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "throughput",
         help="offline output tokens/s on a synthetic batch workload",
         description=(
-            "Generate --num-prompts random-token prompts of --input-len tokens, "
+            "Generate --num-prompts prompts of --input-len tokens (--dataset-name), "
             "--output-len tokens each (EOS ignored, greedy), through the engine under each "
             "--kv-policy and, with --compare-hf, through transformers' generate on the same "
             "model and prompts, with its dynamic cache (hf-dynamic) and its QuantizedCache at 4 "
@@ -199,6 +214,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
+    add_dataset_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--kv-cache-memory", default="1GiB", help="KV pool size for every policy (default: 1GiB)"
@@ -264,6 +280,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
+    add_dataset_arg(p)
     p.add_argument(
         "--request-rate", type=float, default=float("inf"), help="requests/s (default: inf)"
     )
@@ -307,7 +324,6 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 
     from tierkv.bench.serve import format_report, run_load, summarize
     from tierkv.bench.throughput import Workload
-    from tierkv.model.loader import read_spec
 
     name = args.served_model_name
     if name is None:
@@ -315,8 +331,15 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
         models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
         models.raise_for_status()
         name = models.json()["data"][0]["id"]
-    work = Workload(args.model, args.num_prompts, args.input_len, args.output_len, args.seed)
-    prompts = work.prompts(read_spec(args.model).vocab_size)
+    work = Workload(
+        args.model,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.seed,
+        dataset=args.dataset_name,
+    )
+    prompts = work.prompts()
     records, duration = asyncio.run(
         run_load(
             args.base_url,
@@ -354,6 +377,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         args.seed,
         args.dtype,
         args.attention_backend,
+        args.dataset_name,
     )
     caches, skipped = hf_caches(args.compare_hf)
     if skipped:

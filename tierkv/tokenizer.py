@@ -29,7 +29,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, with the BOS token if the tokenizer adds one."""
-        return self.hf.encode(text)
+        # Not verbose: transformers warns about texts longer than the model; the engine
+        # rejects over-long prompts itself, with their length and the limit.
+        return self.hf.encode(text, verbose=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of ``ids``, as the Hugging Face tokenizer's ``decode`` gives it."""

@@ -16,14 +16,24 @@ from pathlib import Path
 
 import torch
 
+from tierkv.bench import DATASETS
 from tierkv.config import EngineConfig
 from tierkv.engine.engine import resolve_dtype
+from tierkv.eval import corpus
 from tierkv.eval.peers import QUANTO_BITS, PeerUnavailable, quanto_peer
+from tierkv.model.loader import read_spec
+from tierkv.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class Workload:
-    """``num_prompts`` random-token prompts of ``input_len``, each generating ``output_len``."""
+    """``num_prompts`` prompts of ``input_len`` tokens, each generating ``output_len``.
+
+    ``dataset`` ``random``: uniformly random token ids (vLLM's ``random`` dataset). ``stdlib``:
+    windows of text at random offsets in the demo corpus's held-out ``test`` split
+    (``tierkv.eval.corpus``: Python source the demo model was not trained on), so that
+    attention is as concentrated as on real text, which is what tiered KV policies exploit.
+    """
 
     model: str
     num_prompts: int = 64
@@ -32,14 +42,29 @@ class Workload:
     seed: int = 0
     dtype: str = "auto"
     attention_backend: str = EngineConfig.attention_backend
+    dataset: str = "random"
 
-    def prompts(self, vocab_size: int) -> list[list[int]]:
+    def prompts(self) -> list[list[int]]:
+        """The prompts' token ids, the same for every run with this seed."""
         rng = random.Random(self.seed)
-        # Token 0 is often a special token in small vocabularies; draw ordinary ids only.
-        return [
-            [rng.randrange(1, vocab_size) for _ in range(self.input_len)]
-            for _ in range(self.num_prompts)
-        ]
+        if self.dataset == "random":
+            vocab_size = read_spec(self.model).vocab_size
+            # Token 0 is often a special token in small vocabularies; draw ordinary ids only.
+            return [
+                [rng.randrange(1, vocab_size) for _ in range(self.input_len)]
+                for _ in range(self.num_prompts)
+            ]
+        if self.dataset != "stdlib":
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        text = "\n\n".join(corpus.read_text(corpus.held_out_files("test")))
+        ids = Tokenizer(self.model).encode(text)
+        if len(ids) <= self.input_len:
+            raise ValueError(
+                f"the stdlib test split is {len(ids)} tokens for this tokenizer, too short for "
+                f"prompts of {self.input_len}"
+            )
+        starts = [rng.randrange(len(ids) - self.input_len) for _ in range(self.num_prompts)]
+        return [ids[s : s + self.input_len] for s in starts]
 
 
 @dataclass
@@ -71,7 +96,7 @@ def run_engine(
         seed=work.seed,
         attention_backend=work.attention_backend,
     )
-    prompts = work.prompts(llm.engine.spec.vocab_size)
+    prompts = work.prompts()
     params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -99,7 +124,7 @@ def run_hf(work: Workload, batch_size: int, cache_bits: int | None = None) -> Th
 
     logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(work.model, dtype=resolve_dtype(work.dtype)).eval()
-    prompts = torch.tensor(work.prompts(model.config.vocab_size))
+    prompts = torch.tensor(work.prompts())
     kwargs = dict(
         max_new_tokens=work.output_len,
         min_new_tokens=work.output_len,

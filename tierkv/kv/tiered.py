@@ -270,15 +270,15 @@ def _attend_prefill(
     # The probabilities span every column ``read_tier`` gives (whole pages); attention, only
     # the tokens.
     _, heads, width, dim = keys.shape
-    visible = causal_visibility(query_pos[0], torch.arange(width), window)
     queries = q[0].transpose(0, 1)[None]
     out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], total - n, window)
     counting = query_pos[0] >= store.tiers.score_start[slots[0]]
     first = min(n - int(counting.sum()), n - 1)
+    visible = causal_visibility(query_pos[0, first:], torch.arange(width), window)
     group = q.shape[2] // heads
     scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
     logits = scoring @ keys.float()[:, :, None].transpose(-1, -2) * (1.0 / math.sqrt(dim))
-    probs = logits.masked_fill_(~visible[first:], -torch.inf).softmax(-1)
+    probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
     return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
 
 
