@@ -37,7 +37,7 @@ class TieredAttention:
 
     Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
     ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), or None when ``scored``:
-    the native decode already added them to the stored scores.
+    the native decode already added them to the stored scores, or no query counts.
     """
 
     out: torch.Tensor
@@ -260,9 +260,9 @@ def _attend_prefill(
 
     Chunks come before the request's first decision, so its tokens are all in the high tier, in
     position order: the output is dense causal attention over them (``causal_attention``), and
-    probabilities are computed only for the queries that score (the last ``sw`` of the prompt;
-    at least the last query, so the probabilities are never empty). Returns the attention, its
-    probabilities covering those queries, and their positions.
+    probabilities are computed only for the queries that score (the last ``sw`` of the prompt),
+    none when no query of the chunk does. Returns the attention, its probabilities covering
+    those queries, and their positions.
     """
     n = q.shape[1]
     total = int(query_pos[0, -1]) + 1
@@ -272,8 +272,10 @@ def _attend_prefill(
     _, heads, width, dim = keys.shape
     queries = q[0].transpose(0, 1)[None]
     out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], total - n, window)
-    counting = query_pos[0] >= store.tiers.score_start[slots[0]]
-    first = min(n - int(counting.sum()), n - 1)
+    counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
+    if not counting:
+        return TieredAttention(out[0].transpose(0, 1)[None], None, scored=True), query_pos
+    first = n - counting
     visible = causal_visibility(query_pos[0, first:], torch.arange(width), window)
     group = q.shape[2] // heads
     scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
