@@ -31,6 +31,8 @@ def _oracle(
     total = k.shape[0]
     fields = policy.high.encode(k, v, positions=torch.arange(total))
     kq, vq = policy.high.decode(fields, k.dtype)
+    # The attention itself in float32, whatever the stored dtype.
+    q, k, v, kq, vq = (x.float() for x in (q, k, v, kq, vq))
     group = Q_HEADS // KV_HEADS
     pos = torch.arange(total)
     out = torch.empty_like(q)
@@ -48,16 +50,21 @@ def _oracle(
 
 
 def _drive(
-    backend: str, requests: list[tuple[str, list[int]]], window: int | None, seed: int = 0
+    backend: str,
+    requests: list[tuple[str, list[int]]],
+    window: int | None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], KVStore]:
     """Run requests ``(policy, chunk sizes)`` side by side, one chunk each per step, through
-    ``PagedAttention`` at layer 1; returns each request's outputs and its oracle's.
+    ``PagedAttention`` at layer 1, activations and store in ``dtype``; returns each request's
+    outputs and its oracle's (float32).
 
     ``fast-torch`` is the fast backend without its native kernel (as where no compiler is).
     """
     pool = PagePool(1200, default_page_bytes(HEAD_DIM))
     pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
-    store = KVStore(pool, LAYERS, KV_HEADS, HEAD_DIM, torch.float32, len(requests), 640)
+    store = KVStore(pool, LAYERS, KV_HEADS, HEAD_DIM, dtype, len(requests), 640)
     attention = PagedAttention(store, [None, window], backend=backend.removesuffix("-torch"))
     if backend.endswith("-torch"):
         attention._native = False  # the torch path the fast backend falls back to
@@ -65,9 +72,9 @@ def _drive(
     data, slots, outs = [], [], []
     for name, chunks in requests:
         total = sum(chunks)
-        q = torch.randn(total, Q_HEADS, HEAD_DIM, generator=gen)
-        k = torch.randn(total, KV_HEADS, HEAD_DIM, generator=gen) * 2
-        v = torch.randn(total, KV_HEADS, HEAD_DIM, generator=gen)
+        q = torch.randn(total, Q_HEADS, HEAD_DIM, generator=gen).to(dtype)
+        k = (torch.randn(total, KV_HEADS, HEAD_DIM, generator=gen) * 2).to(dtype)
+        v = torch.randn(total, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
         policy = KVPolicy.parse(name)
         data.append((q, k, v, policy))
         slots.append(store.acquire_slot(policy))
@@ -121,6 +128,16 @@ def test_long_chunks_and_their_windows(backend: str, window: int | None) -> None
     # second chunk and decodes; a ring larger than the window (r=20: two 16-token pages).
     got, want, _ = _drive(backend, [("k4v2:r=20", [600, 1, 7, 1, 45, 1])], window, seed=2)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 13, 40])
+def test_bfloat16_chunks_through_the_flash_kernel(window: int | None) -> None:
+    """In bfloat16 the quantized part of a chunk is the native flash kernel's (a sliding window
+    wider than the residual one included: 13 > 8, 40 > 20; 13 < 20 keeps the masked blocks)."""
+    requests = [("k4v2:r=20", [300, 1, 7, 1, 45, 1]), ("k8v4:r=8", [70, 1, 130, 1, 1])]
+    got, want, _ = _drive("fast", requests, window, seed=4, dtype=torch.bfloat16)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w, rtol=3e-2, atol=3e-2)
 
 
 def test_chunking_does_not_change_the_result() -> None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kv import fast, native, tiered
-from tierkv.kv.partial import causal_attention, causal_visibility, residual_prefill
+from tierkv.kv.partial import causal_attention, causal_visibility, flash_serves, residual_prefill
 from tierkv.kv.store import KVStore, Residual
 
 BACKENDS = ("reference", "fast")
@@ -344,8 +344,9 @@ class PagedAttention:
         kpos = torch.arange(total)
         if residual is None:
             return causal_attention(queries, keys, values, context, window)[0].transpose(0, 1)
-        if window is None:
-            return residual_prefill(queries, keys, values, context, residual)[0].transpose(0, 1)
+        if window is None or (flash_serves(queries) and window > int(residual.window[0])):
+            out = residual_prefill(queries, keys, values, context, residual, window)
+            return out[0].transpose(0, 1)
         # Each block of queries sees the quantized keys older than its residual windows and,
         # uncompressed, the ring's entries and the chunk's own tokens within those windows: a
         # block of B queries adds B + R - 1 keys, where the whole chunk at once would add n.

@@ -113,12 +113,13 @@ def residual_prefill(
     values: torch.Tensor,
     context: int,
     residual: Residual,
+    sliding: int | None = None,
 ) -> torch.Tensor:
-    """Attention of a prefill chunk of a slot with a residual window and no sliding window:
-    ``queries`` [1, Hq, n, D] at positions ``context .. context + n - 1`` see the dequantized
-    ``keys``/``values`` [1, H, context + n, D] at least ``R`` positions older than themselves
-    (``R = residual.window``) and ``residual``'s uncompressed entries (the ring's, then the
-    chunk's own, ``Residual.append``) within the newest ``R``. Output in the queries' dtype.
+    """Attention of a prefill chunk of a slot with a residual window: ``queries`` [1, Hq, n, D]
+    at positions ``context .. context + n - 1`` see the dequantized ``keys``/``values``
+    [1, H, context + n, D] at least ``R`` positions older than themselves (``R =
+    residual.window``) and ``residual``'s uncompressed entries (the ring's, then the chunk's
+    own, ``Residual.append``) within the newest ``R``. Output in the queries' dtype.
 
     No mask over the whole chunk: the quantized keys split into those every query sees
     (positions up to ``context - R``), attended unmasked, and the next ones, which query ``i``
@@ -126,32 +127,36 @@ def residual_prefill(
     queries over them. The uncompressed entries are a band of ``R`` per query
     (``_residual_band``). The three parts are merged by log-sum-exp. The native ``flash``
     kernel, where it serves, attends the quantized keys in one call (query ``i`` sees those up
-    to position ``context + i - R``).
+    to position ``context + i - R``), and then also under a ``sliding`` window wider than
+    ``R`` (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
     """
     n = queries.shape[2]
     group = queries.shape[1] // keys.shape[1]
-    window = int(residual.window[0])
+    recent = int(residual.window[0])
     if flash_serves(queries):
-        # Query i sees the quantized keys up to position context + i - R: one band.
-        stop = max(0, context + n - window)
-        out, lse = flash(queries, keys[:, :, :stop], values[:, :, :stop], context - window, None)
-        band_out, band_lse = _residual_band(queries, residual, context, window)
+        stop = max(0, context + n - recent)
+        quantized = None if sliding is None else sliding - recent
+        out, lse = flash(
+            queries, keys[:, :, :stop], values[:, :, :stop], context - recent, quantized
+        )
+        band_out, band_lse = _residual_band(queries, residual, context, recent)
         return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
+    if sliding is not None:
+        raise ValueError("a sliding window in residual_prefill needs the native flash kernel")
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     sdpa_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out = torch.zeros(queries.shape, dtype=torch.float32)
     lse = torch.full(queries.shape[:3], -torch.inf)
     # Quantized keys every query sees: positions [0, context - R].
-    seen_by_all = max(0, context - window + 1)
+    seen_by_all = max(0, context - recent + 1)
     if seen_by_all:
-        part, part_lse = sdpa_flash(queries, keys[:, :, :seen_by_all], values[:, :, :seen_by_all])[
-            :2
-        ]
+        every = slice(0, seen_by_all)
+        part, part_lse = sdpa_flash(queries, keys[:, :, every], values[:, :, every])[:2]
         out, lse = merge(out, lse, part, part_lse)
     # The next ones, [seen_by_all, context + n - R): query i sees the j-th iff j <= i - s.
-    first = seen_by_all - (context - window)
+    first = seen_by_all - (context - recent)
     if first < n:
-        stop = context + n - window
+        stop = context + n - recent
         part, part_lse = sdpa_flash(
             queries[:, :, first:],
             keys[:, :, seen_by_all:stop],
@@ -160,7 +165,7 @@ def residual_prefill(
         )[:2]
         tail_out, tail_lse = merge(out[:, :, first:], lse[:, :, first:], part, part_lse)
         out[:, :, first:], lse[:, :, first:] = tail_out, tail_lse
-    band_out, band_lse = _residual_band(queries, residual, context, window)
+    band_out, band_lse = _residual_band(queries, residual, context, recent)
     return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
 
 
