@@ -110,10 +110,7 @@ class Scheduler:
         """Reserve the pages of every running request at once, if the pool has them all."""
         slots = torch.tensor([r.slot for r in self.running])
         tokens = torch.tensor([r.num_tokens for r in self.running])
-        if self.store.pages_to_grow(slots, tokens) > self.store.pool.num_free:
-            return False
-        self.store.reserve(slots, tokens)
-        return True
+        return self.store.try_reserve(slots, tokens)
 
     def _reserve(self, req: Request) -> None:
         self.store.reserve(torch.tensor([req.slot]), torch.tensor([req.num_tokens]))

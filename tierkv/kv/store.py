@@ -311,8 +311,7 @@ class KVStore:
         """Pages the slots (one or a tensor of them) still need to hold ``num_tokens`` tokens
         each (seen ones included), in total."""
         slots = torch.as_tensor(slots).reshape(-1)
-        want = self._want(slots, torch.as_tensor(num_tokens).reshape(-1))
-        return int((want - self.held[slots]).clamp(min=0).sum())
+        return int(self._need(slots, torch.as_tensor(num_tokens).reshape(-1)).sum())
 
     def reserve(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """Grow each slot in ``slots`` to hold ``num_tokens`` tokens, in one allocation.
@@ -320,8 +319,17 @@ class KVStore:
         Tiered slots also get one spare low page per (layer, head), the room a decision needs
         to demote tokens before the pages they leave are freed.
         """
-        need = (self._want(slots, num_tokens) - self.held[slots]).clamp(min=0)
+        self._grow(self._rows(slots), self._need(slots, num_tokens).reshape(-1))
+
+    def try_reserve(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> bool:
+        """``reserve`` if the pool has every page it needs, else nothing; returns whether it
+        reserved (one pass over the slots' tables where ``pages_to_grow`` then ``reserve``
+        would make two, at every step)."""
+        need = self._need(slots, num_tokens)
+        if int(need.sum()) > self.pool.num_free:
+            return False
         self._grow(self._rows(slots), need.reshape(-1))
+        return True
 
     def resize(
         self, layer: int | None, slots: torch.Tensor, high: torch.Tensor, low: torch.Tensor
@@ -350,6 +358,10 @@ class KVStore:
         """``table`` ([slots, layers, heads, ...]) at one layer, or with every layer's heads as
         one axis (a view: writes go through)."""
         return table.flatten(1, 2) if layer is None else table[:, layer]
+
+    def _need(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Pages each (slot, layer, head, row) lacks to hold ``num_tokens``: ``[B, L, H, 3]``."""
+        return (self._want(slots, num_tokens) - self.held[slots]).clamp(min=0)
 
     def _want(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """Pages each (slot, layer, head, row) should hold before a step: ``[B, L, H, 3]``."""

@@ -53,6 +53,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "simd.h"
 #include "store_tables.h"
 
 #include <algorithm>
@@ -79,14 +80,15 @@ constexpr int64_t kBlock = 64;
 // compiler into narrower registers elsewhere. Codes are unpacked 16 bytes at a time.
 constexpr int64_t kLanes = 16;
 
-// GCC/Clang vector extensions: explicit SIMD without intrinsics, so one source serves every
-// instruction set the compiler targets.
-typedef float f32x16 __attribute__((vector_size(64)));
+// GCC/Clang vector extensions (simd.h), and the narrower vectors codes are unpacked from.
+using tierkv_simd::broadcast;
+using tierkv_simd::exp_nonpositive;
+using tierkv_simd::f32x16;
+using tierkv_simd::i32x16;
+using tierkv_simd::u16x16;
+using tierkv_simd::u32x16;
 typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 // One per-token field of a page: where it starts in the page and how many bytes a token takes.
 struct Field {
@@ -157,35 +159,6 @@ struct Item {
 inline const uint8_t* page_base(const Shared& sh, int64_t page) {
   TORCH_CHECK(page >= 0 && page < sh.num_pages, "page id ", page, " outside the arena");
   return sh.arena + page * sh.page_bytes;
-}
-
-// x in every lane: x - 0 is x for every x, so this is a splat, where f32x16{} + x is a scalar
-// add of 0 first (-0 + 0 is +0).
-inline f32x16 broadcast(float x) {
-  return x - f32x16{};
-}
-
-// exp(x) for x <= 0 on 16 lanes, in plain arithmetic: x = n ln2 + r with |r| <= ln2 / 2 (n
-// rounded to nearest by adding and subtracting 1.5 * 2^23), exp(r) by its Taylor series to
-// degree 7 (relative error below 1e-8), and 2^n built in the exponent bits. Inputs below -87
-// (masked tokens' -inf among them) give 0.
-inline f32x16 exp_nonpositive(f32x16 x) {
-  const f32x16 c = x < -87.0f ? broadcast(-87.0f) : x;
-  const f32x16 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  f32x16 r = c - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  f32x16 p = broadcast(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-  f32x16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.0f ? f32x16{} : p * two_n;
 }
 
 // The same for one value (a block's rescaling factor, a probability), from lane 0.
@@ -337,12 +310,7 @@ inline f32x16 load_chunk(const uint8_t* row, int64_t dim, int64_t c) {
       std::memcpy(&out, row + 4 * d, sizeof out);
       return out;
     } else if constexpr (T == RowType::kBFloat16) {
-      // A bfloat16 is the top half of a float32.
-      u16x16 h;
-      std::memcpy(&h, row + 2 * d, sizeof h);
-      const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-      std::memcpy(&out, &w, sizeof w);
-      return out;
+      return tierkv_simd::load_bf16(reinterpret_cast<const uint16_t*>(row + 2 * d));
     } else {
 #if defined(__AVX512F__)
       const __m512 f =
