@@ -21,8 +21,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 # Throughput panels: (JSON file, title); each bar is a row's output tokens/s over the first row's.
 THROUGHPUT = (
     ("bench_throughput_longctx.json", "32 x 1536 in / 256 out, 24 MiB KV"),
+    ("bench_throughput_longctx_stdlib.json", "the same on text (--dataset-name stdlib)"),
     ("bench_throughput_reasoning.json", "32 x 128 in / 1024 out, 16 MiB KV"),
-    ("bench_throughput_hf.json", "16 x 512 in / 64 out (vs transformers)"),
+    ("bench_throughput_hf_longctx.json", "32 x 1536 in / 256 out (vs transformers)"),
 )
 # Decode panels: (JSON file, title).
 DECODE = (
