@@ -127,8 +127,9 @@ def residual_prefill(
     queries over them. The uncompressed entries are a band of ``R`` per query
     (``_residual_band``). The three parts are merged by log-sum-exp. The native ``flash``
     kernel, where it serves, attends the quantized keys in one call (query ``i`` sees those up
-    to position ``context + i - R``), and then also under a ``sliding`` window wider than
-    ``R`` (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
+    to position ``context + i - R``) and the uncompressed entries in another (a band of ``R``
+    over them in position order), and then also under a ``sliding`` window wider than ``R``
+    (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
     """
     n = queries.shape[2]
     group = queries.shape[1] // keys.shape[1]
@@ -139,7 +140,14 @@ def residual_prefill(
         out, lse = flash(
             queries, keys[:, :, :stop], values[:, :, :stop], context - recent, quantized
         )
-        band_out, band_lse = _residual_band(queries, residual, context, recent)
+        # The live entries sorted by position are consecutive positions from ``first`` on
+        # (empty ones, at -1, sort first): query i sees those within R of its position.
+        order = residual.pos[0].argsort()
+        empty = int((residual.pos[0] < 0).sum())
+        live = order[empty:]
+        first = int(residual.pos[0, live[0]])
+        band_keys, band_values = residual.keys[:, :, live], residual.values[:, :, live]
+        band_out, band_lse = flash(queries, band_keys, band_values, context - first, recent)
         return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
     if sliding is not None:
         raise ValueError("a sliding window in residual_prefill needs the native flash kernel")
