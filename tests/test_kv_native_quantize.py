@@ -1,4 +1,5 @@
-"""The native quantizing write (``native.store_tokens``) writes the bytes the torch path does."""
+"""The native write (``native.store_tokens``: quantizing, or copying uncompressed rows, residual
+rings included) stores the bytes the torch path does."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tierkv.kv import native
+from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import FORMATS, KVFormat, default_page_bytes
+from tierkv.kv.quant import FORMATS, FULL, KVFormat, default_page_bytes
 from tierkv.kv.store import KVStore
 
 pytestmark = pytest.mark.skipif(
@@ -21,7 +23,7 @@ QUANTIZED = [f for f in FORMATS.values() if f.quantized]
 
 
 def _arena_after(
-    fmt: KVFormat, k: torch.Tensor, v: torch.Tensor, start: int, writer: bool
+    fmt: KVFormat | KVPolicy, k: torch.Tensor, v: torch.Tensor, start: int, writer: bool
 ) -> torch.Tensor:
     """The arena after writing ``k``/``v`` [N, H, D] at positions ``start..`` of one slot,
     through the native writer or the torch path."""
@@ -59,7 +61,7 @@ def _values(draw: st.DrawFn, shape: tuple[int, ...]) -> torch.Tensor:
 
 @st.composite
 def _case(draw: st.DrawFn) -> tuple[KVFormat, torch.Tensor, torch.Tensor, int]:
-    fmt = draw(st.sampled_from(QUANTIZED))
+    fmt = draw(st.sampled_from([*QUANTIZED, FULL]))
     head_dim = draw(st.sampled_from([32, 64, 128]))
     group = draw(st.sampled_from([32, 64, 128]))
     n = draw(st.integers(1, 40))
@@ -84,6 +86,20 @@ def test_the_native_write_stores_the_same_bytes(
     want = _arena_after(fmt, k, v, start, writer=False)
     got = _arena_after(fmt, k, v, start, writer=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("spec", ["k8v4:r=8", "k4v2-g32:r=20"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("start", "n"), [(0, 1), (0, 30), (13, 1), (13, 25)])
+def test_ring_writes_store_the_same_bytes(
+    spec: str, dtype: torch.dtype, start: int, n: int
+) -> None:
+    """A slot with a residual window also copies its newest tokens into its ring."""
+    gen = torch.Generator().manual_seed(start * 100 + n)
+    k, v = torch.randn(2, n, HEADS, 64, generator=gen).to(dtype)
+    policy = KVPolicy.parse(spec)
+    want = _arena_after(policy, k, v, start, writer=False)
+    assert torch.equal(_arena_after(policy, k, v, start, writer=True), want)
 
 
 def test_the_native_write_refuses_pages_outside_the_arena() -> None:

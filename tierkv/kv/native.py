@@ -284,6 +284,13 @@ def _write_fields(layout: PageLayout) -> tuple[list[int], list[int]]:
     return [offsets[n] for n in _WRITE_FIELDS], [strides[n] for n in _WRITE_FIELDS]
 
 
+@functools.cache
+def _row_fields(layout: PageLayout) -> tuple[int, int, int]:
+    """Byte offsets of the key and value rows of uncompressed pages, and a row's bytes."""
+    offsets = layout.offsets()
+    return offsets["k"], offsets["v"], layout.fields[0].token_bytes
+
+
 def store_tokens(
     store: KVStore,
     f: int,
@@ -296,10 +303,18 @@ def store_tokens(
     """Quantize ``k``/``v`` [N, H, D] to the store's format index ``f`` and write every field
     (codes, scales, zeros, a zero score, ``positions`` [N]) of token ``n``, head ``h`` at row
     ``rows[n, h]`` of page ``pages[n, h]``: the bytes ``KVFormat.encode`` and one indexed store
-    per field would write (``csrc/quantize_store.cpp``), in one call."""
+    per field would write (``csrc/quantize_store.cpp``), in one call. The uncompressed format
+    (keys and values in the store's dtype, no positions) is a copy of the rows."""
     if not available():
         raise RuntimeError(unavailable_reason())
     fmt = store.formats[f]
+    if not fmt.quantized:
+        k_offset, v_offset, row_bytes = _row_fields(store.layouts[f])
+        dtype = store.dtype
+        torch.ops.tierkv.store_rows(
+            k.to(dtype), v.to(dtype), store.pool.arena, pages, rows, k_offset, v_offset, row_bytes
+        )
+        return
     offsets, strides = _write_fields(store.layouts[f])
     torch.ops.tierkv.quantize_store(
         k,

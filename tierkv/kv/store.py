@@ -167,8 +167,9 @@ class KVStore:
         self.tiers = SlotTiers(max_seqs)
         self.num_tiered = 0
         self.num_residual = 0
-        # Quantizes and writes new tokens in one call when set (``native.store_tokens``, set by
-        # the fast attention backend); else ``KVFormat.encode`` and one store per field.
+        # Encodes (quantizes, or copies uncompressed rows) and writes new tokens in one call
+        # when set (``native.store_tokens``, set by the fast attention backend); else
+        # ``KVFormat.encode`` and one store per field.
         self.token_writer: Callable[..., None] | None = None
         # Where the current step's tokens go (see ``_write_plan``), and a counter of the
         # changes to the tables and counts other than writes, which invalidate it.
@@ -434,9 +435,9 @@ class KVStore:
             # Only a slot's newest ``ring`` tokens of the call are written: older ones would be
             # overwritten within the same scatter, whose order is undefined.
             keep = plan.ring_keep
-            encoded = FULL.encode(k[keep], v[keep], dtype=self.dtype)
-            for name, value in encoded.items():
-                self._views[0][name][plan.ring_pages[:, layer], plan.ring_offset] = value
+            pages = plan.ring_pages[:, layer]
+            offset = plan.ring_offset.expand_as(pages)
+            self._encode_into(0, pages, offset, k[keep], v[keep], index[keep])
         self.seen[:, layer] += plan.added
         self.count[:, layer, :, HIGH] += plan.added[:, None]
 
@@ -688,9 +689,9 @@ class KVStore:
         [N] (0 when None): by the native writer when it serves the format (the same bytes),
         else by ``KVFormat.encode``."""
         views = self._views[f]
-        if self.token_writer is not None and self.formats[f].quantized:
+        if self.token_writer is not None:
             self.token_writer(self, f, pages, offset, k, v, positions)
-            if scores is not None:
+            if scores is not None and self.formats[f].quantized:
                 views["score"][pages, offset] = scores[:, None, None].to(torch.float32)
             return
         encoded = self.formats[f].encode(k, v, positions=positions, scores=scores, dtype=self.dtype)

@@ -169,6 +169,48 @@ void quantize_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   });
 }
 
+// The uncompressed (FULL-format) write: the row of token n, head h of `k` and `v` [N, H, D]
+// (stored dtype, channels contiguous) copied to row rows[n, h] of page pages[n, h], at byte
+// `k_offset` / `v_offset` of the page plus the row times `row_bytes`. Two indexed stores per
+// layer in torch cost more than the copy at decode sizes.
+void store_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor arena,
+                const at::Tensor& pages, const at::Tensor& rows, int64_t k_offset,
+                int64_t v_offset, int64_t row_bytes) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
+              "k and v must be [N, H, D] alike");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "channels must be contiguous");
+  TORCH_CHECK(arena.dim() == 2 && arena.scalar_type() == at::kByte && arena.is_contiguous(),
+              "arena must be a contiguous uint8 [pages, page_bytes] tensor");
+  const int64_t n = k.size(0), heads = k.size(1);
+  TORCH_CHECK(pages.sizes() == at::IntArrayRef({n, heads}) && rows.sizes() == pages.sizes(),
+              "pages and rows must be [N, H]");
+  const int64_t bytes = k.size(2) * k.element_size();
+  TORCH_CHECK(bytes == row_bytes, "a row of ", k.size(2), " ", k.scalar_type(), " is ", bytes,
+              " bytes, the page's rows ", row_bytes);
+  const int64_t page_bytes = arena.size(1), num_pages = arena.size(0);
+  const at::Tensor page_ids = pages.to(at::kLong).contiguous();
+  const at::Tensor row_ids = rows.to(at::kLong).contiguous();
+  const int64_t* page_p = page_ids.data_ptr<int64_t>();
+  const int64_t* row_p = row_ids.data_ptr<int64_t>();
+  const auto* k_p = static_cast<const uint8_t*>(k.data_ptr());
+  const auto* v_p = static_cast<const uint8_t*>(v.data_ptr());
+  const int64_t elem = k.element_size();
+  uint8_t* base = arena.data_ptr<uint8_t>();
+  at::parallel_for(0, n * heads, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t page = page_p[item], row = row_p[item];
+      TORCH_CHECK(page >= 0 && page < num_pages, "page id ", page, " outside the arena");
+      const int64_t k_at = k_offset + row * row_bytes, v_at = v_offset + row * row_bytes;
+      TORCH_CHECK(row >= 0 && std::max(k_at, v_at) + row_bytes <= page_bytes, "row ", row,
+                  " outside the page");
+      const int64_t t = item / heads, h = item % heads;
+      uint8_t* pg = base + page * page_bytes;
+      std::memcpy(pg + k_at, k_p + (t * k.stride(0) + h * k.stride(1)) * elem, bytes);
+      std::memcpy(pg + v_at, v_p + (t * v.stride(0) + h * v.stride(1)) * elem, bytes);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tierkv, m) {
@@ -176,8 +218,12 @@ TORCH_LIBRARY(tierkv, m) {
       "quantize_store(Tensor k, Tensor v, Tensor positions, Tensor(a!) arena, Tensor pages, "
       "Tensor slots, int key_bits, int value_bits, int group_size, int[] offsets, "
       "int[] strides) -> ()");
+  m.def(
+      "store_rows(Tensor k, Tensor v, Tensor(a!) arena, Tensor pages, Tensor rows, "
+      "int k_offset, int v_offset, int row_bytes) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
   m.impl("quantize_store", &quantize_store);
+  m.impl("store_rows", &store_rows);
 }
