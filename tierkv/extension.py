@@ -1,8 +1,10 @@
 """The package's C++ extension: every kernel under a ``csrc`` folder, one build, made on first use.
 
-The sources are the KV kernels (``tierkv/kv/csrc``: paged decode attention, the quantizing
-write, the score update; see ``tierkv.kv.native``) and the model's (``tierkv/model/csrc``: the
-small-batch linear layer, see ``tierkv.model.layers``). They are compiled together with
+The sources are the KV kernels (``tierkv/kv/csrc``: paged decode attention with the score
+update, the quantizing and uncompressed writes, compaction, see ``tierkv.kv.native``; bf16
+flash attention for prefill, see ``tierkv.kv.partial``) and the model's (``tierkv/model/csrc``:
+the small-batch linear layer and the one-pass RMSNorm, SiLU product and rotary embedding, see
+``tierkv.model.layers``), with the headers they share. They are compiled together with
 ``torch.utils.cpp_extension.load`` the first time one is needed (``-O3 -march=native``, or
 without ``-march=native`` when the compiler refuses it) into ``$XDG_CACHE_HOME/tierkv/ext/<hash>``
 (``~/.cache`` by default), the hash covering the sources, the flags, torch's version and the
