@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from tierkv import extension
-from tierkv.model.layers import GatedMLP, RMSNorm, apply_rotary, native_elementwise
+from tierkv.model.layers import GatedMLP, RMSNorm, apply_rotary, native_dtype
 
 pytestmark = pytest.mark.skipif(
     not extension.available(), reason=f"no native kernels: {extension.unavailable_reason()}"
@@ -110,8 +110,8 @@ def test_rotary_matches_transformers(
 
 
 def test_float16_keeps_torch_ops() -> None:
-    assert native_elementwise(torch.bfloat16) and native_elementwise(torch.float32)
-    assert not native_elementwise(torch.float16)
+    assert native_dtype(torch.bfloat16) and native_dtype(torch.float32)
+    assert not native_dtype(torch.float16)
     norm = RMSNorm(8, 1e-6, torch.float16)
     x = torch.randn(3, 8).half()
     x32 = x.float()

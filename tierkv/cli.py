@@ -6,12 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tierkv.bench import DATASETS
 from tierkv.config import DTYPES, EngineConfig
 from tierkv.eval.cli import add_eval_parser
 from tierkv.kv.attention import BACKENDS
 from tierkv.server.cli import add_serve_parser
+
+if TYPE_CHECKING:  # imported where used: it pulls in transformers
+    from tierkv.bench.throughput import Workload
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 
@@ -316,6 +320,22 @@ def _run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workload(args: argparse.Namespace, **engine: str) -> Workload:
+    """The benchmark workload the ``bench`` flags describe (``engine``: the engine's dtype and
+    attention backend, for the benchmarks that run it)."""
+    from tierkv.bench.throughput import Workload
+
+    return Workload(
+        args.model,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.seed,
+        dataset=args.dataset_name,
+        **engine,
+    )
+
+
 def _run_serve_bench(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import asdict
@@ -323,7 +343,6 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
     import httpx
 
     from tierkv.bench.serve import format_report, run_load, summarize
-    from tierkv.bench.throughput import Workload
 
     name = args.served_model_name
     if name is None:
@@ -331,15 +350,7 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
         models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
         models.raise_for_status()
         name = models.json()["data"][0]["id"]
-    work = Workload(
-        args.model,
-        args.num_prompts,
-        args.input_len,
-        args.output_len,
-        args.seed,
-        dataset=args.dataset_name,
-    )
-    prompts = work.prompts()
+    prompts = _workload(args).prompts()
     records, duration = asyncio.run(
         run_load(
             args.base_url,
@@ -361,24 +372,9 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
-    from tierkv.bench.throughput import (
-        Workload,
-        format_table,
-        hf_caches,
-        run_throughput,
-        write_json,
-    )
+    from tierkv.bench.throughput import format_table, hf_caches, run_throughput, write_json
 
-    work = Workload(
-        args.model,
-        args.num_prompts,
-        args.input_len,
-        args.output_len,
-        args.seed,
-        args.dtype,
-        args.attention_backend,
-        args.dataset_name,
-    )
+    work = _workload(args, dtype=args.dtype, attention_backend=args.attention_backend)
     caches, skipped = hf_caches(args.compare_hf)
     if skipped:
         print(skipped, file=sys.stderr)

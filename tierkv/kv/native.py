@@ -288,7 +288,8 @@ def _write_fields(layout: PageLayout) -> tuple[list[int], list[int]]:
 def _row_fields(layout: PageLayout) -> tuple[int, int, int]:
     """Byte offsets of the key and value rows of uncompressed pages, and a row's bytes."""
     offsets = layout.offsets()
-    return offsets["k"], offsets["v"], layout.fields[0].token_bytes
+    row_bytes = {field.name: field.token_bytes for field in layout.fields}["k"]
+    return offsets["k"], offsets["v"], row_bytes
 
 
 def store_tokens(

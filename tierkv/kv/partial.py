@@ -132,7 +132,6 @@ def residual_prefill(
     (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
     """
     n = queries.shape[2]
-    group = queries.shape[1] // keys.shape[1]
     recent = int(residual.window[0])
     if flash_serves(queries):
         stop = max(0, context + n - recent)
@@ -151,6 +150,7 @@ def residual_prefill(
         return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
     if sliding is not None:
         raise ValueError("a sliding window in residual_prefill needs the native flash kernel")
+    group = queries.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     sdpa_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out = torch.zeros(queries.shape, dtype=torch.float32)

@@ -18,6 +18,15 @@ NATIVE_LINEAR_ROWS = 4
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def native_dtype(dtype: torch.dtype) -> bool:
+    """Whether this module's native kernels serve ``dtype``: float32 and bfloat16 with the
+    extension built. They are the small-batch linear layer (``linear``) and the one-pass
+    RMSNorm, SiLU product and rotary embedding (``csrc/fused_elementwise.cpp``), which give
+    torch's values (bf16 rounding where torch rounds) at a fraction of the passes and
+    dispatches."""
+    return dtype in _NATIVE_DTYPES and extension.available()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` [N, in]: by the native small-batch kernel when N is at
     most ``NATIVE_LINEAR_ROWS``, the dtype float32 or bfloat16 and the extension built (a
@@ -25,20 +34,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (
         x.dim() == 2
         and 0 < x.shape[0] <= NATIVE_LINEAR_ROWS
-        and x.dtype in _NATIVE_DTYPES
         and x.dtype == weight.dtype
-        and extension.available()
+        and native_dtype(x.dtype)
     ):
         return torch.ops.tierkv.small_batch_linear(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-def native_elementwise(dtype: torch.dtype) -> bool:
-    """Whether RMSNorm, the gated MLP's SiLU product and the rotary embedding run as the
-    native one-pass ops (``csrc/fused_elementwise.cpp``): float32 and bfloat16 with the
-    extension built. They give torch's values (bf16 rounding where torch rounds) at a
-    fraction of the passes and dispatches."""
-    return dtype in _NATIVE_DTYPES and extension.available()
 
 
 class Linear(nn.Linear):
@@ -57,7 +57,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native_elementwise(x.dtype):
+        if native_dtype(x.dtype):
             return torch.ops.tierkv.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,7 +89,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if native_elementwise(x.dtype):
+        if native_dtype(x.dtype):
             return self.down_proj(torch.ops.tierkv.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -159,7 +159,7 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` [N, Hq, D] and ``k`` [N, Hkv, D] by the ``(cos, sin)`` of their tokens."""
     cos, sin = rope
-    if native_elementwise(q.dtype):
+    if native_dtype(q.dtype):
         return torch.ops.tierkv.rotary(q, k, cos, sin)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 

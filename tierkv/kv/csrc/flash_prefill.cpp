@@ -26,6 +26,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -42,11 +44,12 @@ namespace {
 
 #ifdef __AVX512BF16__
 
+using tierkv_simd::exp_nonpositive;
+using tierkv_simd::load;
+
 constexpr int64_t kTile = 64;   // queries per work item
 constexpr int64_t kBlock = 64;  // keys per softmax block
 constexpr int64_t kRows = 4;    // query rows per microkernel step
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 inline uint32_t word(const at::BFloat16* p) {
   uint32_t w;
@@ -54,29 +57,12 @@ inline uint32_t word(const at::BFloat16* p) {
   return w;
 }
 
-// 2^x for x <= 0 (larger lanes are masked out by the callers): 2^round(x) times a degree-6
-// Taylor polynomial of 2^f, |f| <= 1/2, relative error about 1e-7.
-inline __m512 exp2_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Keys of one KV head as [block][channel pair][64 keys] words, values as [key pair][channel]
-// words (the two keys' bf16 in the low and high half); zero past the last key.
+// words (the two keys' bf16 in the low and high half), into zeroed buffers (zero past the last
+// key).
 void pack_head(const at::BFloat16* k, const at::BFloat16* v, int64_t key_stride,
                int64_t value_stride, int64_t keys, int64_t dim, uint32_t* kp, uint32_t* vp) {
-  const int64_t pairs = dim / 2, blocks = (keys + kBlock - 1) / kBlock;
-  std::memset(kp, 0, sizeof(uint32_t) * blocks * pairs * kBlock);
-  std::memset(vp, 0, sizeof(uint32_t) * blocks * kBlock / 2 * dim);
+  const int64_t pairs = dim / 2;
   for (int64_t j = 0; j < keys; ++j) {
     uint32_t* block = kp + (j / kBlock) * pairs * kBlock + j % kBlock;
     for (int64_t p = 0; p < pairs; ++p) block[p * kBlock] = word(k + j * key_stride + 2 * p);
@@ -161,8 +147,7 @@ void tile(const at::Tensor& q, int64_t h, int64_t i0, int64_t rows, const uint32
     for (int64_t p = 0; p < pairs; ++p) qw[r * pairs + p] = word(src + 2 * p);
   }
   const int64_t lo = band.first(i0), hi = band.last(i0 + rows - 1, keys);
-  // Logits in log2 units, so that the softmax's exponentials are powers of two.
-  const __m512 scale2 = _mm512_set1_ps(scale * kLog2e);
+  const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t b0 = lo / kBlock * kBlock; b0 <= hi; b0 += kBlock) {
@@ -185,7 +170,7 @@ void tile(const at::Tensor& q, int64_t h, int64_t i0, int64_t rows, const uint32
         __mmask16 seen[4];
         __m512 block_max = neg_inf;
         for (int c = 0; c < 4; ++c) {
-          s[c] = _mm512_mul_ps(_mm512_loadu_ps(row + c * 16), scale2);
+          s[c] = _mm512_mul_ps(_mm512_loadu_ps(row + c * 16), scale_v);
           seen[c] = 0xFFFF;
           if (!whole) {
             const __m512 j = _mm512_add_ps(iota, _mm512_set1_ps(static_cast<float>(c * 16)));
@@ -201,12 +186,14 @@ void tile(const at::Tensor& q, int64_t h, int64_t i0, int64_t rows, const uint32
         const __m512 m = _mm512_set1_ps(new_max);
         __m512 total = _mm512_setzero_ps();
         for (int c = 0; c < 4; ++c) {
-          const __m512 p = _mm512_maskz_mov_ps(seen[c], exp2_neg(_mm512_sub_ps(s[c], m)));
+          // Unseen lanes may exceed the maximum; the mask drops their exponentials.
+          const __m512 e = exp_nonpositive(_mm512_sub_ps(s[c], m));
+          const __m512 p = _mm512_maskz_mov_ps(seen[c], e);
           total = _mm512_add_ps(total, p);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + c * 16),
                               (__m256i)_mm512_cvtneps_pbh(p));
         }
-        const float alpha = std::exp2(old_max - new_max);  // 0 while nothing was seen
+        const float alpha = std::exp(old_max - new_max);  // 0 while nothing was seen
         row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(total);
         row_max[r] = new_max;
         if (alpha != 1.0f) {
@@ -222,9 +209,10 @@ void tile(const at::Tensor& q, int64_t h, int64_t i0, int64_t rows, const uint32
   for (int64_t r = 0; r < rows; ++r) {
     at::BFloat16* dst = out + ((i0 + r) * heads + h) * dim;
     const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
-    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<at::BFloat16>(acc[r * dim + d] * inv);
+    for (int64_t d = 0; d < dim; d += 16)
+      tierkv_simd::store(dst + d, load(&acc[r * dim + d]) * inv);
     lse[h * q.size(1) + i0 + r] = row_sum[r] > 0.0f
-                                      ? (row_max[r] + std::log2(row_sum[r])) * kLn2
+                                      ? row_max[r] + std::log(row_sum[r])
                                       : -std::numeric_limits<float>::infinity();
   }
 }

@@ -84,10 +84,11 @@ constexpr int64_t kLanes = 16;
 using tierkv_simd::broadcast;
 using tierkv_simd::exp_nonpositive;
 using tierkv_simd::f32x16;
+using tierkv_simd::hsum;
 using tierkv_simd::i32x16;
+using tierkv_simd::load;
 using tierkv_simd::u16x16;
 using tierkv_simd::u32x16;
-typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 
 // One per-token field of a page: where it starts in the page and how many bytes a token takes.
@@ -164,24 +165,6 @@ inline const uint8_t* page_base(const Shared& sh, int64_t page) {
 // The same for one value (a block's rescaling factor, a probability), from lane 0.
 inline float exp_nonpositive(float x) {
   return exp_nonpositive(broadcast(x))[0];
-}
-
-inline f32x16 load(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum(f32x16 v) {
-  f32x8 lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  lo += hi;
-  float sum = 0.0f;
-  for (int l = 0; l < 8; ++l) {
-    sum += lo[l];
-  }
-  return sum;
 }
 
 // 16 bytes of codes as 16 integer lanes.

@@ -1,9 +1,11 @@
 // 16-lane float arithmetic shared by the native kernels: GCC/Clang vector extensions (explicit
 // SIMD without intrinsics, so one source serves every instruction set the compiler targets:
 // one AVX-512 register with -march=native, split by the compiler on narrower machines), an
-// exponential for non-positive inputs, and bfloat16 loads and stores.
+// exponential for non-positive inputs, float loads, a lane sum, and bfloat16 loads and stores.
 
 #pragma once
+
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <cstring>
@@ -44,6 +46,24 @@ inline f32x16 exp_nonpositive(f32x16 x) {
   return x < -87.0f ? f32x16{} : p * two_n;
 }
 
+inline f32x16 load(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The sum of the 16 lanes (halves added first, then the 8 lanes in order).
+inline float hsum(f32x16 v) {
+  typedef float f32x8 __attribute__((vector_size(32)));
+  f32x8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  lo += hi;
+  float sum = 0.0f;
+  for (int l = 0; l < 8; ++l) sum += lo[l];
+  return sum;
+}
+
 // 16 bfloat16 values widened to float (a bfloat16 is the top half of a float32).
 inline f32x16 load_bf16(const uint16_t* p) {
   u16x16 h;
@@ -75,6 +95,17 @@ inline f32x16 round_bf16(f32x16 v) {
 inline void store_bf16(uint16_t* p, f32x16 v) {
   const u16x16 h = __builtin_convertvector(bf16_bits(v) >> 16, u16x16);
   std::memcpy(p, &h, sizeof h);
+}
+
+// The same loads and stores by element type, for kernels templated on it.
+inline f32x16 load(const c10::BFloat16* p) {
+  return load_bf16(reinterpret_cast<const uint16_t*>(p));
+}
+inline void store(float* p, f32x16 v) {
+  std::memcpy(p, &v, sizeof v);
+}
+inline void store(c10::BFloat16* p, f32x16 v) {
+  store_bf16(reinterpret_cast<uint16_t*>(p), v);
 }
 
 }  // namespace tierkv_simd

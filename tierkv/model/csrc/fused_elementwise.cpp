@@ -33,24 +33,13 @@ namespace {
 using tierkv_simd::broadcast;
 using tierkv_simd::exp_nonpositive;
 using tierkv_simd::f32x16;
+using tierkv_simd::hsum;
+using tierkv_simd::load;
+using tierkv_simd::store;
 
 constexpr int64_t kLanes = 16;
 
-// Loads and stores of 16 values of T as floats, and the rounding a store applies.
-inline f32x16 load(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline f32x16 load(const at::BFloat16* p) {
-  return tierkv_simd::load_bf16(reinterpret_cast<const uint16_t*>(p));
-}
-inline void store(float* p, f32x16 v) {
-  std::memcpy(p, &v, sizeof v);
-}
-inline void store(at::BFloat16* p, f32x16 v) {
-  tierkv_simd::store_bf16(reinterpret_cast<uint16_t*>(p), v);
-}
+// The rounding a store of T applies, keeping the values as floats.
 template <typename T>
 inline f32x16 round_to(f32x16 v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -81,12 +70,6 @@ inline void vectors(int64_t n, const T* const* in, int inputs, T* out, Body body
     store(result, body(x));
     std::memcpy(out + i, result, sizeof(T) * (n - i));
   }
-}
-
-inline float hsum(f32x16 v) {
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
 }
 
 // Rows at least this many elements per task: below, the threads' start costs more.

@@ -16,6 +16,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "../../kv/csrc/simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -35,31 +37,9 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// bfloat16 is the high half of a float32: widening is a shift.
-inline f32x16 load16(const at::BFloat16* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
-inline float hsum(f32x16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
+using tierkv_simd::f32x16;
+using tierkv_simd::hsum;
+using tierkv_simd::load;
 
 // Dot products of weight rows [row0, row0 + R) with the N input rows `x` (float32, [N, in]),
 // written as float32 to acc[r * N + n].
@@ -69,9 +49,9 @@ void dot_rows(const float* x, int64_t in, const W* w, int64_t row0, float* acc) 
   const int64_t full = in / 16 * 16;
   for (int64_t i = 0; i < full; i += 16) {
     f32x16 xv[N];
-    for (int n = 0; n < N; ++n) xv[n] = load16(x + n * in + i);
+    for (int n = 0; n < N; ++n) xv[n] = load(x + n * in + i);
     for (int r = 0; r < R; ++r) {
-      const f32x16 wv = load16(w + (row0 + r) * in + i);
+      const f32x16 wv = load(w + (row0 + r) * in + i);
       for (int n = 0; n < N; ++n) sums[r][n] += wv * xv[n];
     }
   }
