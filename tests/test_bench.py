@@ -41,6 +41,14 @@ def test_bench_throughput_rows_for_policies_and_hf_caches(
     # max_num_seqs caps the engine's batch; HF runs its batches of 3.
     assert [r["max_running"] for r in rows] == [4, 4, 3, 3, 3]
     assert rows[0]["preemptions"] == rows[1]["preemptions"] == 0
+    # Our rows split their time into prompt and decode steps; 6 requests decode at most 4
+    # tokens each after the step that samples their first, at most 4 at a time.
+    for r in rows[:2]:
+        assert r["prefill_s"] > 0 and r["decode_s"] > 0
+        assert r["prefill_s"] + r["decode_s"] <= r["elapsed_s"]
+        assert round(r["decode_steps"] * r["mean_decode_batch"]) <= 6 * 4
+        assert 1 <= r["mean_decode_batch"] <= 4
+    assert all(r["decode_s"] is None for r in rows[2:])
     assert "hf-quanto-2" in run.stdout
 
 

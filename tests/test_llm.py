@@ -117,3 +117,22 @@ def test_forced_output_that_does_not_fit_is_refused(llm: LLM) -> None:
     with pytest.raises(ValueError, match="forced_output is empty"):
         llm.engine.add_request([1, 2, 3], forced_output=[])
     assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("budget", [2048, 8])
+def test_step_times_split_prompt_steps_from_decode_steps(
+    checkpoints: dict[str, Path], budget: int
+) -> None:
+    llm = LLM(str(checkpoints["llama"]), dtype="float32", max_num_batched_tokens=budget)
+    before = llm.engine.step_times.snapshot()
+    llm.generate([[5] * 20, [7] * 12], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    steps = llm.engine.step_times.since(before)
+    if budget == 2048:
+        # One step computes both prompts and samples their first tokens; three decode both.
+        assert (steps.prefill_steps, steps.decode_steps, steps.decode_rows) == (1, 3, 6)
+    else:
+        # 8-token chunks, running requests first: A 8, A 8, A 4 + B 4 (A's first token),
+        # A's decode + B 7, A's decode + B 1 (B's first token) all compute prompt tokens;
+        # then A + B, B, B decode.
+        assert (steps.prefill_steps, steps.decode_steps, steps.decode_rows) == (5, 3, 4)
+    assert steps.prefill_s > 0 and steps.decode_s > 0

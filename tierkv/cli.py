@@ -211,7 +211,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "--kv-policy and, with --compare-hf, through transformers' generate on the same "
             "model and prompts, with its dynamic cache (hf-dynamic) and its QuantizedCache at 4 "
             "and 2 bits (hf-quanto-4, hf-quanto-2; needs optimum-quanto). Each row runs in its "
-            "own process."
+            "own process and reports output tokens/s, the most requests running at once, "
+            "preemptions, peak RSS and, for the engine, the seconds spent in steps that compute "
+            "prompt tokens and in decode-only steps, with those steps' mean batch."
         ),
     )
     add_comparison_args(p)

@@ -78,6 +78,12 @@ class ThroughputResult:
     max_running: int
     preemptions: int
     peak_rss_mb: float
+    # Where our engine's time went (``Engine.step_times``; None for transformers' rows):
+    # steps computing prompt tokens, decode-only steps, and the mean batch of the latter.
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    decode_steps: int | None = None
+    mean_decode_batch: float | None = None
 
 
 def run_engine(
@@ -99,9 +105,11 @@ def run_engine(
     prompts = work.prompts()
     params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    before = llm.engine.step_times.snapshot()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    steps = llm.engine.step_times.since(before)
     generated = sum(len(o.token_ids) for o in outputs)
     stats = llm.kv_stats()
     return ThroughputResult(
@@ -112,6 +120,10 @@ def run_engine(
         max_running=stats["max_running"],
         preemptions=stats["preemptions"],
         peak_rss_mb=_peak_rss_mb(),
+        prefill_s=steps.prefill_s,
+        decode_s=steps.decode_s,
+        decode_steps=steps.decode_steps,
+        mean_decode_batch=steps.decode_rows / steps.decode_steps if steps.decode_steps else 0.0,
     )
 
 
@@ -195,13 +207,19 @@ def format_table(results: list[ThroughputResult]) -> str:
     """A plain-text table of the rows, with each row's speed relative to the first."""
     head = (
         f"{'policy':<14}{'out tok/s':>11}{'vs first':>9}{'max run':>9}{'preempt':>9}{'rss MB':>9}"
+        f"{'prefill s':>11}{'decode s':>10}{'dec batch':>11}"
     )
     lines = [head, "-" * len(head)]
     base = results[0].output_tokens_per_s if results else 1.0
     for r in results:
+        steps = (
+            f"{r.prefill_s:>11.2f}{r.decode_s:>10.2f}{r.mean_decode_batch:>11.1f}"
+            if r.decode_s is not None
+            else f"{'-':>11}{'-':>10}{'-':>11}"
+        )
         lines.append(
             f"{r.policy:<14}{r.output_tokens_per_s:>11.1f}{r.output_tokens_per_s / base:>8.2f}x"
-            f"{r.max_running:>9}{r.preemptions:>9}{r.peak_rss_mb:>9.0f}"
+            f"{r.max_running:>9}{r.preemptions:>9}{r.peak_rss_mb:>9.0f}{steps}"
         )
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from tierkv.config import EngineConfig
 from tierkv.engine.request import CompletionOutput, Request, RequestOutput
 from tierkv.engine.runner import ModelRunner
-from tierkv.engine.scheduler import Scheduler
+from tierkv.engine.scheduler import Scheduler, SchedulerOutput
 from tierkv.kv.attention import PagedAttention
 from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PagePool
@@ -32,6 +33,37 @@ def resolve_dtype(name: str) -> torch.dtype:
     faster in bfloat16 than in float32 (see BENCHMARKS.md), and it halves weight memory.
     """
     return torch.bfloat16 if name == "auto" else _DTYPES[name]
+
+
+@dataclass
+class StepTimes:
+    """Wall time spent in ``Engine.step``, by kind of step: steps that compute prompt tokens
+    (prefill chunks and recomputation after a preemption, with any decodes batched beside
+    them) and steps of decodes only. ``decode_rows`` sums the requests of the decode steps, so
+    ``decode_rows / decode_steps`` is their mean batch. Benchmarks read the difference of two
+    snapshots (``snapshot``): where a run's time goes, and at what batch it decodes."""
+
+    prefill_steps: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    decode_rows: int = 0
+
+    def record(self, decode_only: bool, rows: int, seconds: float) -> None:
+        if decode_only:
+            self.decode_steps += 1
+            self.decode_s += seconds
+            self.decode_rows += rows
+        else:
+            self.prefill_steps += 1
+            self.prefill_s += seconds
+
+    def snapshot(self) -> StepTimes:
+        return StepTimes(**vars(self))
+
+    def since(self, earlier: StepTimes) -> StepTimes:
+        """The steps recorded after ``earlier`` (a ``snapshot`` of this one)."""
+        return StepTimes(**{k: v - getattr(earlier, k) for k, v in vars(self).items()})
 
 
 class Engine:
@@ -77,6 +109,7 @@ class Engine:
                 f"({needed * page_bytes} bytes); raise kv_cache_memory or lower max_model_len"
             )
         self.scheduler = Scheduler(self.store, config.max_num_seqs, config.max_num_batched_tokens)
+        self.step_times = StepTimes()
         self.runner = ModelRunner(
             self.model,
             PagedAttention(self.store, list(self.spec.sliding_windows), config.attention_backend),
@@ -205,9 +238,21 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the current output of every request group that advanced."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.requests:
             return []
+        # A decode computes one token past the prompt with everything before it cached.
+        decode_only = all(
+            n == 1 and r.num_computed_tokens >= len(r.prompt_token_ids)
+            for r, n in zip(scheduled.requests, scheduled.num_new_tokens, strict=True)
+        )
+        outputs = self._run(scheduled)
+        self.step_times.record(decode_only, len(scheduled.requests), time.perf_counter() - start)
+        return outputs
+
+    def _run(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        """Model, sampling and outputs of a scheduled step."""
         sampling, logits = self.runner.execute(scheduled)
         if sampling:
             rows = [

@@ -1,0 +1,88 @@
+"""The linear layers of one decode step against the number of rows (requests in the step).
+
+For a checkpoint's shapes (every layer's fused q/k/v, output, fused gate/up and down projections,
+then the LM head), random weights in the chosen dtype: one "step" applies each of them once to
+M rows, in layer order, so the weights stream from memory as they do in the engine. Reports per
+M the step's milliseconds, milliseconds per row and GFLOP/s, for torch's ``F.linear`` and, up to
+``NATIVE_LINEAR_ROWS`` rows, the native small-batch kernel the engine uses there.
+
+Why: on a GPU a decode step costs about the same at 4 and at 32 requests while the weight reads
+dominate, and that is where fitting more requests into the same KV memory pays. On a CPU the
+cost per row falls only as fast as the matrix product's efficiency at small M rises.
+
+    python scripts/make_bench_model.py --out /tmp/qwen05-shape --layers 24 --hidden 896 \\
+        --heads 14 --kv-heads 2 --intermediate 4864
+    OMP_NUM_THREADS=1 python scripts/bench_linear.py --model /tmp/qwen05-shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from tierkv.model.layers import NATIVE_LINEAR_ROWS, linear, native_dtype
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def step_shapes(model: str) -> list[tuple[int, int]]:
+    """(in, out) of each linear layer of one decode step, in the engine's fused form."""
+    cfg = AutoConfig.from_pretrained(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
+    layer = [
+        (cfg.hidden_size, qkv),
+        (cfg.num_attention_heads * head_dim, cfg.hidden_size),
+        (cfg.hidden_size, 2 * cfg.intermediate_size),
+        (cfg.intermediate_size, cfg.hidden_size),
+    ]
+    return layer * cfg.num_hidden_layers + [(cfg.hidden_size, cfg.vocab_size)]
+
+
+def step_seconds(fn, weights: list[torch.Tensor], rows: int, repeat: int) -> float:
+    """Median seconds of one step: ``fn(x, w)`` for every weight, ``rows`` rows each."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    for w in weights:
+        fn(inputs[w.shape[1]], w)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for w in weights:
+            fn(inputs[w.shape[1]], w)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="assets/demo-model", help="checkpoint folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 32, 64])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    weights = [torch.randn(out, inp, dtype=dtype) for inp, out in step_shapes(args.model)]
+    params = sum(w.numel() for w in weights)
+    print(f"{args.model}: {len(weights)} linear layers, {params / 1e6:.1f}M weights, {args.dtype}")
+    print("| rows | torch ms/step | ms/row | GFLOP/s | native ms/step | ms/row | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for rows in args.rows:
+        cells = [str(rows)]
+        fns = [lambda x, w: F.linear(x, w)]
+        if rows <= NATIVE_LINEAR_ROWS and native_dtype(dtype):
+            fns.append(linear)
+        for fn in fns:
+            sec = step_seconds(fn, weights, rows, args.repeat)
+            flops = 2 * rows * params
+            cells += [f"{sec * 1e3:.2f}", f"{sec * 1e3 / rows:.2f}", f"{flops / sec / 1e9:.0f}"]
+        cells += ["-"] * (7 - len(cells))
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
