@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tierkv import LLM, SamplingParams
-from tierkv.config import parse_size
+from tierkv.config import EngineConfig, parse_size
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,12 @@ def test_kv_budget_selects_budget_mode_and_bad_budgets_are_refused(
     assert tiered.kv_stats()["policy"].startswith("k8v8/k4v4")
     with pytest.raises(ValueError, match=r"kv_budget must be in \(0, 1\], got 1.5"):
         LLM(path, kv_budget=1.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("max_num_seqs", 0), ("max_num_batched_tokens", None), ("max_model_len", 2.5)],
+)
+def test_engine_counts_must_be_positive_integers(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got {value!r}"):
+        EngineConfig(model="unused", **{name: value})
