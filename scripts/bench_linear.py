@@ -3,8 +3,9 @@
 For a checkpoint's shapes (every layer's fused q/k/v, output, fused gate/up and down projections,
 then the LM head), random weights in the chosen dtype: one "step" applies each of them once to
 M rows, in layer order, so the weights stream from memory as they do in the engine. Reports per
-M the step's milliseconds, milliseconds per row and GFLOP/s, for torch's ``F.linear`` and, up to
-``NATIVE_LINEAR_ROWS`` rows, the native small-batch kernel the engine uses there.
+M the step's milliseconds, milliseconds per row and GFLOP/s, for torch's ``F.linear`` and for
+``tierkv.model.layers.Linear`` as the engine runs it (after ``prepack``: oneDNN over weights
+reordered once, the native kernel for one row of a weight under ``RELEASE_BYTES``).
 
 Why: on a GPU a decode step costs about the same at 4 and at 32 requests while the weight reads
 dominate, and that is where fitting more requests into the same KV memory pays. On a CPU the
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from tierkv.model.layers import NATIVE_LINEAR_ROWS, linear, native_dtype
+from tierkv.model.layers import Linear
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -44,43 +45,60 @@ def step_shapes(model: str) -> list[tuple[int, int]]:
     return layer * cfg.num_hidden_layers + [(cfg.hidden_size, cfg.vocab_size)]
 
 
-def step_seconds(fn, weights: list[torch.Tensor], rows: int, repeat: int) -> float:
-    """Median seconds of one step: ``fn(x, w)`` for every weight, ``rows`` rows each."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-    for w in weights:
-        fn(inputs[w.shape[1]], w)
+def step_seconds(layers: list, rows: int, repeat: int) -> float:
+    """Median seconds of one step: every layer (a callable of x) once, ``rows`` rows each."""
+    inputs = {
+        layer.in_features: torch.randn(rows, layer.in_features, dtype=layer.dtype)
+        for layer in layers
+    }
+    for layer in layers:
+        layer(inputs[layer.in_features])
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()
-        for w in weights:
-            fn(inputs[w.shape[1]], w)
+        for layer in layers:
+            layer(inputs[layer.in_features])
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+class TorchLinear:
+    """``F.linear`` over a layer's row-major weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.in_features, self.dtype = weight, weight.shape[1], weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="assets/demo-model", help="checkpoint folder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 32, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 32, 64, 512])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
-    weights = [torch.randn(out, inp, dtype=dtype) for inp, out in step_shapes(args.model)]
-    params = sum(w.numel() for w in weights)
-    print(f"{args.model}: {len(weights)} linear layers, {params / 1e6:.1f}M weights, {args.dtype}")
-    print("| rows | torch ms/step | ms/row | GFLOP/s | native ms/step | ms/row | GFLOP/s |")
+    shapes = step_shapes(args.model)
+    plain = [TorchLinear(torch.randn(out, inp, dtype=dtype)) for inp, out in shapes]
+    engine = []
+    for layer in plain:
+        module = Linear(layer.in_features, layer.weight.shape[0], bias=False, dtype=dtype)
+        module.weight.data.copy_(layer.weight)
+        module.prepack()
+        module.dtype = dtype
+        engine.append(module)
+    params = sum(layer.weight.numel() for layer in plain)
+    print(f"{args.model}: {len(plain)} linear layers, {params / 1e6:.1f}M weights, {args.dtype}")
+    print("| rows | F.linear ms/step | ms/row | GFLOP/s | engine ms/step | ms/row | GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for rows in args.rows:
         cells = [str(rows)]
-        fns = [lambda x, w: F.linear(x, w)]
-        if rows <= NATIVE_LINEAR_ROWS and native_dtype(dtype):
-            fns.append(linear)
-        for fn in fns:
-            sec = step_seconds(fn, weights, rows, args.repeat)
+        for layers in (plain, engine):
+            sec = step_seconds(layers, rows, args.repeat)
             flops = 2 * rows * params
             cells += [f"{sec * 1e3:.2f}", f"{sec * 1e3 / rows:.2f}", f"{flops / sec / 1e9:.0f}"]
-        cells += ["-"] * (7 - len(cells))
         print("| " + " | ".join(cells) + " |")
 
 

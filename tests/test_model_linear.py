@@ -1,4 +1,5 @@
-"""The native small-batch linear kernel against a float64 matrix product, and its dispatch."""
+"""The native small-batch linear kernel and oneDNN over packed weights against a float64 matrix
+product, and the layer's dispatch between them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tierkv import extension
-from tierkv.model.layers import NATIVE_LINEAR_ROWS, Linear, linear
+from tierkv.model.layers import NATIVE_LINEAR_ROWS, RELEASE_BYTES, Linear, linear, pack_weight
 
 pytestmark = pytest.mark.skipif(
     not extension.available(), reason=f"no native kernels: {extension.unavailable_reason()}"
@@ -20,8 +21,15 @@ pytestmark = pytest.mark.skipif(
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    out = torch.ops.tierkv.small_batch_linear(x, weight, bias)
+def _check(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """``out`` (default: the native kernel's) against a float64 product."""
+    if out is None:
+        out = torch.ops.tierkv.small_batch_linear(x, weight, bias)
     ref = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     assert out.dtype == x.dtype and out.shape == ref.shape
     err = (out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)
@@ -108,3 +116,42 @@ def test_layer_takes_the_kernel_for_small_batches_only(rows: int, dtype: torch.d
     else:
         assert torch.equal(out, torch_out)
     assert torch.equal(linear(x, layer.weight, layer.bias), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("large", [False, True])
+def test_prepacked_layer_matches_a_float64_product(dtype: torch.dtype, large: bool) -> None:
+    """After ``prepack``: oneDNN over the packed weight beyond the kernel's rows, the kernel up
+    to them while the weight is held; a weight of ``RELEASE_BYTES`` keeps only the packed copy
+    and serves every row count from it."""
+    if pack_weight(torch.zeros(1, 1, dtype=dtype)) is None:
+        pytest.skip(f"no oneDNN linear for {dtype} here")
+    gen = torch.Generator().manual_seed(3)
+    in_features = 96
+    row_bytes = in_features * torch.finfo(dtype).bits // 8
+    out_features = -(-RELEASE_BYTES // row_bytes) if large else 40
+    layer = Linear(in_features, out_features, bias=True, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+        layer.bias.copy_(torch.randn(out_features, generator=gen))
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.prepack()
+    assert layer.packed is not None
+    assert layer.weight.numel() == (0 if large else weight.numel())
+    assert layer.weight_nbytes == weight.numel() * weight.element_size()
+    for rows in (0, 1, NATIVE_LINEAR_ROWS, NATIVE_LINEAR_ROWS + 1, 33, 300):
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        out = layer(x)
+        assert out.shape == (rows, out_features) and out.dtype == dtype
+        if rows:
+            _check(x, weight, bias, out)
+        if 0 < rows <= NATIVE_LINEAR_ROWS and not large:
+            assert torch.equal(out, torch.ops.tierkv.small_batch_linear(x, weight, bias))
+
+
+def test_prepack_leaves_other_dtypes_to_torch() -> None:
+    layer = Linear(16, 8, bias=False, dtype=torch.float16)
+    layer.prepack()
+    assert layer.packed is None and layer.weight.numel() == 16 * 8
+    x = torch.randn(5, 16).half()
+    assert torch.equal(layer(x), F.linear(x, layer.weight))

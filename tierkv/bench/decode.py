@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.model.layers import linear
+from tierkv.model.layers import Linear, linear
 from tierkv.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -186,7 +186,12 @@ def run_rounds(
 def _weight_bytes_per_step(model: Decoder) -> int:
     """Bytes of the weights one decode step reads: all of them, except that an untied input
     embedding contributes one row (the tied one is read whole as the output head)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            # A packed linear layer's weight may be held only in its oneDNN copy.
+            held = isinstance(module, Linear) and name == "weight"
+            total += module.weight_nbytes if held else p.numel() * p.element_size()
     if model.spec.tie_word_embeddings:
         return total
     table = model.embed_tokens.weight

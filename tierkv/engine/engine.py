@@ -76,6 +76,7 @@ class Engine:
         self.tokenizer = Tokenizer(config.model)
         self.model = Decoder(self.spec, self.dtype)
         load_weights(self.model, config.model)
+        self.model.prepack()
         self.policy = KVPolicy.parse(config.kv_policy)
         if config.kv_budget is not None:
             tiers = self.policy if self.policy.tiered else KVPolicy.parse("default")

@@ -21,6 +21,7 @@ from tierkv.model.layers import (
     apply_rotary,
     fused_linear,
     linear,
+    pack_weight,
 )
 from tierkv.model.loader import ModelSpec
 
@@ -111,7 +112,19 @@ class Decoder(nn.Module):
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope)
         if not spec.tie_word_embeddings:
             self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        # The tied output head's oneDNN copy of the embedding table (``prepack``).
+        self.head_packed: torch.Tensor | None = None
         self.requires_grad_(False)
+
+    def prepack(self) -> None:
+        """After the weights are loaded: every linear layer, and the output head, computed over
+        oneDNN's layout of its weight (``layers.Linear.prepack``). A tied head keeps the
+        embedding table, which the input still reads, and packs a copy."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        if self.spec.tie_word_embeddings:
+            self.head_packed = pack_weight(self.embed_tokens.weight)
 
     @torch.inference_mode()
     def forward(
@@ -128,5 +141,6 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, attend, batch)
         x = self.norm(x[logits_rows])
-        head = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return linear(x, head).float()
+        if self.spec.tie_word_embeddings:
+            return linear(x, self.embed_tokens.weight, packed=self.head_packed).float()
+        return self.lm_head(x).float()
