@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from tierkv.model.layers import Linear
+from tierkv.model.layers import Linear, linear, pack_weight
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def step_shapes(model: str) -> list[tuple[int, int]]:
-    """(in, out) of each linear layer of one decode step, in the engine's fused form."""
+    """(in, out) of each linear layer of one decode step, in the engine's fused form, the
+    output head last."""
     cfg = AutoConfig.from_pretrained(model)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
@@ -72,6 +73,34 @@ class TorchLinear:
         return F.linear(x, self.weight)
 
 
+class TiedHead(TorchLinear):
+    """A tied output head as the engine runs it: the embedding table is kept (the input reads
+    it), with a packed copy (``Decoder.prepack``)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.packed = pack_weight(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, packed=self.packed)
+
+
+def engine_layers(plain: list[TorchLinear], tied: bool) -> list:
+    """The layers of ``plain`` as the engine holds them after ``prepack``."""
+    layers: list = []
+    for i, layer in enumerate(plain):
+        if tied and i == len(plain) - 1:
+            layers.append(TiedHead(layer.weight))
+            continue
+        out, inp = layer.weight.shape
+        module = Linear(inp, out, bias=False, dtype=layer.dtype)
+        module.weight.data.copy_(layer.weight)
+        module.prepack()
+        module.dtype = layer.dtype
+        layers.append(module)
+    return layers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="assets/demo-model", help="checkpoint folder")
@@ -82,15 +111,12 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     shapes = step_shapes(args.model)
     plain = [TorchLinear(torch.randn(out, inp, dtype=dtype)) for inp, out in shapes]
-    engine = []
-    for layer in plain:
-        module = Linear(layer.in_features, layer.weight.shape[0], bias=False, dtype=dtype)
-        module.weight.data.copy_(layer.weight)
-        module.prepack()
-        module.dtype = dtype
-        engine.append(module)
+    tied = bool(getattr(AutoConfig.from_pretrained(args.model), "tie_word_embeddings", False))
+    engine = engine_layers(plain, tied)
     params = sum(layer.weight.numel() for layer in plain)
-    print(f"{args.model}: {len(plain)} linear layers, {params / 1e6:.1f}M weights, {args.dtype}")
+    head = "tied" if tied else "untied"
+    print(f"{args.model}: {len(plain)} linear layers ({head} head), {params / 1e6:.1f}M weights,")
+    print(f"{args.dtype}, {torch.get_num_threads()} thread(s)")
     print("| rows | F.linear ms/step | ms/row | GFLOP/s | engine ms/step | ms/row | GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for rows in args.rows:
