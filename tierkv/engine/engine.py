@@ -50,6 +50,7 @@ class StepTimes:
     decode_rows: int = 0
 
     def record(self, decode_only: bool, rows: int, seconds: float) -> None:
+        """Count one step of ``rows`` requests that took ``seconds``."""
         if decode_only:
             self.decode_steps += 1
             self.decode_s += seconds
@@ -59,6 +60,7 @@ class StepTimes:
             self.prefill_s += seconds
 
     def snapshot(self) -> StepTimes:
+        """A copy of the counters as they are now."""
         return StepTimes(**vars(self))
 
     def since(self, earlier: StepTimes) -> StepTimes:

@@ -38,8 +38,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     bfloat16 with AVX-512).
 
     ``F.linear`` reorders the weight on every call; a pre-reordered one (what inductor's
-    freezing does) made a decode step's linear layers 1.3-1.9x faster from 2 to 64 rows and
-    equal at 512, on the demo model and on a 0.36B-parameter one (scripts/bench_linear.py).
+    freezing does) made a decode step's linear layers 1.2-1.8x faster from 2 to 64 rows and
+    1.1x at 512 for a 0.36B-parameter model, whose weights stream from memory, and 1.1-1.5x
+    from 8 to 32 rows for the demo model's cached ones (scripts/bench_linear.py).
     """
     if not torch.backends.mkldnn.is_available():
         return None
