@@ -23,7 +23,7 @@ THROUGHPUT = (
     ("bench_throughput_longctx_packed.json", "32 x 1536 in / 256 out, 24 MiB KV"),
     ("bench_throughput_longctx_stdlib_packed.json", "the same on text (--dataset-name stdlib)"),
     ("bench_throughput_reasoning_packed.json", "32 x 128 in / 1024 out, 16 MiB KV"),
-    ("bench_throughput_hf_longctx.json", "32 x 1536 in / 256 out (vs transformers)"),
+    ("bench_throughput_hf_longctx_packed.json", "32 x 1536 in / 256 out (vs transformers)"),
     ("bench_throughput_qwen05shape_packed.json", "0.36B Llama, 16 x 512 in / 512 out, 48 MiB KV"),
 )
 # Decode panels: (JSON file, title).
