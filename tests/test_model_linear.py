@@ -155,3 +155,25 @@ def test_prepack_leaves_other_dtypes_to_torch() -> None:
     assert layer.packed is None and layer.weight.numel() == 16 * 8
     x = torch.randn(5, 16).half()
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_a_refused_pack_leaves_the_layer_on_its_row_major_weight(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where oneDNN refuses the reorder (a CPU or build without it), the layer keeps its weight
+    and computes as before packing existed, with one warning."""
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise RuntimeError("reorder refused on this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    gen = torch.Generator().manual_seed(4)
+    layer = Linear(96, 2 * RELEASE_BYTES // (96 * 4), bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
+    with caplog.at_level("WARNING", logger="tierkv.model.layers"):
+        layer.prepack()
+    assert layer.packed is None and layer.weight.numel() == 96 * layer.out_features
+    assert "reorder refused on this CPU" in caplog.text
+    x = torch.randn(7, 96, generator=gen)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))

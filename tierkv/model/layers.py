@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierkv import extension
+
+logger = logging.getLogger(__name__)
 
 # Up to this many rows (decode steps of that many requests) the native kernel
 # (``csrc/small_batch_linear.cpp``) streams the weights faster than torch's matrix product;
@@ -42,15 +46,24 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     1.1x at 512 for a 0.36B-parameter model, whose weights stream from memory, and 1.1-1.5x
     from 8 to 32 rows for the demo model's cached ones (scripts/bench_linear.py).
     """
-    if not torch.backends.mkldnn.is_available():
+    if weight.dtype not in _NATIVE_DTYPES or not torch.backends.mkldnn.is_available():
         return None
-    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    try:
+        if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+        # The batch-size hint picks a blocking; measured not to matter from 1 to 512 rows. A
+        # copy that requires grad would send every call through autograd (about 30 ms here).
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    except (AttributeError, RuntimeError) as exc:
+        # A torch build without these private ops, or a CPU oneDNN refuses: F.linear serves.
+        _packing_unavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[:1]}")
         return None
-    if weight.dtype not in _NATIVE_DTYPES:
-        return None
-    # The batch-size hint picks a blocking; measured not to matter from 1 to 512 rows. A copy
-    # that requires grad would send every call through autograd (about 30 ms here).
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+@functools.cache
+def _packing_unavailable(reason: str) -> None:
+    """Say once per reason that linear layers run without packed weights."""
+    logger.warning("linear weights stay unpacked (%s); F.linear serves them", reason)
 
 
 def linear(
