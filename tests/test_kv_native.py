@@ -46,9 +46,9 @@ def _store(
     return store, slots, store.register(fmt)
 
 
-def _query(batch: int, head_dim: int, seed: int = 1) -> torch.Tensor:
+def _query(batch: int, head_dim: int, seed: int = 1, q_heads: int = Q_HEADS) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, Q_HEADS, head_dim, generator=gen)
+    return torch.randn(batch, q_heads, head_dim, generator=gen)
 
 
 @pytest.mark.parametrize("window", [None, 9])
@@ -76,6 +76,26 @@ def test_native_decode_equals_the_fast_and_reference_paths(
     assert got.isfinite().all()
     torch.testing.assert_close(got, want_fast, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(got, want_ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("group", range(1, 10))
+@pytest.mark.parametrize("name", ["k4v2", "full"])
+def test_every_gqa_group_equals_the_reference(name: str, group: int) -> None:
+    """Query heads per KV head from 1 to 8 each run their own instantiation of the kernel,
+    more than 8 the generic one; uncompressed slots go through the ring path."""
+    n = len(CONTEXT)
+    store, slots, f = _store(FORMATS[name], CONTEXT, 64, reserve=1)
+    q = _query(n, 64, q_heads=group * KV_HEADS)
+    gen = torch.Generator().manual_seed(2)
+    k_new, v_new = torch.randn(2, n, KV_HEADS, 64, generator=gen)
+    reference = PagedAttention(store, [None] * LAYERS, backend="reference")
+    want = reference(LAYER, q, k_new, v_new, AttentionBatch.build(slots.tolist(), CONTEXT, [1] * n))
+    lens = torch.tensor(CONTEXT) + 1
+    if name == "full":
+        got = native.decode_full(store, LAYER, q, slots, lens, None)
+    else:
+        got = native.decode(store, LAYER, q, slots, lens, None, f)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["k8v4", "k4v2", "k2v2"])

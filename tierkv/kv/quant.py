@@ -281,11 +281,12 @@ FULL = KVFormat("full", _FULL_BITS, _FULL_BITS)
 
 # (key bits, value bits) of the quantized formats; a new precision is one more pair. Keys never
 # get fewer bits than values: they feed the softmax's logits and are the more sensitive.
-_QUANTIZED = ((8, 8), (8, 4), (8, 2), (4, 4), (4, 2), (4, 1), (2, 2))
+# (key bits, value bits) of the quantized formats; csrc/paged_decode.cpp instantiates these.
+QUANTIZED_BITS = ((8, 8), (8, 4), (8, 2), (4, 4), (4, 2), (4, 1), (2, 2))
 
 FORMATS: dict[str, KVFormat] = {
     FULL.name: FULL,
-    **{f"k{kb}v{vb}": KVFormat(f"k{kb}v{vb}", kb, vb) for kb, vb in _QUANTIZED},
+    **{f"k{kb}v{vb}": KVFormat(f"k{kb}v{vb}", kb, vb) for kb, vb in QUANTIZED_BITS},
 }
 
 
