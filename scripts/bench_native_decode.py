@@ -23,7 +23,8 @@ the low one (the others pruned), positions shuffled as decisions leave them; com
   each tier's pages, then dequantization folded into the matmuls), as the engine calls it.
 
 Run: ``python scripts/bench_native_decode.py`` (both thread counts are measured in one run),
-``python scripts/bench_native_decode.py --tiered --batch 16 --context 1024``.
+``python scripts/bench_native_decode.py --tiered --batch 16 --context 1024``; ``--q-heads 14``
+gives 7 query heads per KV head (Qwen2.5's grouping) instead of the demo model's 2.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def _measure_tiered(
 
 
 def main() -> None:
+    # Every measurement reads the module's shape; only the query heads are a choice.
+    global Q_HEADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=["k8v4", "k4v2", "k8v8"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
@@ -207,7 +210,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--tiered", action="store_true", help="tiered slots instead")
     parser.add_argument("--policy", default="k8v4/k4v2-g64", help="the --tiered policy")
+    parser.add_argument(
+        "--q-heads", type=int, default=Q_HEADS, help="query heads, a multiple of the 2 KV heads"
+    )
     args = parser.parse_args()
+    if args.q_heads < KV_HEADS or args.q_heads % KV_HEADS:
+        raise SystemExit(f"--q-heads must be a positive multiple of {KV_HEADS}")
+    Q_HEADS = args.q_heads
     if not native.available():
         raise SystemExit(f"native kernel unavailable: {native.unavailable_reason()}")
     if args.tiered:
