@@ -49,7 +49,7 @@ def step_shapes(model: str) -> list[tuple[int, int]]:
 def step_seconds(layers: list, rows: int, repeat: int) -> float:
     """Median seconds of one step: every layer (a callable of x) once, ``rows`` rows each."""
     inputs = {
-        layer.in_features: torch.randn(rows, layer.in_features, dtype=layer.dtype)
+        layer.in_features: torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
         for layer in layers
     }
     for layer in layers:
@@ -67,7 +67,7 @@ class TorchLinear:
     """``F.linear`` over a layer's row-major weight."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.weight, self.in_features, self.dtype = weight, weight.shape[1], weight.dtype
+        self.weight, self.in_features = weight, weight.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -93,10 +93,9 @@ def engine_layers(plain: list[TorchLinear], tied: bool) -> list:
             layers.append(TiedHead(layer.weight))
             continue
         out, inp = layer.weight.shape
-        module = Linear(inp, out, bias=False, dtype=layer.dtype)
+        module = Linear(inp, out, bias=False, dtype=layer.weight.dtype)
         module.weight.data.copy_(layer.weight)
         module.prepack()
-        module.dtype = layer.dtype
         layers.append(module)
     return layers
 

@@ -43,7 +43,7 @@ from tierkv.kv.pool import PagePool
 from tierkv.kv.quant import FORMATS, default_page_bytes
 from tierkv.kv.store import HIGH, LOW, KVStore
 
-LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 64
+LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 64  # Q_HEADS: the default of --q-heads
 DTYPE = torch.bfloat16
 
 
@@ -86,12 +86,14 @@ def _store(name: str, batch: int, context: int) -> tuple[KVStore, torch.Tensor, 
     return store, slots, store.register(fmt)
 
 
-def _measure(name: str, batch: int, context: int, threads: tuple[int, ...], repeat: int) -> None:
+def _measure(
+    name: str, batch: int, context: int, threads: tuple[int, ...], repeat: int, q_heads: int
+) -> None:
     store, slots, f = _store(name, batch, context)
     lens = torch.full((batch,), context)
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM).to(DTYPE)
+    q = torch.randn(batch, q_heads, HEAD_DIM).to(DTYPE)
     workspace: dict = {}
-    group = Q_HEADS // KV_HEADS
+    group = q_heads // KV_HEADS
     qg = q.view(batch, KV_HEADS, group, HEAD_DIM)
     dense = {
         dtype: [torch.randn(2, batch, KV_HEADS, context, HEAD_DIM).to(dtype) for _ in range(LAYERS)]
@@ -172,11 +174,11 @@ def _tiered_store(policy: KVPolicy, batch: int, context: int) -> tuple[KVStore, 
 
 
 def _measure_tiered(
-    spec: str, batch: int, context: int, threads: tuple[int, ...], repeat: int
+    spec: str, batch: int, context: int, threads: tuple[int, ...], repeat: int, q_heads: int
 ) -> None:
     policy = KVPolicy.parse(spec)
     store, slots = _tiered_store(policy, batch, context)
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM).to(DTYPE)
+    q = torch.randn(batch, q_heads, HEAD_DIM).to(DTYPE)
     query_pos = torch.full((batch,), context)
     workspace: dict = {}
 
@@ -200,8 +202,6 @@ def _measure_tiered(
 
 
 def main() -> None:
-    # Every measurement reads the module's shape; only the query heads are a choice.
-    global Q_HEADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=["k8v4", "k4v2", "k8v8"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
@@ -216,7 +216,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.q_heads < KV_HEADS or args.q_heads % KV_HEADS:
         raise SystemExit(f"--q-heads must be a positive multiple of {KV_HEADS}")
-    Q_HEADS = args.q_heads
     if not native.available():
         raise SystemExit(f"native kernel unavailable: {native.unavailable_reason()}")
     if args.tiered:
@@ -225,7 +224,9 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for batch in args.batch:
             for context in args.context:
-                _measure_tiered(args.policy, batch, context, tuple(args.threads), args.repeat)
+                _measure_tiered(
+                    args.policy, batch, context, tuple(args.threads), args.repeat, args.q_heads
+                )
         return
     print("ms per layer-call (one decode step over 4 layers / 4); ratios in the last columns")
     print(
@@ -236,7 +237,7 @@ def main() -> None:
     for name in args.formats:
         for batch in args.batch:
             for context in args.context:
-                _measure(name, batch, context, tuple(args.threads), args.repeat)
+                _measure(name, batch, context, tuple(args.threads), args.repeat, args.q_heads)
 
 
 if __name__ == "__main__":
