@@ -48,7 +48,8 @@ class EngineConfig:
     """Everything that shapes one engine instance.
 
     Attributes:
-        model: path to a local Hugging Face model folder.
+        model: a local Hugging Face model folder, a ``.gguf`` file or ``smollm2``
+            (resolved by ``tierkv.model.source.resolve_model``).
         dtype: compute dtype of the weights and activations; ``auto`` picks the fastest
             measured choice for the device (see ``resolve_dtype``).
         kv_cache_memory: bytes given to the KV page pool (int or string such as ``"2GiB"``).

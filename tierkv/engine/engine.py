@@ -20,6 +20,7 @@ from tierkv.kv.quant import default_page_bytes
 from tierkv.kv.store import KVStore
 from tierkv.model.decoder import Decoder
 from tierkv.model.loader import ModelSpec, load_weights, read_spec
+from tierkv.model.source import resolve_model
 from tierkv.sampling import Logprob, SampleRow, SamplingParams, sample
 from tierkv.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
@@ -73,11 +74,13 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.spec: ModelSpec = read_spec(config.model)
+        # The folder tierkv reads: config.model itself, or the cached folder of a GGUF.
+        self.model_dir = resolve_model(config.model).folder
+        self.spec: ModelSpec = read_spec(self.model_dir)
         self.dtype = resolve_dtype(config.dtype)
-        self.tokenizer = Tokenizer(config.model)
+        self.tokenizer = Tokenizer(self.model_dir)
         self.model = Decoder(self.spec, self.dtype)
-        load_weights(self.model, config.model)
+        load_weights(self.model, self.model_dir)
         self.model.prepack()
         self.policy = KVPolicy.parse(config.kv_policy)
         if config.kv_budget is not None:

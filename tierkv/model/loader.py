@@ -1,4 +1,5 @@
-"""Local Hugging Face checkpoints: ``config.json`` -> ModelSpec, safetensors -> parameters.
+"""Local Hugging Face checkpoints: ``config.json`` -> ModelSpec, safetensors (or the GGUF a
+cached folder names, see ``tierkv.model.gguf``) -> parameters.
 
 Architectures are looked up by the ``architectures`` field. Every config feature that changes
 the numerics is either honoured or refused with an error naming what is supported: a model is
@@ -8,6 +9,7 @@ never run with silently wrong numbers.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tierkv.model.gguf import gguf_source, read_tensors
 from tierkv.model.layers import SUPPORTED_ROPE_TYPES, RopeConfig
 
 
@@ -62,7 +65,8 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no config.json in {model_dir}: expected a Hugging Face model folder"
+            f"no config.json in {model_dir}: expected a local Hugging Face model folder, "
+            "a .gguf file, or smollm2"
         )
     cfg: dict[str, Any] = json.loads(path.read_text())
     archs = cfg.get("architectures") or []
@@ -161,7 +165,7 @@ def weight_files(model_dir: str | Path) -> list[Path]:
         return [single]
     raise FileNotFoundError(
         f"no model.safetensors or model.safetensors.index.json in {model_dir} "
-        "(only safetensors checkpoints are supported)"
+        "(a folder's weights must be safetensors; pass a GGUF checkpoint as its .gguf file)"
     )
 
 
@@ -187,27 +191,43 @@ def checkpoint_targets(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_weights(module: torch.nn.Module, model_dir: str | Path) -> None:
-    """Copy checkpoint tensors into ``module``'s parameters, checking that none is missing."""
+    """Copy checkpoint tensors into ``module``'s parameters, checking that none is missing.
+
+    The tensors are safetensors, or the GGUF a cached folder names (``tierkv.model.gguf``),
+    dequantized one tensor at a time; each is cast to the parameter's dtype as it is copied.
+    """
     params = checkpoint_targets(module)
     loaded: set[str] = set()
-    for file in weight_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                target = name.removeprefix("model.")
-                if target not in params:
-                    continue  # e.g. rotary inv_freq buffers saved by old exports
-                tensor = f.get_tensor(name)
-                param = params[target]
-                if tensor.shape != param.shape:
-                    raise ValueError(
-                        f"tensor {name} has shape {tuple(tensor.shape)}, "
-                        f"the config implies {tuple(param.shape)}"
-                    )
-                param.copy_(tensor.to(param.dtype))
-                loaded.add(target)
+    gguf = gguf_source(Path(model_dir))
+    tensors = (
+        read_tensors(gguf, Path(model_dir))
+        if gguf is not None
+        else _safetensors(model_dir, {f"model.{p}" for p in params} | set(params))
+    )
+    for name, tensor in tensors:
+        target = name.removeprefix("model.")
+        if target not in params:
+            continue  # e.g. rotary inv_freq buffers saved by old exports
+        param = params[target]
+        if tensor.shape != param.shape:
+            raise ValueError(
+                f"tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(param.shape)}"
+            )
+        param.copy_(tensor.to(param.dtype))
+        loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise ValueError(f"checkpoint {model_dir} is missing weight tensors: {shown}")
+
+
+def _safetensors(model_dir: str | Path, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``wanted`` tensors of a safetensors checkpoint, read one at a time."""
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name in wanted:
+                    yield name, f.get_tensor(name)

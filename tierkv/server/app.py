@@ -160,7 +160,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     """
     metrics = Metrics()
     async_engine = AsyncEngine(engine, metrics)
-    tokenizer = Tokenizer(engine.config.model)
+    # A tokenizer of its own for the server's thread (the engine's runs in the engine thread),
+    # read from the engine's resolved folder (a GGUF's cached one).
+    tokenizer = Tokenizer(engine.model_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
