@@ -12,6 +12,7 @@ from tierkv.bench import DATASETS
 from tierkv.config import DTYPES, EngineConfig
 from tierkv.eval.cli import add_eval_parser
 from tierkv.kv.attention import BACKENDS
+from tierkv.model.source import MODEL_HELP
 from tierkv.server.cli import add_serve_parser
 
 if TYPE_CHECKING:  # imported where used: it pulls in transformers
@@ -26,7 +27,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         parser.add_argument(
             "--model",
             default=str(DEMO_MODEL),
-            help="local Hugging Face model folder (default: the bundled demo model)",
+            help=f"{MODEL_HELP} (default: the bundled demo model)",
         )
     parser.add_argument(
         "--dtype",
@@ -103,7 +104,7 @@ def add_dataset_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_comparison_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--dtype`` and a repeatable ``--kv-policy``, for policy comparisons."""
-    parser.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    parser.add_argument("--model", default=str(DEMO_MODEL), help=MODEL_HELP)
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype")
     parser.add_argument(
         "--kv-policy",
@@ -132,7 +133,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="complete a prompt, streaming tokens to the terminal",
-        description="Complete PROMPT with a local model and stream the text as it is generated.",
+        description="Complete PROMPT with a local model (a Hugging Face folder, a .gguf file or "
+        "smollm2) and stream the text as it is generated.",
     )
     p.add_argument("prompt", help="the text to complete (with --chat: the user message)")
     add_engine_args(p)
@@ -278,7 +280,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server to load")
-    p.add_argument("--model", default=str(DEMO_MODEL), help="local folder of the served model")
+    p.add_argument(
+        "--model",
+        default=str(DEMO_MODEL),
+        help=f"the served model ({MODEL_HELP}), for its tokenizer",
+    )
     p.add_argument(
         "--served-model-name", default=None, help="model name to send (default: the server's first)"
     )

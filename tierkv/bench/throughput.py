@@ -22,6 +22,7 @@ from tierkv.engine.engine import resolve_dtype
 from tierkv.eval import corpus
 from tierkv.eval.peers import QUANTO_BITS, PeerUnavailable, quanto_peer
 from tierkv.model.loader import read_spec
+from tierkv.model.source import load_transformers_model, resolve_model
 from tierkv.tokenizer import Tokenizer
 
 
@@ -48,7 +49,7 @@ class Workload:
         """The prompts' token ids, the same for every run with this seed."""
         rng = random.Random(self.seed)
         if self.dataset == "random":
-            vocab_size = read_spec(self.model).vocab_size
+            vocab_size = read_spec(resolve_model(self.model).folder).vocab_size
             # Token 0 is often a special token in small vocabularies; draw ordinary ids only.
             return [
                 [rng.randrange(1, vocab_size) for _ in range(self.input_len)]
@@ -57,7 +58,7 @@ class Workload:
         if self.dataset != "stdlib":
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         text = "\n\n".join(corpus.read_text(corpus.held_out_files("test")))
-        ids = Tokenizer(self.model).encode(text)
+        ids = Tokenizer(resolve_model(self.model).folder).encode(text)
         if len(ids) <= self.input_len:
             raise ValueError(
                 f"the stdlib test split is {len(ids)} tokens for this tokenizer, too short for "
@@ -131,11 +132,7 @@ def run_hf(work: Workload, batch_size: int, cache_bits: int | None = None) -> Th
     """transformers' ``generate`` in batches of ``batch_size``, with its default dynamic cache
     (``hf-dynamic``) or, given ``cache_bits``, its ``QuantizedCache`` with the optimum-quanto
     backend at that many bits and its default residual length (``hf-quanto-4``)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(work.model, dtype=resolve_dtype(work.dtype)).eval()
+    model = load_transformers_model(work.model, resolve_dtype(work.dtype))
     prompts = torch.tensor(work.prompts())
     kwargs = dict(
         max_new_tokens=work.output_len,

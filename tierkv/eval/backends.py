@@ -19,6 +19,7 @@ import torch
 
 from tierkv.engine.engine import Engine
 from tierkv.eval.peers import Peer, press_context
+from tierkv.model.source import load_transformers_model
 from tierkv.sampling import SamplingParams
 
 
@@ -175,11 +176,6 @@ class HFBackend:
 
 
 def load_hf_model(path: str, dtype: torch.dtype) -> Any:
-    """The transformers model of a checkpoint, in eval mode with SDPA attention (AdaKV needs it)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    # The harness has its own progress bar; transformers' per-weight one would bury it.
-    logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
+    """The transformers model of a checkpoint (a folder, a ``.gguf`` file through transformers'
+    own GGUF loader, or ``smollm2``), in eval mode with SDPA attention (AdaKV needs it)."""
+    return load_transformers_model(path, dtype, attn_implementation="sdpa")

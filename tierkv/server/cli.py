@@ -12,6 +12,7 @@ import argparse
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``serve`` to the ``tierkv`` subcommands; its ``func`` default is ``serve``."""
     from tierkv.cli import DEMO_MODEL, add_engine_args
+    from tierkv.model.source import MODEL_HELP
 
     parser = subparsers.add_parser(
         "serve",
@@ -23,7 +24,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "model",
         nargs="?",
         default=None,
-        help="local Hugging Face model folder (default: the bundled demo model)",
+        help=f"{MODEL_HELP} (default: the bundled demo model)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default %(default)s)")
