@@ -145,6 +145,7 @@ def test_cli_writes_json_of_the_documented_shape(llama: Path, tmp_path: Path) ->
     out = tmp_path / "fidelity.json"
     argv = ["eval", "fidelity", "--model", str(llama), "--kv-policy", "k8v8", "--peer", "kivi-2"]
     argv += ["--contexts", "128,256", "--json", str(out), "--no-progress", "--dtype", "float32"]
+    argv += ["--suite", "demo"]
     for name, value in TINY.items():
         if isinstance(value, int):
             argv += ["--" + name.replace("_", "-"), str(value)]

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from tierkv.engine.engine import Engine
+from tierkv.eval.metrics import cut_at_eos
 from tierkv.eval.peers import Peer, press_context
 from tierkv.model.source import load_transformers_model
 from tierkv.sampling import SamplingParams
@@ -41,8 +42,25 @@ class Backend(Protocol):
         """
         ...
 
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-        """Exactly ``max_new`` greedy tokens after each prompt (end of sequence ignored)."""
+    def greedy(
+        self, prompts: list[list[int]], max_new: int, stop_at_eos: bool = False
+    ) -> list[list[int]]:
+        """``max_new`` greedy tokens after each prompt.
+
+        End of sequence is ignored unless ``stop_at_eos``; then an answer may end early, with
+        the EOS token as its last token.
+        """
+        ...
+
+    def measured_greedy(self, prompt: list[int], max_new: int) -> tuple[list[int], float]:
+        """Greedy tokens of one prompt run alone, and the KV bytes per token it held."""
+        ...
+
+    def forced_paths(self, prompts: list[list[int]], paths: list[list[int]]) -> list[torch.Tensor]:
+        """Log-probs [len(path), V] of each prompt's next tokens, teacher-forced along ``path``.
+
+        Prompts may differ in length (unlike ``teacher_forced``'s windows).
+        """
         ...
 
 
@@ -57,24 +75,42 @@ class EngineBackend:
         # policy keeps a number of tokens that depends on the text.
         self.measure_ids = measure_ids
 
-    def kv_bytes_per_token(self) -> float:
+    def kv_bytes_per_token(self, ids: list[int] | None = None) -> float:
         """Pool bytes per token held by one request after its long prompt and one decode step.
 
         Read from ``Engine.kv_stats()["kv_bytes_per_token_measured"]`` with this request
         alone in the engine: pages, page-table entries and every per-token field included,
         plus the partly filled last page of each head. One decode step past the prompt, so a
         differentiated policy has made its decisions and returned the pages they emptied.
+        ``ids`` is the prompt (default: the sweep's ``measure_ids``).
         """
-        rid = self.engine.add_request(self.measure_ids, self._params(max_tokens=3))
+        return self.measured_greedy(self.measure_ids if ids is None else ids, 3)[1]
+
+    def measured_greedy(self, prompt: list[int], max_new: int) -> tuple[list[int], float]:
+        """Greedy tokens of ``prompt`` alone in the engine, bytes measured after one decode step.
+
+        The measurement is ``kv_bytes_per_token``'s, taken on the way: a task's own prompts
+        give the bytes at that task's context length for the price of running it.
+        """
+        if self.engine.has_unfinished():
+            raise RuntimeError("measured_greedy needs an idle engine: bytes are per request")
+        if max_new < 3:
+            # Read after the first decode step, while the request still holds its pages.
+            raise ValueError(f"measured_greedy needs max_new >= 3, got {max_new}")
+        rid = self.engine.add_request(prompt, self._params(max_tokens=max_new))
+        measured: float | None = None
+        tokens: list[int] = []
         try:
-            while True:
-                outs = self.engine.step()
-                if any(o.request_id == rid and len(o.outputs[0].token_ids) >= 2 for o in outs):
-                    break
-            measured = self.engine.kv_stats()["kv_bytes_per_token_measured"]
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    tokens = out.outputs[0].token_ids
+                    if measured is None and len(tokens) >= 2:
+                        measured = self.engine.kv_stats()["kv_bytes_per_token_measured"]
         finally:
             self.engine.abort(rid)
-        return float(measured)
+        return list(tokens), float(measured or 0.0)
 
     def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
         params = self._params(max_tokens=None)
@@ -89,8 +125,12 @@ class EngineBackend:
                         rows[out.request_id] = out.outputs[0].forced_logprobs
         return torch.stack([rows[rid] for rid in ids])
 
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-        ids = [self.engine.add_request(p, self._params(max_tokens=max_new)) for p in prompts]
+    def greedy(
+        self, prompts: list[list[int]], max_new: int, stop_at_eos: bool = False
+    ) -> list[list[int]]:
+        # One engine run for every prompt: the engine batches them continuously.
+        params = self._params(max_tokens=max_new, ignore_eos=not stop_at_eos)
+        ids = [self.engine.add_request(p, params) for p in prompts]
         done: dict[str, list[int]] = {}
         with self._no_preemption():
             while self.engine.has_unfinished():
@@ -99,9 +139,23 @@ class EngineBackend:
                         done[out.request_id] = out.token_ids
         return [done[rid] for rid in ids]
 
-    def _params(self, max_tokens: int | None) -> SamplingParams:
+    def forced_paths(self, prompts: list[list[int]], paths: list[list[int]]) -> list[torch.Tensor]:
+        params = self._params(max_tokens=None)
+        ids = [
+            self.engine.add_request(p, params, forced_output=f)
+            for p, f in zip(prompts, paths, strict=True)
+        ]
+        rows: dict[str, torch.Tensor] = {}
+        with self._no_preemption():
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        rows[out.request_id] = out.outputs[0].forced_logprobs
+        return [rows[rid] for rid in ids]
+
+    def _params(self, max_tokens: int | None, ignore_eos: bool = True) -> SamplingParams:
         return SamplingParams(
-            temperature=0, max_tokens=max_tokens, ignore_eos=True, kv_policy=self.policy
+            temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos, kv_policy=self.policy
         )
 
     @contextmanager
@@ -124,17 +178,31 @@ class HFBackend:
     cache a peer builds during decoding is the one its predictions read.
     """
 
-    def __init__(self, model: Any, peer: Peer, measure_len: int) -> None:
+    def __init__(
+        self, model: Any, peer: Peer, measure_len: int, eos_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.model = model
         self.peer = peer
         self.name = peer.name
         self.measure_len = measure_len
+        self.eos_ids = eos_ids
 
-    def kv_bytes_per_token(self) -> float:
+    def kv_bytes_per_token(self, length: int | None = None) -> float:
+        """Analytic bytes per token of a ``length``-token prompt (default: ``measure_len``)."""
         c = self.model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         shape = (c.num_hidden_layers, c.num_key_value_heads, head_dim)
-        return self.peer.bytes_per_token(shape, self.measure_len)
+        return self.peer.bytes_per_token(shape, self.measure_len if length is None else length)
+
+    def measured_greedy(self, prompt: list[int], max_new: int) -> tuple[list[int], float]:
+        return self.greedy([prompt], max_new)[0], self.kv_bytes_per_token(len(prompt))
+
+    @torch.no_grad()
+    def forced_paths(self, prompts: list[list[int]], paths: list[list[int]]) -> list[torch.Tensor]:
+        # One sequence at a time: prompts differ in length and a press must not see padding.
+        return [
+            self.teacher_forced([p + f], len(p))[0] for p, f in zip(prompts, paths, strict=True)
+        ]
 
     @torch.no_grad()
     def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
@@ -146,7 +214,9 @@ class HFBackend:
         return torch.stack([torch.log_softmax(r.float(), dim=-1) for r in rows], dim=1)
 
     @torch.no_grad()
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    def greedy(
+        self, prompts: list[list[int]], max_new: int, stop_at_eos: bool = False
+    ) -> list[list[int]]:
         # Equal-length prompts run as one batch (no padding to confuse a press).
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
@@ -159,7 +229,7 @@ class HFBackend:
             for t in range(length, length + max_new - 1):
                 tokens.append(self._decode(cache, tokens[-1][:, None], t).argmax(-1))
             for i, seq in zip(rows, torch.stack(tokens, dim=1).tolist(), strict=True):
-                out[i] = seq
+                out[i] = cut_at_eos(seq, self.eos_ids) if stop_at_eos else seq
         return out
 
     def _prefill(self, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:

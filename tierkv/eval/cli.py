@@ -5,9 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tierkv.eval.fidelity import FidelityConfig, format_table, run_fidelity, write_json
+from tierkv.eval.fidelity import FidelityConfig, run_fidelity
+from tierkv.eval.report import format_categories, format_table, write_json
+from tierkv.eval.suites import SUITES, choose_suite, suite_config
 
-_DEFAULTS = FidelityConfig(model="")  # the documented defaults of every size flag
+_DEFAULTS = FidelityConfig(model="")  # the demo suite's sizes
+_REAL = SUITES["real"]
+SIZE_FLAGS = (
+    ("ppl_windows", "teacher-forced windows"),
+    ("ppl_window_len", "tokens per window"),
+    ("ppl_prefix", "prompt tokens per window (prefilled, not scored)"),
+    ("greedy_prompts", "prompts for greedy agreement (0 skips)"),
+    ("greedy_prompt_len", "tokens per greedy prompt"),
+    ("greedy_tokens", "greedy tokens generated per prompt"),
+    ("retrieval_examples", "demo-format retrieval prompts per context length (0 skips)"),
+    ("answer_prompts", "held-out chat prompts answered (0 skips)"),
+    ("answer_tokens", "greedy tokens per answer"),
+    ("needle_examples", "needle prompts per context length, evenly spaced depths (0 skips)"),
+    ("needle_count", "needles per haystack (1 queried, the rest distractors)"),
+    ("long_gen_prompts", "long-generation prompts (0 skips)"),
+    ("long_gen_tokens", "tokens per long generation"),
+)
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +39,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="compressed vs fp16 KV: ppl ratio, KL, greedy agreement, retrieval",
         description=(
             "Compare each --kv-policy (default: the engine's default policy) and each --peer "
-            "with the uncompressed cache on held-out text of the demo corpus: perplexity ratio "
-            "over teacher-forced decode steps, KL of next-token distributions, greedy "
-            "agreement, retrieval accuracy per context length, and KV bytes per token."
+            "with the uncompressed cache: perplexity ratio and KL over teacher-forced decode "
+            "steps after a prefix of held-out text, greedy agreement, retrieval; with the real "
+            "suite, answer agreement on held-out chat prompts, needles in 1k-8k haystacks, "
+            "long generation; and KV bytes per token measured from the pool."
         ),
     )
     p.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
@@ -45,26 +64,32 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--contexts",
-        default=",".join(str(c) for c in _DEFAULTS.contexts),
-        help="retrieval context lengths, comma-separated (default: %(default)s)",
+        default=None,
+        help="retrieval and needle context lengths, comma-separated (demo "
+        f"{','.join(map(str, _DEFAULTS.contexts))}, real {','.join(map(str, _REAL['contexts']))})",
+    )
+    p.add_argument(
+        "--suite",
+        default="auto",
+        choices=["auto", *SUITES],
+        help="size preset: demo (the demo model's sweep) or real (chat models, about 30 min "
+        "for three policies on 2 cores); auto picks real when the tokenizer has a chat "
+        "template. Flags below override the preset.",
     )
     p.add_argument("--split", default="dev", choices=["dev", "test"], help="held-out split")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    sizes = p.add_argument_group("sizes (defaults fit the 30-minute default sweep)")
-    for name, help_ in (
-        ("ppl_windows", "teacher-forced windows"),
-        ("ppl_window_len", "tokens per window"),
-        ("ppl_prefix", "prompt tokens per window (prefilled, not scored)"),
-        ("greedy_prompts", "prompts for greedy agreement"),
-        ("greedy_prompt_len", "tokens per greedy prompt"),
-        ("greedy_tokens", "greedy tokens generated per prompt"),
-        ("retrieval_examples", "retrieval prompts per context length"),
-    ):
+    sizes = p.add_argument_group("sizes (default: the suite's)")
+    for name, help_ in SIZE_FLAGS:
         flag = "--" + name.replace("_", "-")
-        default = getattr(_DEFAULTS, name)
-        sizes.add_argument(flag, type=int, default=default, help=f"{help_} (default: {default})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-memory", default=_DEFAULTS.kv_cache_memory)
+        both = f"demo {getattr(_DEFAULTS, name)}, real {_REAL.get(name, getattr(_DEFAULTS, name))}"
+        sizes.add_argument(flag, type=int, default=None, help=f"{help_} ({both})")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (demo auto, real float32)",
+    )
+    p.add_argument("--kv-cache-memory", default=None, help="KV pool size (demo 1GiB, real 2GiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_fidelity_command)
@@ -92,20 +117,19 @@ def run_fidelity_command(args: argparse.Namespace) -> int:
     """Run the harness as the flags say, print the table, write the JSON."""
     from tierkv.eval.peers import default_peers, parse_peer
 
-    config = FidelityConfig(
-        model=args.model,
+    suite = choose_suite(args.model) if args.suite == "auto" else args.suite
+    contexts = (
+        tuple(int(c) for c in args.contexts.split(",") if c.strip()) if args.contexts else None
+    )
+    config = suite_config(
+        suite,
+        args.model,
         split=args.split,
-        contexts=tuple(int(c) for c in args.contexts.split(",") if c.strip()),
-        ppl_windows=args.ppl_windows,
-        ppl_window_len=args.ppl_window_len,
-        ppl_prefix=args.ppl_prefix,
-        greedy_prompts=args.greedy_prompts,
-        greedy_prompt_len=args.greedy_prompt_len,
-        greedy_tokens=args.greedy_tokens,
-        retrieval_examples=args.retrieval_examples,
+        contexts=contexts,
         dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory,
         seed=args.seed,
+        **{name: getattr(args, name) for name, _ in SIZE_FLAGS},
     )
     skipped: list[str] = []
     peers = []
@@ -122,6 +146,10 @@ def run_fidelity_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(format_table(report))
+    if format_categories(report):
+        print(format_categories(report))
+    for note in report.skipped:
+        print(f"note: {note}")
     if any(not r.memory_freed for r in report.results):
         print("* kvpress masks these heads' pruned keys: bytes are ideal, memory is not freed")
     if args.json:

@@ -1,0 +1,21 @@
+"""The engine a task runs on: one loaded model shared by every policy of a call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tierkv.config import EngineConfig
+from tierkv.engine.engine import Engine
+
+
+def engine_for(model: Any, **engine_kwargs: Any) -> Engine:
+    """``model`` itself when it is an ``Engine``, else a new engine on that path.
+
+    Task functions take either, so that a tuning script loads the model once for many calls.
+    The pool defaults to 2 GiB: a real model's batch of chat prompts, or one 8k-token needle
+    prompt per method, must fit without preemption (a preempted request would be re-scored).
+    """
+    if isinstance(model, Engine):
+        return model
+    engine_kwargs.setdefault("kv_cache_memory", "2GiB")
+    return Engine(EngineConfig.from_kwargs(str(model), **engine_kwargs))
