@@ -39,9 +39,11 @@ SUITES: dict[str, dict[str, Any]] = {
 def choose_suite(model: str) -> str:
     """``real`` for a model whose tokenizer has a chat template, else ``demo``."""
     try:
+        from tierkv.model.source import resolve_model
         from tierkv.tokenizer import Tokenizer
 
-        return "real" if Tokenizer(model).hf.chat_template else "demo"
+        # A .gguf file or a short name such as smollm2 reads its tokenizer from its folder.
+        return "real" if Tokenizer(resolve_model(model).folder).hf.chat_template else "demo"
     except (OSError, ValueError):
         return "demo"
 
