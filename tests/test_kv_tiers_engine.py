@@ -24,12 +24,13 @@ def test_tiered_policy_strings_parse() -> None:
     )
     assert KVPolicy.parse(policy.name) == policy
     default = KVPolicy.parse("default")
-    assert default.name == "k8v4/k4v2-g64" and default.budget is None
+    assert default.name == "k8v8/k4v2-g64:ah=1,w=128" and default.budget is None
     assert default.high.group_size == default.low.group_size == 64  # type: ignore[union-attr]
-    assert (default.alpha_high, default.alpha_low, default.recent, default.pool) == (2, 0.2, 64, 7)
+    assert (default.alpha_high, default.alpha_low, default.recent, default.pool) == (1, 0.2, 128, 7)
     budget = KVPolicy.parse("default@0.2")
-    assert budget.name == "k8v4/k4v2-g64@0.2" and budget == default.with_budget(0.2)
-    assert KVPolicy.parse("default-g32:pk=1").name == "k8v4/k4v2-g32:pk=1"
+    assert budget.name == "k8v8/k4v2-g64@0.2:ah=1,w=128" and budget == default.with_budget(0.2)
+    # The name's own parameters override the default's.
+    assert KVPolicy.parse("default-g32:pk=1,w=32").name == "k8v8/k4v2-g32:ah=1,w=32,pk=1"
     assert KVPolicy.parse("k8v4/k4v2-g64").low.group_size == 64  # type: ignore[union-attr]
 
 
@@ -187,6 +188,6 @@ def test_default_policy_on_the_fast_backend_matches_the_reference_path(
         )
         outputs[backend] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         stats = llm.kv_stats()
-        assert stats["policy"] == "k8v4/k4v2-g64"
+        assert stats["policy"] == KVPolicy.parse("default").name
         assert stats["free_pages"] == stats["total_pages"]
     assert outputs["fast"] == outputs["reference"]
