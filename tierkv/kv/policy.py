@@ -209,7 +209,8 @@ class KVPolicy:
             head, _, params = name[len("default") :].partition(":")
             group = "" if head.startswith("-g") else f"-g{DEFAULT_GROUP}"
             # Later parameters win (``_params``), so the name's own override the default's.
-            name = DEFAULT_TIERS + group + head + ":" + DEFAULT_PARAMS + (f",{params}" * bool(params))
+            extra = f",{params}" if params else ""
+            name = f"{DEFAULT_TIERS}{group}{head}:{DEFAULT_PARAMS}{extra}"
         match = _UNIFORM.fullmatch(name)
         if match and match["format"] in _QUANTIZED_NAMES:
             fmt = _grouped(spec, FORMATS[match["format"]], match["group"])
