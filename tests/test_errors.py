@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tierkv import LLM, SamplingParams
+from tierkv import LLM, KVPolicy, SamplingParams
 from tierkv.config import EngineConfig, parse_size
 
 
@@ -81,9 +81,10 @@ def test_kv_budget_selects_budget_mode_and_bad_budgets_are_refused(
     checkpoints: dict[str, Path],
 ) -> None:
     path = str(checkpoints["llama"])
-    assert LLM(path, kv_budget=0.25, kv_cache_memory="16MiB").kv_stats()["policy"].endswith("@0.25")
+    policy = LLM(path, kv_budget=0.25, kv_cache_memory="16MiB").kv_stats()["policy"]
+    assert KVPolicy.parse(policy) == KVPolicy.parse("default").with_budget(0.25)
     tiered = LLM(path, kv_policy="k8v8/k4v4", kv_budget=0.5, kv_cache_memory="16MiB")
-    assert tiered.kv_stats()["policy"].startswith("k8v8/k4v4")
+    assert KVPolicy.parse(tiered.kv_stats()["policy"]) == KVPolicy.parse("k8v8/k4v4@0.5")
     with pytest.raises(ValueError, match=r"kv_budget must be in \(0, 1\], got 1.5"):
         LLM(path, kv_budget=1.5)
 
