@@ -23,18 +23,16 @@ request):
   defaults were tuned on the demo model's dev split (``docs/fidelity.md``).
 - ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
 - ``default``: the engine's compressing default (``EngineConfig.kv_policy``),
-  ``k8v8/k4v2-g64:ah=1,al=0.02,w=128``; it takes the same suffixes (``default@0.2``,
+  ``k8v8/k4v2-g64:ah=1,w=128``; it takes the same suffixes (``default@0.2``,
   ``default:w=32``, ``default-g32``), whose parameters override its own. Why these values, as
   measured on SmolLM2-135M-Instruct's dev prompts (``docs/fidelity.md``): the tokens that
   receive most attention, the attention sinks and the newest tokens, are the ones whose value
   error reaches the output almost unscaled (a token's value error enters the output weighted
   by its attention), so the high tier keeps 8-bit values (the earlier ``k8v4`` high tier put
   the sinks' values at 4 bits and kept 0.10 of the dev answers; ``k8v8`` high keeps 0.55),
-  the recent window is 128 tokens, ``ah=1`` keeps tokens with above-average attention high,
-  and ``al=0.02`` prunes only tokens with under 2% of average attention (both DiffKV's
-  published values): with ``al=0.2`` the dev needles at 1k-2k tokens were lost half the time
-  (4 of 8; 8 of 8 kept at 0.02). At 4k-token contexts it stores 3.2x fewer bytes per token
-  than the uncompressed bf16 cache (4.2x at ``al=0.2``).
+  the recent window is 128 tokens, and ``ah=1`` (DiffKV's published value) keeps tokens
+  with above-average attention high. At 4k-token contexts it stores 4.2x fewer bytes per
+  token than the uncompressed bf16 cache.
 
 Scores. A query *counts* when its position is at least ``prompt_len - sw`` (``prompt_len`` is
 the length at admission): the last ``sw`` prompt queries and every decode query. Each counting
@@ -118,7 +116,7 @@ _FP16_NAMES = ("fp16", FULL.name)
 _QUANTIZED_NAMES = tuple(name for name, fmt in FORMATS.items() if fmt.quantized)
 DEFAULT_TIERS = "k8v8/k4v2"
 # Parameters of ``default`` (before any the name adds, which override them); see above.
-DEFAULT_PARAMS = "ah=1,al=0.02,w=128"
+DEFAULT_PARAMS = "ah=1,w=128"
 # The group size of ``default`` unless its name sets one: 64 channels halve the scale/zero
 # bytes of 32, which the tuning sweep preferred (see docs/fidelity.md).
 DEFAULT_GROUP = 64
@@ -157,7 +155,7 @@ _SYNTAX = (
     "residual window such as k8v8:r=32), "
     "HIGH/LOW tiers such as k8v4/k4v2 written "
     "HIGH/LOW[-gN][@BUDGET][:ah=2.0,al=0.2,w=64,sw=64,pk=7,di=8], "
-    "and default (= k8v8/k4v2-g64:ah=1,al=0.02,w=128, same suffixes)"
+    "and default (= k8v8/k4v2-g64:ah=1,w=128, same suffixes)"
 )
 
 
