@@ -187,3 +187,22 @@ def test_a_press_that_drops_the_key_block_fails_retrieval() -> None:
     # StreamingLLM at 0.875 keeps 4 sink tokens and the last 60: the key block is gone.
     dropped = answers(HFBackend(model, press_peer("streaming", 0.875), 512))
     assert not any(d for d, f in zip(dropped, full, strict=True) if f)
+
+
+@pytest.mark.parametrize("kind", ["snapkv", "adakv-snapkv"])
+def test_snapkv_keeps_a_prompt_within_its_window_whole(llama: Path, kind: str) -> None:
+    """A prompt no longer than SnapKV's 64-query window (a short chat question) has nothing
+    to select from: it is kept whole and answered as the uncompressed cache answers it, where
+    kvpress itself would raise; a longer prompt is still pressed."""
+    pytest.importorskip("kvpress")
+    from tierkv.eval.peers import press_peer
+
+    model = load_hf_model(str(llama), torch.float32)
+    short = [list(range(5, 45))]
+    full = HFBackend(model, reference_peer(), 40).greedy(short, 8)
+    pressed = HFBackend(model, press_peer(kind, 0.5), 40)
+    assert pressed.greedy(short, 8) == full
+    if kind == "snapkv":  # AdaKV masks pruned keys instead of shortening the cache
+        long = [[(7 * i) % 300 + 3 for i in range(160)]]
+        cache, _ = pressed._prefill(torch.tensor(long))
+        assert cache.get_seq_length() < 160

@@ -234,7 +234,7 @@ class HFBackend:
 
     def _prefill(self, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
         cache = self.peer.make_cache(self.model.config)
-        with press_context(self.peer, self.model):
+        with press_context(self.peer, self.model, ids.shape[1]):
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1]
 

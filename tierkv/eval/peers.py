@@ -271,6 +271,17 @@ class KiviLayer(DynamicLayer):
         return keys, values
 
 
-def press_context(peer: Peer, model: Any) -> AbstractContextManager[None]:
-    """The context to run the prefill forward in (the press, or nothing)."""
-    return peer.press(model) if peer.press is not None else nullcontext()
+def press_context(peer: Peer, model: Any, prompt_len: int) -> AbstractContextManager[None]:
+    """The context to run a ``prompt_len``-token prefill forward in (the press, or nothing).
+
+    A SnapKV-style press scores the prompt with its last ``window_size`` queries and refuses a
+    prompt no longer than that window (kvpress asserts). Such a prompt has nothing outside the
+    window to select from, so it is kept whole, as a deployment of the press would keep it:
+    short chat prompts then score as the uncompressed cache does, not as an error.
+    """
+    if peer.press is None:
+        return nullcontext()
+    scorer = getattr(peer.press, "press", peer.press)  # AdaKV wraps the press it adapts
+    if prompt_len <= getattr(scorer, "window_size", 0):
+        return nullcontext()
+    return peer.press(model)
