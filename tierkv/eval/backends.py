@@ -113,17 +113,8 @@ class EngineBackend:
         return list(tokens), float(measured or 0.0)
 
     def teacher_forced(self, windows: list[list[int]], prefix: int) -> torch.Tensor:
-        params = self._params(max_tokens=None)
-        ids = [
-            self.engine.add_request(w[:prefix], params, forced_output=w[prefix:]) for w in windows
-        ]
-        rows: dict[str, torch.Tensor] = {}
-        with self._no_preemption():
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        rows[out.request_id] = out.outputs[0].forced_logprobs
-        return torch.stack([rows[rid] for rid in ids])
+        rows = self.forced_paths([w[:prefix] for w in windows], [w[prefix:] for w in windows])
+        return torch.stack(rows)
 
     def greedy(
         self, prompts: list[list[int]], max_new: int, stop_at_eos: bool = False
@@ -131,13 +122,7 @@ class EngineBackend:
         # One engine run for every prompt: the engine batches them continuously.
         params = self._params(max_tokens=max_new, ignore_eos=not stop_at_eos)
         ids = [self.engine.add_request(p, params) for p in prompts]
-        done: dict[str, list[int]] = {}
-        with self._no_preemption():
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out.token_ids
-        return [done[rid] for rid in ids]
+        return [out.token_ids for out in self._run(ids)]
 
     def forced_paths(self, prompts: list[list[int]], paths: list[list[int]]) -> list[torch.Tensor]:
         params = self._params(max_tokens=None)
@@ -145,13 +130,17 @@ class EngineBackend:
             self.engine.add_request(p, params, forced_output=f)
             for p, f in zip(prompts, paths, strict=True)
         ]
-        rows: dict[str, torch.Tensor] = {}
+        return [out.outputs[0].forced_logprobs for out in self._run(ids)]
+
+    def _run(self, ids: list[str]) -> list[Any]:
+        """Step the engine until every request is done; their final outputs, in ``ids`` order."""
+        done: dict[str, Any] = {}
         with self._no_preemption():
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     if out.finished:
-                        rows[out.request_id] = out.outputs[0].forced_logprobs
-        return [rows[rid] for rid in ids]
+                        done[out.request_id] = out
+        return [done[rid] for rid in ids]
 
     def _params(self, max_tokens: int | None, ignore_eos: bool = True) -> SamplingParams:
         return SamplingParams(
