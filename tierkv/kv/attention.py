@@ -168,7 +168,8 @@ class PagedAttention:
             out[tokens] = decoded
         if rows.units:
             workspace = self._workspace if self.backend == "fast" else None
-            tiered.attend_rows(store, layer, q, rows.units, window, out, workspace)
+            fresh = (k, v, rings)
+            tiered.attend_rows(store, layer, q, rows.units, window, out, workspace, fresh)
         for row in rows.prefill:
             start, n = batch.query_starts[row], batch.query_lens[row]
             residual = None

@@ -369,7 +369,9 @@ def tiered_decode(
     ``store.count`` tokens it holds in each tier that ``pos <= query_pos`` and, under a sliding
     ``window``, ``pos > query_pos - window`` (a decode query comes after every stored token, so
     only a window masks anything, and without one the kernel reads no position); the kernel
-    merges the two tiers' parts by their log-sum-exps.
+    merges the two tiers' parts by their log-sum-exps. Slots with a residual ring
+    (``store.residual``) read their newest positions from it instead, in place, as a third part
+    (``tierkv.kv.tiered_ring``); a ring position's probability is its tier token's.
 
     Returns ``(out, probs)``: ``out`` [B, Hq, D] in ``q``'s dtype and ``probs`` float32
     [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,
@@ -399,6 +401,17 @@ def tiered_decode(
         tiers = [store.tier_pages(layer, slots, tier) for tier in (HIGH, LOW)]
         widths = [pages.shape[-1] * store.layouts[f].tokens_per_page for f, _, pages in tiers]
         probs, split = torch.empty(b, hq, sum(widths)), widths[0]
+    options: dict = {}
+    residual = store.residual[slots]
+    if bool((residual > 0).any()):
+        ring_fields, ring_per_page, ring_dtype = _ring_layout(store.layouts[0])
+        options.update(
+            ring_size=store.ring[slots],
+            residual=residual,
+            ring_fields=ring_fields,
+            ring_tokens_per_page=ring_per_page,
+            ring_dtype=ring_dtype,
+        )
     out = module.tiered_decode(
         q,
         store.pool.arena,
@@ -415,6 +428,7 @@ def tiered_decode(
         score,
         probs,
         split,
+        **options,
     )
     if probs is None:
         return out, None

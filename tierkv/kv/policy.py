@@ -125,7 +125,7 @@ SUPPORTED_POLICIES = ("fp16", *_QUANTIZED_NAMES)
 
 _UNIFORM = re.compile(r"(?P<format>k\d+v\d+)(?:-g(?P<group>\d+))?(?::(?P<params>.*))?")
 _TIERED = re.compile(
-    r"(?P<high>k\d+v\d+)/(?P<low>k\d+v\d+)(?:-g(?P<group>\d+))?"
+    r"(?P<high>k\d+v\d+)(?:-g(?P<high_group>\d+))?/(?P<low>k\d+v\d+)(?:-g(?P<group>\d+))?"
     r"(?:@(?P<budget>[0-9]*\.?[0-9]+))?(?::(?P<params>.*))?"
 )
 # Parameter keys of the string syntax -> KVPolicy fields, for tiered and uniform policies.
@@ -136,6 +136,7 @@ _PARAMS = {
     "sw": "score_window",
     "pk": "pool",
     "di": "interval",
+    "r": "residual",
 }
 _UNIFORM_PARAMS = {"r": "residual"}
 _INT_PARAMS = ("recent", "score_window", "pool", "residual", "interval")
@@ -167,7 +168,8 @@ class KVPolicy:
         name: the canonical spelling (``fp16``, ``k4v2-g64``, ``k8v4/k4v2@0.2``).
         high: the format of kept tokens (of the high tier when tiered).
         low: the low tier's format; ``None`` for uniform policies (every token kept in ``high``).
-        residual: the newest tokens a uniform quantized policy also keeps uncompressed.
+        residual: the newest tokens also kept uncompressed (uniform quantized policies, and
+            tiered ones with ``r``, where it may not exceed the recent window ``w``).
         alpha_high: a token stays high while its mean score is at least ``alpha_high / N``.
         alpha_low: below ``alpha_low / N`` a token is pruned (threshold mode only).
         recent: the newest tokens always kept high.
@@ -228,7 +230,9 @@ class KVPolicy:
 
     @classmethod
     def _tiered(cls, spec: str, match: re.Match[str]) -> KVPolicy:
-        high = _grouped(spec, FORMATS[match["high"]], match["group"])
+        # A group size after the low format sets both tiers'; one after the high format, the
+        # high tier's alone (``k8v8-g32/k4v2-g64``).
+        high = _grouped(spec, FORMATS[match["high"]], match["high_group"] or match["group"])
         low = _grouped(spec, FORMATS[match["low"]], match["group"])
         if low.key_bits > high.key_bits or low.value_bits > high.value_bits or low == high:
             raise ValueError(
@@ -240,7 +244,8 @@ class KVPolicy:
         values.setdefault("interval", _default_interval(budget))
         policy = cls(name="", high=high, low=low, budget=budget, **values)  # type: ignore[arg-type]
         policy._validate(spec)
-        return replace(policy, name=policy._canonical(match["group"]))
+        grouped = match["group"] or match["high_group"]
+        return replace(policy, name=policy._canonical(grouped))
 
     def with_budget(self, fraction: float) -> KVPolicy:
         """This tiered policy in budget mode at ``fraction`` of fp16 bytes."""
@@ -261,11 +266,18 @@ class KVPolicy:
             raise ValueError(f"KV policy {spec!r}: the pooling kernel pk must be odd and >= 1")
         if self.interval < 1:
             raise ValueError(f"KV policy {spec!r}: the decision interval di must be >= 1")
+        if not 0 <= self.residual <= self.recent:
+            # The ring copies the newest tokens of the high tier; within the recent window they
+            # are never demoted or pruned, so a ring entry always has its tier token.
+            raise ValueError(f"KV policy {spec!r}: need 0 <= r <= w (the recent window)")
 
     def _canonical(self, group: str | None) -> str:
         assert self.low is not None
-        suffix = f"-g{self.high.group_size}" if group else ""
-        name = f"{self.high.name}/{self.low.name}{suffix}"
+        suffix = f"-g{self.low.group_size}" if group else ""
+        high = self.high.name
+        if self.high.group_size != self.low.group_size:
+            high += f"-g{self.high.group_size}"
+        name = f"{high}/{self.low.name}{suffix}"
         if self.budget is not None:
             name += f"@{self.budget:g}"
         defaults = KVPolicy(name="", high=self.high, interval=_default_interval(self.budget))

@@ -289,8 +289,8 @@ class KVStore:
 
     def pages_to_admit(self, num_tokens: int, policy: KVPolicy) -> int:
         """Pages admission reserves: the prompt at high precision, plus one low page per head
-        (tiered) or the residual ring (uniform with a residual window)."""
-        per_head = 1 if policy.tiered else self._ring_pages(policy.residual, policy.high)
+        (tiered) and the residual ring (with a residual window)."""
+        per_head = int(policy.tiered) + self._ring_pages(policy.residual, policy.high)
         return (
             self.pages_for(num_tokens, policy.high) + self.num_layers * self.num_kv_heads * per_head
         )
@@ -304,7 +304,7 @@ class KVStore:
 
     def residual_bytes(self, policy: KVPolicy) -> int:
         """Bytes a request's residual ring costs across layers and heads (0 without one)."""
-        pages = self._ring_pages(policy.residual, policy.high) if not policy.tiered else 0
+        pages = self._ring_pages(policy.residual, policy.high)
         per_page = self.pool.page_bytes + self.tables.element_size()
         return self.num_layers * self.num_kv_heads * pages * per_page
 

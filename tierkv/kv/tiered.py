@@ -16,16 +16,22 @@ gathers only scores and positions) where it is built, else to the fused torch pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv import fast, native
+from tierkv.kv import fast, native, tiered_ring
 from tierkv.kv.compact import apply_decisions
-from tierkv.kv.partial import causal_attention, causal_visibility
+from tierkv.kv.partial import (
+    causal_attention,
+    causal_visibility,
+    flash_serves,
+    residual_prefill,
+)
 from tierkv.kv.quant import KVFormat
-from tierkv.kv.store import HIGH, LOW, KVStore, TierRead
+from tierkv.kv.store import HIGH, LOW, KVStore, Residual, TierRead
 
 if TYPE_CHECKING:
     from tierkv.kv.attention import AttentionBatch
@@ -59,6 +65,7 @@ def attend(
     query_pos: torch.Tensor,
     window: int | None,
     workspace: dict | None = None,
+    residual: Residual | None = None,
 ) -> TieredAttention:
     """Attention of ``q`` [B, nq, Hq, D] at positions ``query_pos`` [B, nq] over what ``slots``
     keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype.
@@ -66,6 +73,8 @@ def attend(
     Given a ``workspace`` (the fast backend's buffers) and tier formats ``tierkv.kv.fast``
     serves, keys and values are never decoded: the dequantization is folded into the two
     matmuls of each tier (``fast.key_scores``, ``fast.value_mix``), with one softmax over both.
+    With ``residual`` (slots with a ring, the step's own tokens appended), each query's newest
+    positions come from it uncompressed (``tierkv.kv.tiered_ring``).
     """
     high = store.read_tier(layer, slots, HIGH)
     low = store.read_tier(layer, slots, LOW)
@@ -78,8 +87,11 @@ def attend(
     visible = valid[:, :, None, None, :] & causal_visibility(
         query_pos[:, None, None, :], pos[:, :, None, None, :], window
     )
-    if workspace is not None and all(fast.supports(f, dim) for f in formats):
-        probs, out = _fused(qg, (high, low), formats, valid, visible, workspace)
+    if residual is not None:
+        visible = tiered_ring.hide_recent(visible, pos, query_pos, residual.window)
+    fused = workspace is not None and all(fast.supports(f, dim) for f in formats)
+    if fused:
+        logits, mix = _fused(qg, (high, low), formats, valid, workspace)
     else:
         kh, vh = formats[0].decode(high.fields, torch.float32)
         kl, vl = formats[1].decode(low.fields, torch.float32)
@@ -88,8 +100,17 @@ def attend(
         # the keys, but in the values a zero probability would keep it.
         values = torch.cat([vh, vl], 2).masked_fill(~valid[..., None], 0.0)
         logits = qg @ keys[:, :, None].transpose(-1, -2) / math.sqrt(dim)
-        probs = logits.masked_fill(~visible, -torch.inf).softmax(-1)
-        out = probs @ values[:, :, None]
+    logits = logits.masked_fill(~visible, -torch.inf)
+    if residual is not None:
+        logits = torch.cat([logits, tiered_ring.ring_logits(qg, residual, query_pos, window)], -1)
+    probs = logits.softmax(-1)
+    ring_probs = None
+    if residual is not None:
+        probs, ring_probs = probs.split([pos.shape[2], probs.shape[-1] - pos.shape[2]], -1)
+    out = mix(probs) if fused else probs @ values[:, :, None]
+    if ring_probs is not None:
+        out = out + tiered_ring.ring_mix(ring_probs, residual)
+        probs = tiered_ring.fold(probs, ring_probs, pos, valid, residual)
     out = out.permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
     return TieredAttention(out.to(q.dtype), probs)
 
@@ -99,11 +120,11 @@ def _fused(
     reads: tuple[TierRead, TierRead],
     formats: tuple[KVFormat, KVFormat],
     valid: torch.Tensor,
-    visible: torch.Tensor,
     workspace: dict,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities ``[B, H, G, nq, T]`` and output ``[B, H, G, nq, D]`` of both tiers,
-    straight from their codes (see ``tierkv.kv.fast``)."""
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Logits ``[B, H, G, nq, T]`` of both tiers straight from their codes (see
+    ``tierkv.kv.fast``), and the function that mixes their values by probabilities of that
+    shape into the output ``[B, H, G, nq, D]``."""
     b, heads, group, nq, dim = qg.shape
     rows = qg.reshape(b, heads, group * nq, dim) * (1.0 / math.sqrt(dim))
     # Each non-empty tier with its name (for its workspace buffers) and its first column.
@@ -116,22 +137,26 @@ def _fused(
     scores = []
     for f, fmt, name, _ in tiers:
         keys = fast.unpack(f["k_codes"], fmt.key_bits, workspace, f"{name}_k")
-        # Stale scales past a head's count may be NaN; the mask below removes them.
+        # Stale scales past a head's count may be NaN; the caller's mask removes them.
         scale, zero = (f[n].float().transpose(-1, -2) for n in ("k_scale", "k_zero"))
         scores.append(fast.key_scores(rows, keys, scale, zero, fmt.key_bits))
     logits = torch.cat(scores, -1).view(b, heads, group, nq, -1)
-    probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
-    flat = probs.view(b, heads, group * nq, -1)
-    out = torch.zeros(b, heads, group * nq, dim)
-    for f, fmt, name, cols in tiers:
-        # A zero probability would not remove a stale NaN scale from the values: clear them.
-        keep = valid[:, :, None, cols]
-        scale, zero = (
-            torch.where(keep, f[n].float().transpose(-1, -2), 0.0) for n in ("v_scale", "v_zero")
-        )
-        values = fast.unpack(f["v_codes"], fmt.value_bits, workspace, f"{name}_v")
-        out += fast.value_mix(flat[..., cols], values, scale, zero, fmt.value_bits)
-    return probs, out.view(b, heads, group, nq, dim)
+
+    def mix(probs: torch.Tensor) -> torch.Tensor:
+        flat = probs.reshape(b, heads, group * nq, -1)
+        out = torch.zeros(b, heads, group * nq, dim)
+        for f, fmt, name, cols in tiers:
+            # A zero probability would not remove a stale NaN scale from the values.
+            keep = valid[:, :, None, cols]
+            scale, zero = (
+                torch.where(keep, f[n].float().transpose(-1, -2), 0.0)
+                for n in ("v_scale", "v_zero")
+            )
+            values = fast.unpack(f["v_codes"], fmt.value_bits, workspace, f"{name}_v")
+            out += fast.value_mix(flat[..., cols], values, scale, zero, fmt.value_bits)
+        return out.view(b, heads, group, nq, dim)
+
+    return logits, mix
 
 
 def add_received(
@@ -194,13 +219,14 @@ def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: boo
 class Unit:
     """Tiered requests of a step attended in one call: decodes sharing their tier formats, or
     one prefill chunk. ``tokens`` [R, n] are their tokens' indices in the step, ``query_pos``
-    [R, n] their positions, ``slots`` [R] their store slots; ``native``: decodes whose tier
-    formats the native kernel serves."""
+    [R, n] their positions, ``slots`` [R] their store slots, ``rows`` [R] their rows of the
+    step's batch; ``native``: decodes whose tier formats the native kernel serves."""
 
     tokens: torch.Tensor
     query_pos: torch.Tensor
     slots: torch.Tensor
     native: bool
+    rows: torch.Tensor
 
 
 def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -> list[Unit]:
@@ -219,7 +245,7 @@ def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -
         tokens = starts[rows][:, None] + torch.arange(n)
         slots = batch.slots[rows]
         native_decode = n == 1 and _native_serves(store, slots)
-        units.append(Unit(tokens, batch.token_index[tokens], slots, native_decode))
+        units.append(Unit(tokens, batch.token_index[tokens], slots, native_decode, rows))
     return units
 
 
@@ -231,21 +257,58 @@ def attend_rows(
     window: int | None,
     out: torch.Tensor,
     workspace: dict | None = None,
+    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None] | None = None,
 ) -> None:
     """Attend and score for the tiered requests of a step (``step_units``) at one layer,
     writing their rows of ``out`` (``decide_step`` decides after the last layer). Decodes
     sharing tier formats form one batched call; prefill chunks go alone. ``workspace`` selects
-    the fused path of ``attend``."""
+    the fast paths. ``fresh`` is the step's keys and values [N, H, D] and, when slots have
+    residual rings, their entries read before the step's write (``KVStore.read_residual``;
+    None if the step did not read them: then only the native decode needs them).
+    """
     for unit in units:
         tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
         if workspace is not None and unit.native:
             att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
-        elif workspace is not None and tokens.shape[1] > 1:
-            att, query_pos = _attend_prefill(store, layer, q[tokens], slots, query_pos, window)
+            out[tokens] = att.out
+            add_received(store, layer, slots, query_pos, att)
+            continue
+        residual = _residual(store, layer, unit, fresh)
+        if workspace is not None and tokens.shape[1] > 1 and _dense_serves(q, residual, window):
+            att, query_pos = _attend_prefill(
+                store, layer, q[tokens], slots, query_pos, window, residual
+            )
         else:
-            att = attend(store, layer, q[tokens], slots, query_pos, window, workspace)
+            att = attend(store, layer, q[tokens], slots, query_pos, window, workspace, residual)
         out[tokens] = att.out
         add_received(store, layer, slots, query_pos, att)
+
+
+def _dense_serves(q: torch.Tensor, residual: Residual | None, window: int | None) -> bool:
+    """Whether ``_attend_prefill`` serves a chunk: ``residual_prefill`` takes a sliding window
+    only through the native flash kernel and when the window is wider than the ring."""
+    if residual is None or window is None:
+        return True
+    return flash_serves(q[:1, 0].transpose(0, 1)[None]) and window > int(residual.window.max())
+
+
+def _residual(
+    store: KVStore,
+    layer: int,
+    unit: Unit,
+    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None] | None,
+) -> Residual | None:
+    """The ring entries a unit's queries see uncompressed (None when its slots have none)."""
+    if fresh is None or not bool((store.residual[unit.slots] > 0).any()):
+        return None
+    k, v, rings = fresh
+    if rings is None:
+        # Read after the step's write: a decode's ring then holds its newest positions, the
+        # step's own token included (a prefill chunk always has them read before).
+        return store.read_residual(layer, unit.slots)
+    own_k = k[unit.tokens].permute(0, 2, 1, 3)
+    own_v = v[unit.tokens].permute(0, 2, 1, 3)
+    return rings.select(unit.rows).append(own_k, own_v, unit.query_pos)
 
 
 def _attend_prefill(
@@ -255,14 +318,15 @@ def _attend_prefill(
     slots: torch.Tensor,
     query_pos: torch.Tensor,
     window: int | None,
+    residual: Residual | None = None,
 ) -> tuple[TieredAttention, torch.Tensor]:
     """``attend`` for a prefill chunk of one request (``q`` [1, n, Hq, D]).
 
     Chunks come before the request's first decision, so its tokens are all in the high tier, in
-    position order: the output is dense causal attention over them (``causal_attention``), and
-    probabilities are computed only for the queries that score (the last ``sw`` of the prompt),
-    none when no query of the chunk does. Returns the attention, its probabilities covering
-    those queries, and their positions.
+    position order: the output is dense causal attention over them (``causal_attention``, or
+    ``residual_prefill`` with a ring), and probabilities are computed only for the queries that
+    score (the last ``sw`` of the prompt), none when no query of the chunk does. Returns the
+    attention, its probabilities covering those queries, and their positions.
     """
     n = q.shape[1]
     total = int(query_pos[0, -1]) + 1
@@ -271,17 +335,34 @@ def _attend_prefill(
     # the tokens.
     _, heads, width, dim = keys.shape
     queries = q[0].transpose(0, 1)[None]
-    out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], total - n, window)
+    context = total - n
+    if residual is None:
+        out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], context, window)
+    else:
+        kept = (keys[:, :, :total], values[:, :, :total])
+        out = residual_prefill(queries, *kept, context, residual, window)
     counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
     if not counting:
         return TieredAttention(out[0].transpose(0, 1)[None], None, scored=True), query_pos
     first = n - counting
-    visible = causal_visibility(query_pos[0, first:], torch.arange(width), window)
+    columns = torch.arange(width)
+    visible = causal_visibility(query_pos[0, first:], columns, window)
     group = q.shape[2] // heads
     scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
     logits = scoring @ keys.float()[:, :, None].transpose(-1, -2) * (1.0 / math.sqrt(dim))
-    probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
-    return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
+    if residual is None:
+        probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
+        return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
+    # Column c holds position c: the ring's entries fold back onto their columns.
+    scored_pos = query_pos[:, first:]
+    pos = columns.expand(1, heads, width)
+    visible = tiered_ring.hide_recent(visible[None, None], pos, scored_pos, residual.window)
+    logits = logits.masked_fill_(~visible, -torch.inf)
+    ring = tiered_ring.ring_logits(scoring, residual, scored_pos, window)
+    probs, ring_probs = torch.cat([logits, ring], -1).softmax(-1).split([width, ring.shape[-1]], -1)
+    valid = columns[None, None] < total
+    probs = tiered_ring.fold(probs, ring_probs, pos, valid.expand(1, heads, width), residual)
+    return TieredAttention(out[0].transpose(0, 1)[None], probs), scored_pos
 
 
 def _native_serves(store: KVStore, slots: torch.Tensor) -> bool:

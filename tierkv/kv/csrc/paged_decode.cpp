@@ -154,6 +154,9 @@ struct Item {
   const int64_t* ring_pages;
   int64_t ring_size;
   int64_t residual;
+  // The position column 0 of probs stands for (tiered_decode's ring part writes only its
+  // own positions; 0 elsewhere).
+  int64_t probs_base;
 };
 
 // A page's bytes, its id checked against the arena.
@@ -420,7 +423,7 @@ void attend(const Shared& sh, const Item& it) {
     for (int64_t i = 0; i < group; ++i) {
       float* l = logits.data() + i * kBlock;
       if (it.probs != nullptr) {
-        std::copy(l, l + n, it.probs + i * it.probs_stride + col);
+        std::copy(l, l + n, it.probs + i * it.probs_stride + col - it.probs_base);
       }
       std::fill(l + n, l + padded, kMasked);
       f32x16 top = broadcast(run_max[i]);
@@ -712,16 +715,17 @@ void attend(const Shared& sh, const Item& it) {
     it.lse[i] = lse;
     if (probs != nullptr) {
       // The raw logits of the range become probabilities; columns outside it are 0.
-      std::fill(probs, probs + it.start, 0.0f);
-      int64_t t = it.start;
-      for (; t + kLanes <= it.end; t += kLanes) {
+      const int64_t start = it.start - it.probs_base, end = it.end - it.probs_base;
+      std::fill(probs, probs + start, 0.0f);
+      int64_t t = start;
+      for (; t + kLanes <= end; t += kLanes) {
         const f32x16 e = exp_nonpositive(load(probs + t) - lse);
         std::memcpy(probs + t, &e, sizeof e);
       }
-      for (; t < it.end; ++t) {
+      for (; t < end; ++t) {
         probs[t] = exp_nonpositive(probs[t] - lse);
       }
-      std::fill(probs + it.end, probs + it.probs_width, 0.0f);
+      std::fill(probs + end, probs + it.probs_width, 0.0f);
     }
   }
 }
@@ -958,6 +962,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
           ring_p != nullptr ? ring_p + item * ring_columns : nullptr,
           ring_len_p != nullptr ? ring_len_p[b] : 0,
           ring_window_p != nullptr ? ring_window_p[b] : 0,
+          0,
       };
       fn(shared, work);
     }
@@ -978,12 +983,20 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
 // tables ([S, L, H, 3, P], [S, L, H, 2]), read at `slots` [B] and `layer` here, so the call
 // needs no per-layer gathers. `formats` holds each tier's key bits, value bits, group size and
 // tokens per page; `offsets` and `strides` each tier's seven kernel fields then its score.
+// With `residual` [B] (tiered slots with a residual ring, tierkv/kv/tiered_ring.py), the
+// newest `residual` positions up to the query are read from the slot's ring (the tables'
+// third row, `ring_size` [B] tokens, FULL pages as paged_decode reads them) as a third part,
+// and hidden in the tiers; each ring position's probability is folded onto its tier token.
 at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tensor& tables,
                          const at::Tensor& counts, const at::Tensor& slots, int64_t layer,
                          const at::Tensor& query_pos, int64_t window, double sm_scale,
                          std::vector<int64_t> formats, std::vector<int64_t> offsets,
                          std::vector<int64_t> strides, bool score,
-                         const std::optional<at::Tensor>& probs, int64_t probs_split) {
+                         const std::optional<at::Tensor>& probs, int64_t probs_split,
+                         const std::optional<at::Tensor>& ring_size,
+                         const std::optional<at::Tensor>& residual,
+                         std::vector<int64_t> ring_fields, int64_t ring_tokens_per_page,
+                         const std::string& ring_dtype) {
   constexpr float kMasked = -std::numeric_limits<float>::infinity();
   TORCH_CHECK(q.dim() == 3 && q.device().is_cpu(), "q must be a CPU tensor [B, Hq, D]");
   check_store_tables(arena, tables, counts);
@@ -1025,6 +1038,31 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
     widths[1] = probs->size(2) - probs_split;
   }
 
+  RingLayout ring_lay{{0, 0}, {0, 0}, 1, RowType::kFloat};
+  at::Tensor ring_len, ring_window;
+  const int64_t* ring_len_p = nullptr;
+  const int64_t* ring_window_p = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(ring_size.has_value(), "a residual window needs its ring_size");
+    TORCH_CHECK(ring_size->scalar_type() == at::kLong && ring_size->numel() == batch &&
+                    residual->scalar_type() == at::kLong && residual->numel() == batch,
+                "ring_size and residual must be int64 [B]");
+    TORCH_CHECK(ring_fields.size() == 4, "ring_fields: k offset, k stride, v offset, v stride");
+    TORCH_CHECK(ring_tokens_per_page > 0, "ring_tokens_per_page must be positive");
+    ring_lay = RingLayout{{ring_fields[0], ring_fields[1]}, {ring_fields[2], ring_fields[3]},
+                          ring_tokens_per_page, row_type(ring_dtype)};
+    const int64_t row_bytes = dim * (ring_lay.type == RowType::kFloat ? 4 : 2);
+    for (const Field& f : {ring_lay.k, ring_lay.v}) {
+      TORCH_CHECK(f.offset >= 0 && f.stride >= row_bytes &&
+                      f.offset + ring_tokens_per_page * f.stride <= page_bytes,
+                  "ring rows do not fit a page");
+    }
+    ring_len = ring_size->contiguous();
+    ring_window = residual->contiguous();
+    ring_len_p = ring_len.data_ptr<int64_t>();
+    ring_window_p = ring_window.data_ptr<int64_t>();
+  }
+
   const at::Tensor slot_t = slots.contiguous(), qpos_t = query_pos.contiguous();
   const int64_t* slot_p = slot_t.data_ptr<int64_t>();
   const int64_t* qpos_p = qpos_t.data_ptr<int64_t>();
@@ -1050,6 +1088,19 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
           TORCH_CHECK(row[c] >= 0 && row[c] < num_pages, "page id ", row[c], " outside the arena");
         }
       }
+      const int64_t res = ring_window_p != nullptr ? ring_window_p[b] : 0;
+      if (res > 0) {
+        const int64_t size = ring_len_p[b];
+        TORCH_CHECK(res <= size && size % ring_tokens_per_page == 0 &&
+                        size <= columns * ring_tokens_per_page,
+                    "ring of request ", b, ": residual ", res, ", ", size,
+                    " tokens: not whole pages of its ring table holding the residual");
+        const int64_t* row = table_p + (unit(b, h) * 3 + 2) * columns;
+        for (int64_t c = 0; c * ring_tokens_per_page < size; ++c) {
+          TORCH_CHECK(row[c] >= 0 && row[c] < num_pages, "ring page id ", row[c],
+                      " outside the arena");
+        }
+      }
     }
   }
 
@@ -1057,21 +1108,32 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
   auto out = at::empty({batch, q_heads, dim}, qf.options());
   const RingLayout no_ring{{0, 0}, {0, 0}, 1, RowType::kFloat};
   uint8_t* base = arena.data_ptr<uint8_t>();
-  const Shared shared[2] = {
+  const Shared shared[3] = {
       {lays[0], no_ring, base, page_bytes, num_pages, group, static_cast<float>(sm_scale)},
-      {lays[1], no_ring, base, page_bytes, num_pages, group, static_cast<float>(sm_scale)}};
+      {lays[1], no_ring, base, page_bytes, num_pages, group, static_cast<float>(sm_scale)},
+      {lays[0], ring_lay, base, page_bytes, num_pages, group, static_cast<float>(sm_scale)}};
   const float* q_p = qf.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
   float* probs_p = probs.has_value() ? probs->data_ptr<float>() : nullptr;
   const int64_t probs_cols = probs.has_value() ? probs->size(2) : 0;
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t finish) {
-    std::vector<float> part_out(static_cast<size_t>(2 * group * dim));
-    std::vector<float> part_lse(static_cast<size_t>(2 * group));
+    std::vector<float> part_out(static_cast<size_t>(3 * group * dim));
+    std::vector<float> part_lse(static_cast<size_t>(3 * group));
     std::vector<float> scratch[2];
+    std::vector<float> ring_probs;
     for (int64_t item = begin; item < finish; ++item) {
       const int64_t b = item / kv_heads, h = item % kv_heads;
       const int64_t head_q = item * group;  // first query head of this KV head
+      const int64_t qpos = qpos_p[b];
+      const int64_t res = ring_window_p != nullptr ? ring_window_p[b] : 0;
+      // The ring serves the newest `res` positions up to the query (within a sliding window);
+      // the tiers the older ones, seen as if by a query `res` positions earlier whose window
+      // is `res` narrower (none left: the tiers add nothing).
+      const int64_t nring = std::min({res, qpos + 1, window > 0 ? window : res});
+      const int64_t ring_lo = qpos + 1 - nring;
+      const int64_t tier_window = window > 0 ? window - res : 0;
+      const bool tiers_seen = !(res > 0 && window > 0 && tier_window <= 0);
       int64_t count[2];
       float* tier_probs[2];
       int64_t stride[2];
@@ -1087,39 +1149,90 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
         }
         const Item work{table_p + (unit(b, h) * 3 + tier) * columns,
                         0,
-                        count[tier],
+                        tiers_seen ? count[tier] : 0,
                         q_p + head_q * dim,
                         part_out.data() + tier * group * dim,
                         part_lse.data() + tier * group,
                         // A decode query comes after every token stored: only a sliding
-                        // window hides some.
-                        window > 0,
-                        qpos_p[b],
-                        window,
+                        // window or the ring hides some.
+                        window > 0 || res > 0,
+                        res > 0 ? qpos - res : qpos,
+                        res > 0 ? tier_window : window,
                         tier_probs[tier],
                         stride[tier],
                         probs_p != nullptr ? widths[tier] : count[tier],
                         nullptr,
                         0,
+                        0,
                         0};
         fns[tier](shared[tier], work);
       }
-      // Merge the tiers (an empty part has lse -inf and weight 0) and rescale each tier's
+      float* ring_lse = part_lse.data() + 2 * group;
+      if (nring > 0) {
+        ring_probs.resize(static_cast<size_t>(group * nring));
+        const Item work{table_p + (unit(b, h) * 3 + 2) * columns,
+                        ring_lo,
+                        qpos + 1,
+                        q_p + head_q * dim,
+                        part_out.data() + 2 * group * dim,
+                        ring_lse,
+                        false,
+                        0,
+                        0,
+                        ring_probs.data(),
+                        nring,
+                        nring,
+                        table_p + (unit(b, h) * 3 + 2) * columns,
+                        ring_len_p[b],
+                        nring,
+                        ring_lo};
+        fns[0](shared[2], work);
+      } else {
+        std::fill(ring_lse, ring_lse + group, kMasked);
+      }
+      // Merge the parts (an empty part has lse -inf and weight 0) and rescale each part's
       // probabilities from its own log-sum-exp to the whole's.
       for (int64_t i = 0; i < group; ++i) {
-        const float a = part_lse[i], c = part_lse[group + i];
-        const float hi = std::max(a, c);
-        const float lse = hi == kMasked ? kMasked : hi + std::log1p(std::exp(-std::fabs(a - c)));
+        const float l[3] = {part_lse[i], part_lse[group + i], ring_lse[i]};
+        const float hi = std::max({l[0], l[1], l[2]});
+        float lse = kMasked;
+        if (hi != kMasked) {
+          lse = hi + std::log(std::exp(l[0] - hi) + std::exp(l[1] - hi) + std::exp(l[2] - hi));
+        }
         const float safe = lse == kMasked ? 0.0f : lse;
-        const float w[2] = {std::exp(a - safe), std::exp(c - safe)};
+        const float w[3] = {std::exp(l[0] - safe), std::exp(l[1] - safe), std::exp(l[2] - safe)};
         float* o = out_p + (head_q + i) * dim;
         for (int64_t d = 0; d < dim; ++d) {
           o[d] = part_out[i * dim + d] * w[0] + part_out[(group + i) * dim + d] * w[1];
+          if (nring > 0) {
+            o[d] += part_out[(2 * group + i) * dim + d] * w[2];
+          }
         }
         for (int tier = 0; tier < 2; ++tier) {
           float* row = tier_probs[tier] + i * stride[tier];
           for (int64_t t = 0; t < count[tier]; ++t) {
             row[t] *= w[tier];
+          }
+        }
+        for (int64_t t = 0; t < nring; ++t) {
+          ring_probs[i * nring + t] *= w[2];
+        }
+      }
+      // Each ring position's probability goes to its token in the tiers (hidden there, so at
+      // 0), found by the token's stored position.
+      for (int tier = 0; nring > 0 && tier < 2; ++tier) {
+        const Layout& lay = lays[tier];
+        const int64_t tpp = lay.tokens_per_page;
+        const int64_t* row = table_p + (unit(b, h) * 3 + tier) * columns;
+        for (int64_t t = 0; t < count[tier]; ++t) {
+          int32_t pos;
+          const uint8_t* page = base + row[t / tpp] * page_bytes;
+          std::memcpy(&pos, page + lay.pos.offset + (t % tpp) * lay.pos.stride, sizeof pos);
+          if (pos < ring_lo || pos > qpos) {
+            continue;
+          }
+          for (int64_t i = 0; i < group; ++i) {
+            tier_probs[tier][i * stride[tier] + t] += ring_probs[i * nring + (pos - ring_lo)];
           }
         }
       }
@@ -1168,5 +1281,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("arena"), py::arg("tables"), py::arg("counts"), py::arg("slots"),
         py::arg("layer"), py::arg("query_pos"), py::arg("window"), py::arg("sm_scale"),
         py::arg("formats"), py::arg("offsets"), py::arg("strides"), py::arg("score"),
-        py::arg("probs"), py::arg("probs_split"));
+        py::arg("probs"), py::arg("probs_split"), py::kw_only(),
+        py::arg("ring_size") = py::none(), py::arg("residual") = py::none(),
+        py::arg("ring_fields") = std::vector<int64_t>{}, py::arg("ring_tokens_per_page") = 1,
+        py::arg("ring_dtype") = "float32");
 }
