@@ -4,6 +4,14 @@ from tierkv.engine.llm import LLM
 from tierkv.engine.request import CompletionOutput, RequestOutput
 from tierkv.kv.policy import KVPolicy
 from tierkv.sampling import SamplingParams
+from tierkv.structured import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "KVPolicy", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "KVPolicy",
+    "RequestOutput",
+    "CompletionOutput",
+]
 __version__ = "0.1.0"

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tierkv.structured.bitmask import mask_logits
+from tierkv.structured.matcher import GrammarMatcher
+from tierkv.structured.params import StructuredOutputsParams
+from tierkv.validate import finite_float, int64
+
 
 @dataclass
 class SamplingParams:
@@ -19,7 +24,8 @@ class SamplingParams:
     Attributes follow vLLM: ``temperature`` 0 means greedy; ``top_k`` 0 or -1 means all tokens;
     ``stop`` strings are matched on the detokenized text and excluded from the output;
     ``logprobs`` asks for the top-N log-probabilities of each generated token (plus the
-    sampled one); ``n`` completions are generated per prompt.
+    sampled one); ``n`` completions are generated per prompt. ``structured_outputs``
+    constrains the output to a JSON schema or to any JSON object (``StructuredOutputsParams``).
     """
 
     n: int = 1
@@ -38,12 +44,31 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     kv_policy: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int64("stop_token_ids", t) for t in self.stop_token_ids or []]
+        self._normalize()
         self._validate()
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
+
+    def _normalize(self) -> None:
+        """Numbers as plain Python ``int``/``float`` (numpy scalars too), refusing booleans,
+        non-numbers, infinities, NaN and integers wider than 64 bits: a value that slips
+        through would only fail later, inside an engine step shared with other requests."""
+        for name in _REAL_FIELDS:
+            setattr(self, name, finite_float(name, getattr(self, name)))
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None or name in ("n", "top_k"):
+                setattr(self, name, int64(name, value))
+        if not all(isinstance(s, str) for s in self.stop_strings):
+            raise ValueError("stop must be a string or a list of strings")
 
     def _validate(self) -> None:
         checks = [
@@ -55,6 +80,10 @@ class SamplingParams:
                 f"top_k must be -1 (disable), 0 (disable) or positive, got {self.top_k}",
             ),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (
+                self.seed is None or self.seed >= 0,
+                f"seed must be >= 0, got {self.seed}",
+            ),
             (
                 self.max_tokens is None or self.max_tokens >= 1,
                 f"max_tokens must be at least 1, got {self.max_tokens}",
@@ -94,6 +123,17 @@ class SamplingParams:
         )
 
 
+_REAL_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "logprobs")
+
+
 @dataclass(frozen=True)
 class Logprob:
     """Log-probability of one token, its rank in the distribution and its text."""
@@ -111,14 +151,21 @@ class SampleRow:
     generator: torch.Generator
     prompt_ids: list[int]
     output_ids: list[int]
+    grammar: GrammarMatcher | None = None
+    """The request's structured-output matcher: only the tokens it allows can be drawn."""
 
 
 @dataclass
 class SampleResult:
-    """Sampled tokens [R] and, for rows that asked, their top log-probs."""
+    """Sampled tokens [R] and, for rows that asked, their top log-probs.
+
+    ``errors`` (from ``sample_isolated`` only) holds, per row, the exception that row raised
+    when sampled alone, or None; a failed row's token is -1.
+    """
 
     tokens: list[int]
     logprobs: list[dict[int, Logprob] | None]
+    errors: list[Exception | None] = field(default_factory=list)
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
@@ -129,6 +176,10 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     for i, r in enumerate(rows):
         if r.params.penalized:
             _apply_penalties(logits[i], r)
+    # Before temperature and top-k/p/min-p, so they only ever see grammatical tokens; after
+    # the raw log-probs, which report the model's own distribution (as vLLM's do).
+    if any(r.grammar is not None for r in rows):
+        mask_logits(logits, [r.grammar for r in rows])
 
     temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
     greedy = temps == 0
@@ -162,6 +213,41 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     return SampleResult(tokens=tokens.tolist(), logprobs=out_logprobs)
 
 
+def sample_isolated(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+    """``sample``, where a row that raises fails alone instead of failing every row.
+
+    The batched path runs first; only when it raises is each row sampled on its own, and the
+    rows that still raise get their exception in ``errors``. A failure is one request's
+    problem (its parameters, its history), so the others of the step must go on.
+    """
+    # The failed batched attempt may have drawn from some generators already: rewinding them
+    # keeps a seeded row's draws what they would have been had no other row failed. Greedy
+    # rows never draw, so only sampled rows pay for the copy (about 1 us each).
+    states = [None if r.params.greedy else r.generator.get_state() for r in rows]
+    try:
+        result = sample(logits, rows)
+    except Exception:
+        pass  # find the failing rows below
+    else:
+        result.errors = [None] * len(rows)
+        return result
+    result = SampleResult(tokens=[], logprobs=[], errors=[])
+    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        if state is not None:
+            row.generator.set_state(state)
+        try:
+            one = sample(logits[i : i + 1], [row])
+        except Exception as exc:
+            result.tokens.append(-1)
+            result.logprobs.append(None)
+            result.errors.append(exc)
+        else:
+            result.tokens.append(one.tokens[0])
+            result.logprobs.append(one.logprobs[0])
+            result.errors.append(None)
+    return result
+
+
 def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
     p = row.params
     vocab = logits.shape[0]
@@ -187,7 +273,8 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         return logits.softmax(dim=-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    # Clamped to the vocabulary, so no top_k (up to 2**63 - 1) can overflow the tensor.
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
     drop = ranks >= top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)

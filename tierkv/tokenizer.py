@@ -31,7 +31,7 @@ class Tokenizer:
         """Token ids of a prompt, with the BOS token if the tokenizer adds one."""
         # Not verbose: transformers warns about texts longer than the model; the engine
         # rejects over-long prompts itself, with their length and the limit.
-        return self.hf.encode(text, verbose=False)
+        return self.hf.encode(_encodable(text), verbose=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of ``ids``, as the Hugging Face tokenizer's ``decode`` gives it."""
@@ -51,7 +51,20 @@ class Tokenizer:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         # The template writes the BOS token itself where the model wants one.
-        return self.hf.encode(text, add_special_tokens=False)
+        return self.hf.encode(_encodable(text), add_special_tokens=False)
+
+
+def _encodable(text: str) -> str:
+    """``text``, or a ``ValueError`` saying why no tokenizer can encode it (the Rust backend
+    answers a lone surrogate, such as JSON's ``"\\ud800"``, with a bare ``TypeError``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text is not valid Unicode: it contains a lone surrogate "
+            f"(\\u{ord(text[exc.start]):04x} at character {exc.start})"
+        ) from None
+    return text
 
 
 def _eos_ids(model_dir: Path, hf: PreTrainedTokenizerBase) -> set[int]:

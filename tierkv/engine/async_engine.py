@@ -37,6 +37,11 @@ class StepError(RuntimeError):
     """An engine step failed while this request was in it; the request was aborted."""
 
 
+class RequestError(StepError):
+    """The engine ended this request alone with an error (its sampling or post-processing
+    raised); the other requests of its step went on."""
+
+
 @dataclass(frozen=True)
 class RequestStats:
     """What one request cost; ``finish_reasons`` has one entry per completion."""
@@ -290,6 +295,11 @@ class AsyncEngine:
             if tracked.first_token is None and any(c.token_ids for c in output.outputs):
                 tracked.first_token = now
             tracked.last = output
+            if output.error is not None:
+                del self._tracked[output.request_id]
+                tracked.push(RequestError(f"generating this request failed: {output.error}"))
+                self._record(tracked, "error")
+                continue
             tracked.push(output)
             if output.finished:
                 del self._tracked[output.request_id]
@@ -300,6 +310,8 @@ class AsyncEngine:
             self._stats.record_engine(self.engine.pool_counters())
 
     def _step_failed(self, exc: Exception) -> None:
+        # Only a failure of the whole step (the model's forward pass, the scheduler) lands
+        # here: a failure of one request's sampling or output ends that request in the engine.
         self._failures += 1
         if self._failures >= MAX_CONSECUTIVE_FAILURES:
             raise EngineDeadError(f"{self._failures} engine steps failed in a row") from exc
@@ -323,7 +335,11 @@ class AsyncEngine:
                     break
                 if isinstance(command, _Add):
                     _settle(command.accepted, error)
-        for tracked in self._tracked.values():
+        for request_id, tracked in self._tracked.items():
+            # Free the pages too, so the pool counters stay true after the loop has died
+            # (best effort: the engine may be what broke).
+            with contextlib.suppress(Exception):
+                self.engine.abort(request_id)
             tracked.push(error)
         self._tracked.clear()
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from tierkv.config import EngineConfig
 from tierkv.engine.request import CompletionOutput, Request, RequestOutput
 from tierkv.engine.runner import ModelRunner
 from tierkv.engine.scheduler import Scheduler, SchedulerOutput
+from tierkv.engine.stats import StepTimes, histogram
 from tierkv.kv.attention import PagedAttention
 from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PagePool
@@ -21,8 +22,13 @@ from tierkv.kv.store import KVStore
 from tierkv.model.decoder import Decoder
 from tierkv.model.loader import ModelSpec, load_weights, read_spec
 from tierkv.model.source import resolve_model
-from tierkv.sampling import Logprob, SampleRow, SamplingParams, sample
+from tierkv.sampling import Logprob, SampleRow, SamplingParams, sample_isolated
+from tierkv.structured.matcher import StructuredOutputs
 from tierkv.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+
+__all__ = ["Engine", "StepTimes", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,39 +42,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "auto" else _DTYPES[name]
 
 
-@dataclass
-class StepTimes:
-    """Wall time spent in ``Engine.step``, by kind of step: steps that compute prompt tokens
-    (prefill chunks and recomputation after a preemption, with any decodes batched beside
-    them) and steps of decodes only. ``decode_rows`` sums the requests of the decode steps, so
-    ``decode_rows / decode_steps`` is their mean batch. Benchmarks read the difference of two
-    snapshots (``snapshot``): where a run's time goes, and at what batch it decodes."""
-
-    prefill_steps: int = 0
-    prefill_s: float = 0.0
-    decode_steps: int = 0
-    decode_s: float = 0.0
-    decode_rows: int = 0
-
-    def record(self, decode_only: bool, rows: int, seconds: float) -> None:
-        """Count one step of ``rows`` requests that took ``seconds``."""
-        if decode_only:
-            self.decode_steps += 1
-            self.decode_s += seconds
-            self.decode_rows += rows
-        else:
-            self.prefill_steps += 1
-            self.prefill_s += seconds
-
-    def snapshot(self) -> StepTimes:
-        """A copy of the counters as they are now."""
-        return StepTimes(**vars(self))
-
-    def since(self, earlier: StepTimes) -> StepTimes:
-        """The steps recorded after ``earlier`` (a ``snapshot`` of this one)."""
-        return StepTimes(**{k: v - getattr(earlier, k) for k, v in vars(self).items()})
-
-
 class Engine:
     """A model, its KV cache and a scheduler, driven one step at a time."""
 
@@ -77,8 +50,12 @@ class Engine:
         # The folder tierkv reads: config.model itself, or the cached folder of a GGUF.
         self.model_dir = resolve_model(config.model).folder
         self.spec: ModelSpec = read_spec(self.model_dir)
+        # Before the weights load: a refused length fails in a moment.
+        self.max_model_len = config.resolve_max_model_len(self.spec.max_position_embeddings)
         self.dtype = resolve_dtype(config.dtype)
         self.tokenizer = Tokenizer(self.model_dir)
+        # Grammar matchers for structured output, over this tokenizer and the model's logits.
+        self.structured = StructuredOutputs(self.tokenizer, self.spec.vocab_size)
         self.model = Decoder(self.spec, self.dtype)
         load_weights(self.model, self.model_dir)
         self.model.prepack()
@@ -86,7 +63,6 @@ class Engine:
         if config.kv_budget is not None:
             tiers = self.policy if self.policy.tiered else KVPolicy.parse("default")
             self.policy = tiers.with_budget(config.kv_budget)
-        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
 
         page_bytes = config.page_bytes or default_page_bytes(self.spec.head_dim)
         num_pages = config.kv_cache_memory // page_bytes
@@ -154,6 +130,8 @@ class Engine:
         if forced_output is not None:
             self._validate_forced(forced_output, room)
             max_tokens = len(forced_output)
+            if params.structured_outputs is not None:
+                raise ValueError("forced_output cannot be combined with structured_outputs")
         policy = self._request_policy(params, len(ids) + max_tokens)
         children = []
         for i in range(params.n):
@@ -169,6 +147,11 @@ class Engine:
                 max_tokens=max_tokens,
                 kv_policy=policy,
                 forced_output=forced_output,
+                grammar=(
+                    self.structured.matcher(params.structured_outputs)
+                    if params.structured_outputs is not None
+                    else None
+                ),
             )
             children.append(req)
         # Queue only once every child is built, so a failure leaves nothing behind.
@@ -262,24 +245,48 @@ class Engine:
         sampling, logits = self.runner.execute(scheduled)
         if sampling:
             rows = [
-                SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
+                SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids, r.grammar)
                 for r in sampling
             ]
-            result = sample(logits, rows)
-            for i, (req, token, logprobs) in enumerate(
-                zip(sampling, result.tokens, result.logprobs, strict=True)
+            result = sample_isolated(logits, rows)
+            for i, (req, token, logprobs, error) in enumerate(
+                zip(sampling, result.tokens, result.logprobs, result.errors, strict=True)
             ):
-                if req.forced_output is not None:
-                    req.forced_logprobs.append(torch.log_softmax(logits[i].float(), dim=-1))
-                    token = req.forced_output[len(req.output_token_ids)]
-                self._append(req, token, logprobs)
+                if req.finished:  # a sibling of ``n`` failed earlier in this loop
+                    continue
+                # What follows the model is per request, and so is any failure in it: the
+                # request ends with its error, the rest of the step goes on.
+                try:
+                    if error is not None:
+                        raise error
+                    if req.forced_output is not None:
+                        req.forced_logprobs.append(torch.log_softmax(logits[i].float(), dim=-1))
+                        token = req.forced_output[len(req.output_token_ids)]
+                    self._append(req, token, logprobs)
+                except Exception as exc:
+                    self._fail(req, exc)
         advanced = {r.group_id for r in sampling}
         return [self._output(gid) for gid in advanced if gid in self._groups]
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """End ``req``'s group, and free its pages, because post-processing ``req`` raised.
+
+        The completion that failed carries the error; its siblings end as aborted.
+        """
+        logger.error("request %s failed; ending it alone", req.group_id, exc_info=exc)
+        req.error = f"{type(exc).__name__}: {exc}"
+        _, children = self._groups.get(req.group_id, (None, [req]))
+        for r in children:
+            if not r.finished:
+                r.finish_reason = "error" if r is req else "abort"
+                self.scheduler.finish(r)
 
     def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.output_token_ids.append(token)
+        if req.grammar is not None:
+            req.grammar.accept(token)
         if logprobs is not None:
             req.logprobs.append(
                 {
@@ -302,6 +309,10 @@ class Engine:
             if cut is not None:
                 req.text = req.text[:cut]
                 req.finish_reason = "stop"
+        if req.finish_reason is None and req.grammar is not None and req.grammar.finished:
+            # The output is complete by its grammar (the closing brace, or the EOS it
+            # allows): stop now, ignore_eos or not, rather than run on to max_tokens.
+            req.finish_reason = "stop"
         if req.finish_reason is None and len(req.output_token_ids) >= req.max_tokens:
             req.finish_reason = "length"
         if req.finish_reason is not None:
@@ -323,6 +334,7 @@ class Engine:
                     token_ids=list(r.output_token_ids),
                     finish_reason=r.finish_reason,
                     logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
+                    error=r.error,
                     forced_logprobs=(
                         torch.stack(r.forced_logprobs) if finished and r.forced_logprobs else None
                     ),
@@ -361,7 +373,7 @@ class Engine:
             "kv_bytes_per_token_by_tier": by_tier,
             "kv_bytes_per_token_measured": in_use / held if held else None,
             "tiers": {t: {"tokens": n, "pages": p} for t, (n, p) in usage.items()},
-            "tokens_per_head": _histogram(self.store.tokens_per_head(slots)),
+            "tokens_per_head": histogram(self.store.tokens_per_head(slots)),
         }
 
     def pool_counters(self) -> dict[str, int | float]:
@@ -380,11 +392,3 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "max_running": self.scheduler.max_running,
         }
-
-
-def _histogram(values: torch.Tensor, bins: int = 8) -> dict[str, list[float] | list[int]]:
-    """Counts of ``values`` in ``bins`` equal-width bins over [0, max]: ``edges`` has bins + 1."""
-    top = int(values.max()) if values.numel() else 0
-    edges = torch.linspace(0, max(top, 1), bins + 1)
-    counts = torch.histc(values.float(), bins=bins, min=0, max=float(edges[-1]))
-    return {"edges": [round(float(e), 1) for e in edges], "counts": counts.int().tolist()}

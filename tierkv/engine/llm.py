@@ -43,7 +43,9 @@ class LLM:
         """Complete each prompt (a string, a list of strings or a list of token-id lists).
 
         ``sampling_params`` is one for all prompts or one per prompt. Outputs come back in the
-        order of the prompts.
+        order of the prompts. A request that fails on its own (its sampling raised) comes back
+        finished with ``finish_reason == "error"`` and the reason in ``error``; the others
+        are unaffected.
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)

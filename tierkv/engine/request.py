@@ -10,6 +10,7 @@ import torch
 
 from tierkv.kv.policy import KVPolicy
 from tierkv.sampling import Logprob, SamplingParams
+from tierkv.structured.matcher import GrammarMatcher
 from tierkv.tokenizer import IncrementalDetokenizer
 
 
@@ -30,7 +31,8 @@ class Request:
     requests of one group. ``kv_policy`` is the request's own KV policy (the engine's unless
     its params chose one). ``forced_output`` (teacher forcing, for evaluation) holds the tokens
     appended in place of the sampled ones; the log-softmax of every sampling row is then kept
-    in ``forced_logprobs``.
+    in ``forced_logprobs``. ``error`` says why the request failed on its own (its finish
+    reason is then ``"error"``).
     """
 
     request_id: str
@@ -53,6 +55,9 @@ class Request:
     first_token_time: float | None = None
     forced_output: list[int] | None = None
     forced_logprobs: list[torch.Tensor] = field(default_factory=list)
+    error: str | None = None
+    grammar: GrammarMatcher | None = None
+    """Structured output: where the request is in its grammar (advanced with each token)."""
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +89,8 @@ class CompletionOutput:
     """``[len(forced_output), vocab]`` float32 log-probabilities the model gave each position
     of a teacher-forced request (``Engine.add_request(forced_output=...)``), row ``i`` being
     the distribution that forced token ``i`` replaced a sample from; set once it finishes."""
+    error: str | None = None
+    """Why this completion failed on its own (``finish_reason`` is then ``"error"``)."""
 
 
 @dataclass
@@ -112,3 +119,8 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[dict[int, Logprob]] | None:
         return self.outputs[0].logprobs
+
+    @property
+    def error(self) -> str | None:
+        """The first failed completion's error: one failure ends the whole group."""
+        return next((c.error for c in self.outputs if c.error is not None), None)

@@ -1,18 +1,29 @@
 """Pydantic models of the OpenAI wire format: requests, responses, stream chunks and errors.
 
 Request models accept and ignore fields they do not know (clients send many optional ones),
-logging their names so an operator can see what was ignored.
+logging each name once so an operator can see what was ignored. Numbers and strings are
+checked at the edge (``fields``): ranges, finiteness, 64-bit integers, encodable text.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tierkv.sampling import SamplingParams
+from tierkv.server.fields import (
+    FiniteFloat,
+    Int64,
+    StopTokenId,
+    TokenId,
+    check_text,
+    check_token_ids,
+    log_unknown_fields,
+)
+from tierkv.structured.openai import ResponseFormat
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +54,20 @@ def _now() -> int:
 
 
 class OpenAIRequestModel(BaseModel):
-    """Base of request models: unknown fields are kept out of the way and logged."""
+    """Base of request models: unknown fields are kept out of the way and logged (each name
+    once per process); every string of a known field must be encodable text."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable_text(cls, value: Any, info: ValidationInfo) -> Any:
+        check_text(info.field_name or "a field", value)
+        return value
 
     @model_validator(mode="after")
     def _log_unknown_fields(self) -> OpenAIRequestModel:
-        if self.model_extra:
-            logger.info(
-                "ignoring unknown field(s) %s in %s", sorted(self.model_extra), type(self).__name__
-            )
+        log_unknown_fields(self)
         return self
 
 
@@ -64,23 +79,24 @@ class SamplingRequest(OpenAIRequestModel):
     """Fields shared by completions and chat completions (``None`` means the default)."""
 
     model: str | None = None
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: Int64 | None = Field(None, ge=1, le=MAX_N)
+    temperature: FiniteFloat | None = Field(None, ge=0)
+    top_p: FiniteFloat | None = Field(None, gt=0, le=1)
+    top_k: Int64 | None = Field(None, ge=-1)
+    min_p: FiniteFloat | None = Field(None, ge=0, le=1)
+    seed: Int64 | None = Field(None, ge=0)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    stop_token_ids: list[StopTokenId] | None = None
+    presence_penalty: FiniteFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: FiniteFloat | None = Field(None, ge=-2, le=2)
+    repetition_penalty: FiniteFloat | None = Field(None, gt=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     kv_policy: str | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -89,16 +105,24 @@ class SamplingRequest(OpenAIRequestModel):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Engine sampling parameters; raises ``ValueError`` for values out of range."""
         given = {k: getattr(self, k) for k in _SAMPLING_FIELDS if getattr(self, k) is not None}
+        if self.response_format is not None:
+            given["structured_outputs"] = self.response_format.structured_outputs()
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
 
 
 class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``; ``prompt`` is text, token ids, or a list of either."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Int64 | None = Field(16, ge=1)
+    logprobs: Int64 | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids_are_integers(cls, prompt: Any) -> Any:
+        check_token_ids(prompt)
+        return prompt
 
 
 class ContentPart(OpenAIRequestModel):
@@ -116,10 +140,10 @@ class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``; ``max_completion_tokens`` wins over ``max_tokens``."""
 
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = Field(None, ge=1)
+    max_completion_tokens: Int64 | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int64 | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 # -- responses -----------------------------------------------------------------------------------
