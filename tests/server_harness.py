@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +16,13 @@ from typing import Any
 
 import httpx
 import openai
-import uvicorn
 from fastapi import FastAPI
 
 from tierkv.config import EngineConfig
 from tierkv.engine.engine import Engine
 from tierkv.server.app import create_app
+from tierkv.server.guard import ServerLimits
+from tierkv.server.launcher import make_server
 
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 256
@@ -75,15 +79,21 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    model: Path, api_key: str | None = None, **engine_kwargs: Any
+    model: Path,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    **engine_kwargs: Any,
 ) -> Iterator[LiveServer]:
-    """Serve ``model`` until the block ends; the engine loop starts and stops with it."""
+    """Serve ``model`` until the block ends; the engine loop starts and stops with it.
+
+    The server is ``tierkv serve``'s (its middleware, protocol and limits) but in a thread.
+    """
     engine = Engine(EngineConfig.from_kwargs(str(model), **{**ENGINE_KWARGS, **engine_kwargs}))
-    app = create_app(engine, MODEL_NAME, api_key)
+    limits = limits or ServerLimits(shutdown_timeout=5)
+    app = create_app(engine, MODEL_NAME, api_key, limits)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = make_server(app, limits, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
@@ -97,3 +107,25 @@ def live_server(
         server.should_exit = True
         thread.join(TIMEOUT)
         sock.close()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_tierkv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``tierkv ARGS`` in a subprocess, offline, its output captured."""
+    return subprocess.run(
+        tierkv_command(*args), capture_output=True, text=True, timeout=timeout, env=offline_env()
+    )
+
+
+def tierkv_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tierkv.cli", *args]
+
+
+def offline_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tierkv import LLM, SamplingParams
+import pytest
+
+from tierkv import LLM, SamplingParams, __version__
+from tierkv.config import ALLOW_LONG_ENV, EngineConfig
 
 
 def _tierkv(*args: str) -> subprocess.CompletedProcess[str]:
@@ -71,7 +74,8 @@ def test_bench_throughput_writes_json(checkpoints: dict[str, Path], tmp_path: Pa
     )
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [r["policy"] for r in rows] == ["fp16"]
+    # The engine's default policy when none is named, as `tierkv serve` would run.
+    assert [r["policy"] for r in rows] == [EngineConfig.kv_policy]
     assert rows[0]["output_tokens_per_s"] > 0 and rows[0]["max_running"] == 4
 
 
@@ -79,3 +83,28 @@ def test_help_lists_the_subcommands() -> None:
     run = _tierkv("--help")
     assert run.returncode == 0
     assert "generate" in run.stdout and "bench" in run.stdout
+
+
+def test_version() -> None:
+    run = _tierkv("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"tierkv {__version__}"
+
+
+def test_max_model_len_beyond_the_model_needs_an_override(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _tierkv(
+        "generate", "--model", str(checkpoints["llama"]), "--max-model-len", "100000", "x"
+    )
+    assert run.returncode == 2
+    assert "longer than the model's 2048 positions" in run.stderr and ALLOW_LONG_ENV in run.stderr
+    monkeypatch.delenv(ALLOW_LONG_ENV, raising=False)
+    config = EngineConfig(model="m", max_model_len=4096)
+    assert EngineConfig(model="m").resolve_max_model_len(2048) == 2048
+    assert EngineConfig(model="m", max_model_len=1024).resolve_max_model_len(2048) == 1024
+    with pytest.raises(ValueError, match=ALLOW_LONG_ENV):
+        config.resolve_max_model_len(2048)
+    allowed = EngineConfig(model="m", max_model_len=4096, allow_long_max_model_len=True)
+    assert allowed.resolve_max_model_len(2048) == 4096
+    monkeypatch.setenv(ALLOW_LONG_ENV, "1")
+    assert config.resolve_max_model_len(2048) == 4096

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tierkv import __version__
 from tierkv.bench import DATASETS
 from tierkv.config import DTYPES, EngineConfig
 from tierkv.eval.cli import add_eval_parser
@@ -103,15 +104,16 @@ def add_dataset_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_comparison_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype`` and a repeatable ``--kv-policy``, for policy comparisons."""
+def add_comparison_args(parser: argparse.ArgumentParser, default_policy: str = "fp16") -> None:
+    """``--model``, ``--dtype`` and a repeatable ``--kv-policy`` (``default_policy`` when none
+    is given), for policy comparisons."""
     parser.add_argument("--model", default=str(DEMO_MODEL), help=MODEL_HELP)
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype")
     parser.add_argument(
         "--kv-policy",
         action="append",
         default=None,
-        help="KV policy to run (repeatable; default: fp16)",
+        help=f"KV policy to run (repeatable; default: {default_policy})",
     )
     add_backend_arg(parser)
 
@@ -219,7 +221,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "prompt tokens and in decode-only steps, with those steps' mean batch."
         ),
     )
-    add_comparison_args(p)
+    # The engine's own default policy, so a bare run measures what `tierkv serve` serves.
+    add_comparison_args(p, default_policy=EngineConfig.kv_policy)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
@@ -289,7 +292,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--served-model-name", default=None, help="model name to send (default: the server's first)"
     )
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
@@ -349,16 +352,19 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import asdict
 
-    import httpx
+    from tierkv.bench.serve import (
+        ServerUnreachable,
+        format_report,
+        run_load,
+        served_model,
+        summarize,
+    )
 
-    from tierkv.bench.serve import format_report, run_load, summarize
-
-    name = args.served_model_name
-    if name is None:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-        models.raise_for_status()
-        name = models.json()["data"][0]["id"]
+    try:
+        name = served_model(args.base_url, args.api_key, args.served_model_name)
+    except ServerUnreachable as exc:
+        print(f"tierkv: error: {exc}", file=sys.stderr)
+        return 1
     prompts = _workload(args).prompts()
     records, duration = asyncio.run(
         run_load(
@@ -389,7 +395,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         print(skipped, file=sys.stderr)
     results = run_throughput(
         work,
-        args.kv_policy or ["fp16"],
+        args.kv_policy or [EngineConfig.kv_policy],
         args.kv_cache_memory,
         args.max_num_seqs,
         caches,
@@ -407,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierkv",
         description="An LLM inference engine with a differentiated, paged KV cache.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{generate,serve,bench,eval}"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,10 @@ _SIZE_UNITS = {
 }
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Set to 1 to allow a max_model_len beyond the model's positions (vLLM's
+# VLLM_ALLOW_LONG_MAX_MODEL_LEN), for the CLI where no config field is at hand.
+ALLOW_LONG_ENV = "TIERKV_ALLOW_LONG_MAX_MODEL_LEN"
 
 
 def parse_size(value: int | str) -> int:
@@ -54,7 +59,8 @@ class EngineConfig:
             measured choice for the device (see ``resolve_dtype``).
         kv_cache_memory: bytes given to the KV page pool (int or string such as ``"2GiB"``).
         max_model_len: longest sequence (prompt + output); defaults to the model's
-            ``max_position_embeddings``.
+            ``max_position_embeddings``, and may not exceed it unless
+            ``allow_long_max_model_len`` (see ``resolve_max_model_len``).
         max_num_seqs: most requests running at once.
         max_num_batched_tokens: token budget of one engine step (prefill chunks + decodes).
         seed: seed of the engine's sampler for requests that carry no seed of their own.
@@ -67,6 +73,8 @@ class EngineConfig:
         attention_backend: ``fast`` (the default: C++ kernels read the pages in place and
             dequantize in registers, ``tierkv.kv.native``; fused torch ops where they cannot
             be built) or ``reference`` (gather, dequantize, attend; the path the tests trust).
+        allow_long_max_model_len: accept a ``max_model_len`` beyond the model's positions
+            (also set by the environment variable ``TIERKV_ALLOW_LONG_MAX_MODEL_LEN=1``).
     """
 
     model: str
@@ -80,6 +88,7 @@ class EngineConfig:
     kv_budget: float | None = None
     page_bytes: int | None = None
     attention_backend: str = "fast"
+    allow_long_max_model_len: bool = False
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
@@ -96,6 +105,25 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise ValueError(f"kv_budget must be in (0, 1], got {self.kv_budget}")
+
+    def resolve_max_model_len(self, model_positions: int) -> int:
+        """The longest sequence to serve for a model trained on ``model_positions`` positions.
+
+        Beyond them the model's outputs are untrained territory (positions it never saw), so
+        as vLLM does, a longer ``max_model_len`` is refused unless explicitly allowed.
+        """
+        if self.max_model_len is None:
+            return model_positions
+        from_env = os.environ.get(ALLOW_LONG_ENV, "").lower() in ("1", "true")
+        allowed = self.allow_long_max_model_len or from_env
+        if self.max_model_len > model_positions and not allowed:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is longer than the model's "
+                f"{model_positions} positions (max_position_embeddings); outputs past them "
+                f"are unreliable. Lower it, or allow it with allow_long_max_model_len=True "
+                f"or the environment variable {ALLOW_LONG_ENV}=1"
+            )
+        return self.max_model_len
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

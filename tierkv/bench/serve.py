@@ -13,6 +13,37 @@ from dataclasses import dataclass, field
 import httpx
 
 
+class ServerUnreachable(RuntimeError):
+    """The server cannot be used: it does not answer, refuses the key, or serves no model."""
+
+
+def served_model(base_url: str, api_key: str | None, name: str | None = None) -> str:
+    """Check that the server answers ``/v1/models`` with this key; the model to request is
+    ``name``, else the server's first. Raises ``ServerUnreachable`` saying why not, before any
+    load is sent (one clear line rather than a failure per request)."""
+    url = base_url.rstrip("/") + "/v1/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(url, headers=headers, timeout=30)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ServerUnreachable(f"no server answers at {base_url} ({reason})") from exc
+    if resp.status_code == 401:
+        given = "refuses this --api-key" if api_key else "needs an API key: pass --api-key"
+        raise ServerUnreachable(f"the server at {base_url} {given} (HTTP 401)")
+    if resp.status_code != 200:
+        raise ServerUnreachable(f"GET {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    try:
+        models = [m["id"] for m in resp.json()["data"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ServerUnreachable(f"GET {url} did not answer a model list: {exc!r}") from exc
+    if name is not None:
+        return name
+    if not models:
+        raise ServerUnreachable(f"the server at {base_url} serves no model")
+    return models[0]
+
+
 @dataclass
 class RequestRecord:
     """Timings of one streamed request (seconds); ``error`` is set when it failed."""

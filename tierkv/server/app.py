@@ -1,21 +1,22 @@
 """FastAPI app of the OpenAI-compatible server, and ``run_server`` behind ``tierkv serve``.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models`` (behind the
-API key when one is set), ``GET /health``, ``GET /metrics`` and FastAPI's ``/openapi.json``.
-Every error has OpenAI's body; invalid input is a 400, never a 422 or a 500.
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, vLLM's
+``POST /tokenize``, ``POST /detokenize`` and ``GET /version``, FastAPI's ``/openapi.json`` and
+``/docs`` (all behind the API key when one is set), ``GET /health`` and ``GET /metrics``.
+Every error has OpenAI's body; invalid input is a 400, never a 422 or a 500. The key, the body
+size and the body read time are checked before any route runs (``tierkv.server.guard``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
+import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,6 +29,8 @@ from tierkv.config import EngineConfig
 from tierkv.engine.async_engine import AsyncEngine, EngineDeadError, StepError
 from tierkv.engine.engine import Engine
 from tierkv.server.errors import APIError, describe_error
+from tierkv.server.guard import RequestGuard, ServerLimits
+from tierkv.server.launcher import banner, bind_socket, configure_logging, serve_app
 from tierkv.server.metrics import Metrics
 from tierkv.server.protocol import (
     ChatCompletionRequest,
@@ -38,6 +41,7 @@ from tierkv.server.protocol import (
     ModelList,
 )
 from tierkv.server.serving import OpenAIServing
+from tierkv.server.tokenize import router as tokenize_router
 from tierkv.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -59,14 +63,18 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-async def _check_api_key(request: Request) -> None:
-    key: str | None = request.app.state.api_key
-    if key is None:
+def _check_prompt_count(request: Request, prompt: str | list[Any]) -> None:
+    """Refuse more prompts in one request than the server allows (each is an engine request)."""
+    # A list of texts or of token-id lists is a batch; a list of ints is one prompt.
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), key.encode()):
+    limit = request.app.state.limits.max_prompts
+    if len(prompt) > limit:
         raise APIError(
-            401, "Invalid or missing API key.", type="authentication_error", code="invalid_api_key"
+            400,
+            f"{len(prompt)} prompts in one request; this server takes at most {limit} "
+            "(--max-prompts-per-request)",
+            param="prompt",
         )
 
 
@@ -99,12 +107,13 @@ async def _respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[s
     )
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)], responses=_ERRORS)
+router = APIRouter(prefix="/v1", responses=_ERRORS)
 
 
 @router.post("/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """Complete one or more prompts; ``stream`` returns server-sent events."""
+    _check_prompt_count(request, body.prompt)
     return await _respond(request, _serving(request).completions(body))
 
 
@@ -152,13 +161,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, failure)
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
     """The server app over ``engine``; its engine loop runs while the app is running.
 
-    ``app.state.engine`` is the ``AsyncEngine``. With ``api_key`` set, ``/v1`` routes need
-    ``Authorization: Bearer <api_key>``.
+    ``app.state.engine`` is the ``AsyncEngine``. With ``api_key`` set, every route but
+    ``/health`` and ``/metrics`` needs ``Authorization: Bearer <api_key>``. ``limits`` bound
+    the requests (default: ``ServerLimits()``).
     """
-    metrics = Metrics()
+    limits = limits or ServerLimits()
+    metrics = Metrics(model_name)
+    # The pool gauges hold their values from the start, not from the first request: a router
+    # reads an idle replica's load too.
+    metrics.record_engine(engine.pool_counters())
     async_engine = AsyncEngine(engine, metrics)
     # A tokenizer of its own for the server's thread (the engine's runs in the engine thread),
     # read from the engine's resolved folder (a GGUF's cached one).
@@ -175,9 +194,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     app = FastAPI(title="tierkv", version=__version__, lifespan=lifespan)
     app.state.engine = async_engine
     app.state.api_key = api_key
+    app.state.limits = limits
     app.state.serving = OpenAIServing(async_engine, tokenizer, model_name, engine.max_model_len)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenize_router, responses=_ERRORS)
+    app.add_middleware(RequestGuard, api_key=api_key, limits=limits)
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
@@ -188,14 +210,30 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        """Prometheus exposition of the ``tierkv:*`` metrics."""
+        """Prometheus exposition of the ``tierkv:*`` metrics and the ``vllm:*`` router gauges."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 def run_server(args: argparse.Namespace) -> None:
-    """Load the model named by ``tierkv serve``'s arguments and serve it until interrupted."""
-    config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
-    app = create_app(Engine(config), args.served_model_name, args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    """Load the model named by ``tierkv serve``'s arguments and serve it until a signal."""
+    configure_logging()
+    limits = ServerLimits(
+        max_body_bytes=args.max_request_body_bytes,
+        max_prompts=args.max_prompts_per_request,
+        read_timeout=args.read_timeout,
+        timeout_keep_alive=args.timeout_keep_alive,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    # Bound first: a busy port fails in a second, not after the model has loaded.
+    sock = bind_socket(args.host, args.port)
+    try:
+        engine = Engine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+        app = create_app(engine, args.served_model_name, args.api_key, limits)
+        host, port = sock.getsockname()[:2]
+        address = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        logging.getLogger("tierkv.server").info(banner(engine, args.served_model_name, address))
+        serve_app(app, sock, limits)
+    finally:
+        sock.close()
