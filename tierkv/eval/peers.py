@@ -26,7 +26,6 @@ a method needs it. Bytes are those of a prompt of ``length`` tokens once compres
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from tierkv.eval.optional import PeerUnavailable, require
 
 ModelShape = tuple[int, int, int]
 """(num_layers, num_kv_heads, head_dim) of a model."""
@@ -50,13 +51,6 @@ KIVI_GROUP = 32
 KIVI_RESIDUAL = 128
 FP16_BYTES = 2
 INDEX_BYTES = 4
-
-
-class PeerUnavailable(ValueError):
-    """A peer whose optional dependency is not installed (``pip install 'tierkv[eval]'``).
-
-    A ``ValueError`` so that the command line reports it as a usage error, not a crash.
-    """
 
 
 @dataclass(frozen=True)
@@ -96,17 +90,16 @@ def reference_peer() -> Peer:
     return Peer("hf:full", _dynamic_cache, None, lambda s, n: _dense_bytes(s), note="dense fp16")
 
 
-def _require(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise PeerUnavailable(
-            f"{module} is not installed; install the fidelity extra: pip install 'tierkv[eval]'"
-        )
-
-
 def press_peer(kind: str, ratio: float) -> Peer:
     """A kvpress press at compression ratio ``ratio`` (fraction of prompt tokens pruned)."""
-    _require("kvpress")
-    import kvpress
+    require("kvpress")
+    try:
+        import kvpress
+    except Exception as exc:  # a kvpress that does not import with this transformers
+        raise PeerUnavailable(
+            f"kvpress does not import here ({type(exc).__name__}: {exc}); "
+            "pip install 'tierkv[eval]' pins a transformers it works with"
+        ) from exc
 
     builders: dict[str, Callable[[], Any]] = {
         "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
@@ -135,7 +128,7 @@ def press_peer(kind: str, ratio: float) -> Peer:
 
 def quanto_peer(bits: int) -> Peer:
     """transformers' ``QuantizedCache`` with the optimum-quanto backend at its defaults."""
-    _require("optimum.quanto")
+    require("optimum.quanto")
     from transformers import QuantizedCache
 
     def make(config: Any) -> Any:
