@@ -24,13 +24,14 @@ def test_tiered_policy_strings_parse() -> None:
     )
     assert KVPolicy.parse(policy.name) == policy
     default = KVPolicy.parse("default")
-    assert default.name == "k8v8/k4v2-g64:ah=1,w=128" and default.budget is None
+    assert default.name == "k8v8/k4v2-g64:ah=1,w=128,r=32" and default.budget is None
     assert default.high.group_size == default.low.group_size == 64  # type: ignore[union-attr]
     assert (default.alpha_high, default.alpha_low, default.recent, default.pool) == (1, 0.2, 128, 7)
     budget = KVPolicy.parse("default@0.2")
-    assert budget.name == "k8v8/k4v2-g64@0.2:ah=1,w=128" and budget == default.with_budget(0.2)
+    assert budget.name == "k8v8/k4v2-g64@0.2:ah=1,w=128,r=32" and budget == default.with_budget(0.2)
     # The name's own parameters override the default's.
-    assert KVPolicy.parse("default-g32:pk=1,w=32").name == "k8v8/k4v2-g32:ah=1,w=32,pk=1"
+    assert KVPolicy.parse("default-g32:pk=1,w=32").name == "k8v8/k4v2-g32:ah=1,w=32,pk=1,r=32"
+    assert KVPolicy.parse("default:w=16").residual == 16  # the ring never exceeds the window
     assert KVPolicy.parse("k8v4/k4v2-g64").low.group_size == 64  # type: ignore[union-attr]
 
 
@@ -143,8 +144,12 @@ def test_budget_mode_meets_the_byte_budget(checkpoints: dict[str, Path], fractio
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
-def test_default_policy_admits_three_times_the_long_requests_of_fp16() -> None:
-    """Same KV memory, 1,500-token prompts of real text: count requests held running at once."""
+def test_default_policy_admits_two_and_a_half_times_the_long_requests_of_fp16() -> None:
+    """Same KV memory, 1,500-token prompts of real text: count requests held running at once.
+
+    3x before the default took its residual ring (``r=32``): 32 uncompressed tokens per head
+    are a fixed cost of about a tenth of a compressed request this long, the price of the
+    answers it keeps on SmolLM2 (docs/fidelity.md)."""
     prompt_len, max_tokens, fp16_capacity = 1500, 48, 3
     probe = LLM(str(DEMO), dtype="bfloat16", max_model_len=2048, kv_cache_memory="64MiB")
     store = probe.engine.store
@@ -166,7 +171,7 @@ def test_default_policy_admits_three_times_the_long_requests_of_fp16() -> None:
         assert stats["free_pages"] == stats["total_pages"]
         running[policy] = stats["max_running"]
     assert running["fp16"] == fp16_capacity
-    assert running["default"] >= 3 * running["fp16"]
+    assert running["default"] >= 2.5 * running["fp16"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])

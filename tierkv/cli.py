@@ -41,7 +41,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         default=EngineConfig.kv_policy,
         help=(
             "KV cache policy: default (the tuned differentiated policy, the default; "
-            "= k8v8/k4v2-g64:ah=1,w=128); fp16 "
+            "= k8v8/k4v2-g64:ah=1,w=128,r=32); fp16 "
             "(uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2 (optional group "
             "size suffix, e.g. k4v2-g64, and residual window of uncompressed newest tokens, "
             "e.g. k8v8:r=32, the default; r=0 for none); differentiated HIGH/LOW[-gN] such as "
@@ -75,6 +75,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         type=int,
         default=2048,
         help="token budget of one engine step (default: 2048)",
+    )
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="make a seeded sampled request's output independent of the batch it runs in, in "
+        "every dtype (like vLLM's VLLM_BATCH_INVARIANT=1; also TIERKV_BATCH_INVARIANT=1): "
+        "every linear layer through one native kernel whose per-token sums ignore the "
+        "batch; costs some throughput (see README)",
     )
 
 
@@ -129,6 +137,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        batch_invariant=args.batch_invariant,
     )
 
 

@@ -236,7 +236,10 @@ class KVStore:
     def costs(self, slot: int) -> TierCosts:
         """Tokens per page of a tiered slot's tiers and of fp16 (for budget decisions)."""
         per_page = self._tokens_per_page[self.slot_format[slot]]
-        return TierCosts(int(per_page[HIGH]), int(per_page[LOW]), self.fp16_tokens_per_page)
+        ring_pages = int(self.ring[slot]) // self.layouts[0].tokens_per_page
+        return TierCosts(
+            int(per_page[HIGH]), int(per_page[LOW]), self.fp16_tokens_per_page, ring_pages
+        )
 
     # -- slots -------------------------------------------------------------------------------
 

@@ -16,11 +16,13 @@ from tierkv.kv.policy import KVPolicy
 
 @dataclass
 class TierCosts:
-    """Pages one token costs in each tier, and tokens per page of fp16 (the budget's unit)."""
+    """Pages one token costs in each tier, tokens per page of fp16 (the budget's unit), and
+    the pages of a head's residual ring (a fixed cost the budget pays first)."""
 
     high_per_page: int
     low_per_page: int
     fp16_per_page: int
+    ring_pages: int = 0
 
 
 class SlotTiers:
@@ -126,7 +128,7 @@ def _within_budget(
     costs: TierCosts,
 ) -> torch.Tensor:
     """Tokens kept by budget mode: the best-ranked ones whose page costs fit the head's pages."""
-    pages = torch.floor(budget * seen / costs.fp16_per_page)[:, None, None]
+    pages = torch.floor(budget * seen / costs.fp16_per_page)[:, None, None] - costs.ring_pages
     cost = torch.where(wants_high, 1.0 / costs.high_per_page, 1.0 / costs.low_per_page)
     cost = torch.where(valid, cost, 0.0)
     rank_key = torch.where(protected, torch.inf, mean)
