@@ -138,6 +138,8 @@ def resolve_serve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.served_model_name = args.model if args.model is not None else DEMO_MODEL.name
     if args.model is None:
         args.model = str(DEMO_MODEL)
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
     return args
 
 
