@@ -76,14 +76,6 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         default=2048,
         help="token budget of one engine step (default: 2048)",
     )
-    parser.add_argument(
-        "--batch-invariant",
-        action="store_true",
-        help="make a seeded sampled request's output independent of the batch it runs in, in "
-        "every dtype (like vLLM's VLLM_BATCH_INVARIANT=1; also TIERKV_BATCH_INVARIANT=1): "
-        "every linear layer through one native kernel whose per-token sums ignore the "
-        "batch; costs some throughput (see README)",
-    )
 
 
 def add_backend_arg(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +129,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        batch_invariant=args.batch_invariant,
     )
 
 
