@@ -72,6 +72,9 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
     ("top_p zero", CMPL, _hi('"top_p": 0'), 400, "top_p"),
     ("min_p 1e309", CMPL, _hi('"min_p": 1e309'), 400, "min_p"),
     ("token ids as booleans", CMPL, '{"prompt": [true, false]}', 400, "prompt"),
+    # Found by schemathesis: echo decoded ids before the engine's vocabulary check.
+    ("echoed id past the vocab", CMPL, '{"prompt": [4294967296], "echo": true}', 400, "prompt"),
+    ("echoed negative id", CMPL, '{"prompt": [-3], "echo": true}', 400, "prompt"),
     ("token ids as floats", CMPL, '{"prompt": [[1, 2.5]]}', 400, "prompt"),
     ("token id wider than int64", CMPL, f'{{"prompt": [1, {2**70}]}}', 400, None),
     ("seed negative", CMPL, _hi('"seed": -1'), 400, "seed"),

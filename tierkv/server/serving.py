@@ -251,6 +251,16 @@ class OpenAIServing:
         single = isinstance(prompt, str) or isinstance(prompt[0], int)
         items = [prompt] if single else list(prompt)
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+        # Checked here, not only in the engine: echo decodes the ids before they get there.
+        vocab = self.engine.engine.spec.vocab_size
+        for prompt_ids in ids:
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(
+                    400,
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                    param="prompt",
+                )
         return ids, [p if isinstance(p, str) else None for p in items]
 
     def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
