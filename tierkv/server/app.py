@@ -219,13 +219,7 @@ def create_app(
 def run_server(args: argparse.Namespace) -> None:
     """Load the model named by ``tierkv serve``'s arguments and serve it until a signal."""
     configure_logging()
-    limits = ServerLimits(
-        max_body_bytes=args.max_request_body_bytes,
-        max_prompts=args.max_prompts_per_request,
-        read_timeout=args.read_timeout,
-        timeout_keep_alive=args.timeout_keep_alive,
-        shutdown_timeout=args.shutdown_timeout,
-    )
+    limits = ServerLimits.from_args(args)
     # Bound first: a busy port fails in a second, not after the model has loaded.
     sock = bind_socket(args.host, args.port)
     try:

@@ -10,6 +10,7 @@ request that may proceed has its body read, at most ``max_body_bytes`` of it and
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import secrets
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ class ServerLimits:
     read_timeout: float = 30.0
     timeout_keep_alive: float = 5.0
     shutdown_timeout: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerLimits:
+        """The limits ``tierkv serve``'s flags set (``server/cli.py``)."""
+        return cls(
+            max_body_bytes=args.max_request_body_bytes,
+            max_prompts=args.max_prompts_per_request,
+            read_timeout=args.read_timeout,
+            timeout_keep_alive=args.timeout_keep_alive,
+            shutdown_timeout=args.shutdown_timeout,
+        )
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompts", "read_timeout", "timeout_keep_alive"):

@@ -72,13 +72,7 @@ class ReplicaSpec:
             served_model_name=args.served_model_name,
             engine=engine_kwargs(args),
             api_key=args.api_key,
-            limits=ServerLimits(
-                max_body_bytes=args.max_request_body_bytes,
-                max_prompts=args.max_prompts_per_request,
-                read_timeout=args.read_timeout,
-                timeout_keep_alive=args.timeout_keep_alive,
-                shutdown_timeout=args.shutdown_timeout,
-            ),
+            limits=ServerLimits.from_args(args),
         )
 
 
