@@ -76,6 +76,16 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         default=2048,
         help="token budget of one engine step (default: 2048)",
     )
+    parser.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a seeded sampled request gives the same output alone or in any batch (like "
+        "vLLM's VLLM_BATCH_INVARIANT=1): every linear layer through one native kernel whose "
+        "per-token sums ignore the batch. Default: TIERKV_BATCH_INVARIANT (1/0) if set, else "
+        "on in bfloat16 (a few percent of throughput) and off in float32 (about 25-30%%) and "
+        "float16 (much slower); see README",
+    )
 
 
 def add_backend_arg(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +139,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        batch_invariant=args.batch_invariant,
     )
 
 

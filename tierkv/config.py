@@ -28,6 +28,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Set to 1 to allow a max_model_len beyond the model's positions (vLLM's
 # VLLM_ALLOW_LONG_MAX_MODEL_LEN), for the CLI where no config field is at hand.
 ALLOW_LONG_ENV = "TIERKV_ALLOW_LONG_MAX_MODEL_LEN"
+# 1 or 0 turns batch-invariant mode on or off where ``batch_invariant`` is left unset (vLLM's
+# VLLM_BATCH_INVARIANT), e.g. for ``tierkv bench``, which builds engines without that flag.
+BATCH_INVARIANT_ENV = "TIERKV_BATCH_INVARIANT"
 
 
 def parse_size(value: int | str) -> int:
@@ -75,6 +78,16 @@ class EngineConfig:
             be built) or ``reference`` (gather, dequantize, attend; the path the tests trust).
         allow_long_max_model_len: accept a ``max_model_len`` beyond the model's positions
             (also set by the environment variable ``TIERKV_ALLOW_LONG_MAX_MODEL_LEN=1``).
+        batch_invariant: compute each token's logits bit for bit as they would be computed
+            alone, whatever else shares its engine step, so a seeded sampled request gives
+            the same output alone or inside any batch (vLLM's ``VLLM_BATCH_INVARIANT=1``):
+            every linear layer goes through one native kernel whose per-row sums do not
+            depend on the row count (``layers.linear``). ``None`` (the default) means the
+            environment variable ``TIERKV_BATCH_INVARIANT`` (1 or 0) where set, else on in
+            bfloat16 with the native kernels built (where it costs a few percent) and off
+            otherwise: float32 pays about 25-30% for it, float16 far more (no native
+            kernel: one row at a time). Off, a row's rounding may follow its batch (see
+            ``tierkv.sampling``).
     """
 
     model: str
@@ -89,6 +102,7 @@ class EngineConfig:
     page_bytes: int | None = None
     attention_backend: str = "fast"
     allow_long_max_model_len: bool = False
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
@@ -124,6 +138,19 @@ class EngineConfig:
                 f"or the environment variable {ALLOW_LONG_ENV}=1"
             )
         return self.max_model_len
+
+    def resolve_batch_invariant(self, cheap: bool) -> bool:
+        """Whether batch-invariant mode is on: ``batch_invariant`` when set, else the
+        environment variable ``TIERKV_BATCH_INVARIANT`` (1/true or 0/false) when set, else
+        ``cheap`` (the engine's word on whether its dtype gets the mode at little cost)."""
+        if self.batch_invariant is not None:
+            return bool(self.batch_invariant)
+        from_env = os.environ.get(BATCH_INVARIANT_ENV, "").strip().lower()
+        if from_env in ("1", "true"):
+            return True
+        if from_env in ("0", "false"):
+            return False
+        return cheap
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

@@ -1,8 +1,19 @@
 """SamplingParams (vLLM's names and defaults) and the batched sampler.
 
 Each request samples with its own ``torch.Generator`` (seeded from ``seed`` when given), and
-the random draw of a step depends only on that generator and the request's own logits, so a
-seeded request gives the same output alone or inside any batch.
+the random draw of a step depends only on that generator and the request's own logits. A
+seeded request therefore gives the same output alone or inside any batch exactly when its
+logits do not depend on the batch, which is the engine's batch-invariant mode
+(``EngineConfig.batch_invariant``, ``--batch-invariant``, vLLM's ``VLLM_BATCH_INVARIANT=1``):
+every linear layer through one kernel whose per-token sums ignore the other tokens, and
+prompts cut at fixed positions. It is on by default in bfloat16 (the default dtype) and off
+by default in float32 and float16, where it costs more (see README). With it off, a token's
+rounding can follow the batch size (oneDNN picks its blocking from the whole product), and
+in bfloat16 that changes seeded samples (2 of 12 matched alone vs in a 16-request batch);
+float32's differences are about 1e-7 and rarely change a sample, but nothing promises it.
+The same holds with the mode on for the same engine configuration only (dtype, KV policy,
+attention backend, token budget), on the same machine and build, and not across a
+preemption (a preempted request recomputes its tokens in prefill chunks).
 """
 
 from __future__ import annotations

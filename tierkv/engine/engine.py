@@ -20,6 +20,7 @@ from tierkv.kv.pool import PagePool
 from tierkv.kv.quant import default_page_bytes
 from tierkv.kv.store import KVStore
 from tierkv.model.decoder import Decoder
+from tierkv.model.layers import native_dtype
 from tierkv.model.loader import ModelSpec, load_weights, read_spec
 from tierkv.model.source import resolve_model
 from tierkv.sampling import Logprob, SampleRow, SamplingParams, sample_isolated
@@ -42,6 +43,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "auto" else _DTYPES[name]
 
 
+def prefill_chunk(config: EngineConfig) -> int:
+    """Where batch-invariant mode cuts prompts: every multiple of this many tokens
+    (``Scheduler``'s ``chunk``). It leaves room in a step's budget for a decode token of every
+    other running request, so the oldest waiting chunk always fits, and at least half the
+    budget."""
+    budget = config.max_num_batched_tokens
+    return max(budget // 2, budget - config.max_num_seqs + 1, 1)
+
+
 class Engine:
     """A model, its KV cache and a scheduler, driven one step at a time."""
 
@@ -58,7 +68,22 @@ class Engine:
         self.structured = StructuredOutputs(self.tokenizer, self.spec.vocab_size)
         self.model = Decoder(self.spec, self.dtype)
         load_weights(self.model, self.model_dir)
-        self.model.prepack()
+        # Batch-invariant mode computes every linear layer from the row-major weights by one
+        # native kernel; otherwise they are packed for oneDNN, whose rounding of a token
+        # follows the batch. On by default where it is cheap: bfloat16 with the kernels built.
+        self.batch_invariant = config.resolve_batch_invariant(
+            cheap=self.dtype == torch.bfloat16 and native_dtype(self.dtype)
+        )
+        if self.batch_invariant:
+            if not native_dtype(self.dtype):
+                logger.warning(
+                    "batch-invariant mode without a native kernel for %s: linear layers run "
+                    "one row at a time, which is slow",
+                    self.dtype,
+                )
+            self.model.set_batch_invariant()
+        else:
+            self.model.prepack()
         self.policy = KVPolicy.parse(config.kv_policy)
         if config.kv_budget is not None:
             tiers = self.policy if self.policy.tiered else KVPolicy.parse("default")
@@ -90,7 +115,12 @@ class Engine:
                 f"max_model_len={self.max_model_len} tokens, which needs {needed} pages "
                 f"({needed * page_bytes} bytes); raise kv_cache_memory or lower max_model_len"
             )
-        self.scheduler = Scheduler(self.store, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.store,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            chunk=prefill_chunk(config) if self.batch_invariant else None,
+        )
         self.step_times = StepTimes()
         self.runner = ModelRunner(
             self.model,

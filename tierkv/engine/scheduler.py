@@ -6,6 +6,12 @@ and the pool allow. Admission reserves the pages of the whole prompt in the requ
 format (its policy's high tier, plus the spare low pages of a tiered policy), so a running
 prefill never stalls for memory; a decode that needs a new page and finds none preempts the newest
 running request, whose pages return to the pool and whose tokens are recomputed later.
+
+With ``chunk`` set (the engine's batch-invariant mode), a prompt is split at the same
+positions whatever else runs: every chunk ends at a multiple of ``chunk`` tokens (or at the
+prompt's end), and a chunk the step's budget cannot hold waits for a later step instead of
+being cut short. Under a compressing KV policy a chunk sees its own tokens uncompressed and
+earlier chunks through the cache, so where a prompt is cut changes its logits.
 """
 
 from __future__ import annotations
@@ -34,10 +40,17 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
-    def __init__(self, store: KVStore, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        chunk: int | None = None,
+    ) -> None:
         self.store = store
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunk = chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -53,7 +66,7 @@ class Scheduler:
         """Pick this step's work and reserve the pages it needs."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        remaining = [r.num_tokens - r.num_computed_tokens for r in self.running]
+        remaining = [self._wanted(r) for r in self.running]
         if self.running and sum(remaining) <= budget and self._reserve_all():
             # The common step: every running request fits the budget and the pool, so their
             # pages are reserved in one call instead of one per request.
@@ -63,7 +76,10 @@ class Scheduler:
         i = len(out.requests)
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(self._wanted(req), budget)
+            if self.chunk is not None and n < self._wanted(req):
+                i += 1  # its aligned chunk waits for a step with room for all of it
+                continue
             if not self._ensure_pages(req):
                 break  # `req` itself was preempted: every later request is gone too
             out.add(req, n)
@@ -73,16 +89,26 @@ class Scheduler:
             req = self.waiting[0]
             if self.store.pages_to_admit(req.num_tokens, req.kv_policy) > self.store.pool.num_free:
                 break  # first come, first served: nothing jumps the queue
+            if self.chunk is not None and min(req.num_tokens, self.chunk) > budget:
+                break  # its first aligned chunk does not fit this step
             self.waiting.popleft()
             req.slot = self.store.acquire_slot(req.kv_policy, req.num_tokens)
             req.status = RequestStatus.RUNNING
             self._reserve(req)
             self.running.append(req)
-            n = min(req.num_tokens, budget)
+            n = min(self._wanted(req), budget)
             out.add(req, n)
             budget -= n
         self.max_running = max(self.max_running, len(self.running))
         return out
+
+    def _wanted(self, req: Request) -> int:
+        """The tokens ``req`` would compute this step given room: all it has left, or with
+        ``chunk``, up to the next multiple of ``chunk``."""
+        left = req.num_tokens - req.num_computed_tokens
+        if self.chunk is None:
+            return left
+        return min(left, self.chunk - req.num_computed_tokens % self.chunk)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its pages at once."""

@@ -114,6 +114,8 @@ class Decoder(nn.Module):
             self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
         # The tied output head's oneDNN copy of the embedding table (``prepack``).
         self.head_packed: torch.Tensor | None = None
+        # Batch-invariant mode (``set_batch_invariant``), for the tied head.
+        self.invariant = False
         self.requires_grad_(False)
 
     def prepack(self) -> None:
@@ -125,6 +127,16 @@ class Decoder(nn.Module):
                 module.prepack()
         if self.spec.tie_word_embeddings:
             self.head_packed = pack_weight(self.embed_tokens.weight)
+
+    def set_batch_invariant(self) -> None:
+        """Instead of ``prepack``: every linear layer and the output head computed so that a
+        token's result does not depend on the other tokens of its step (``layers.linear``'s
+        ``invariant``). The weights stay row-major and unpacked. The other per-token ops
+        (RMSNorm, SiLU product, rotary, embedding) already compute each row alone."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.set_invariant()
+        self.invariant = True
 
     @torch.inference_mode()
     def forward(
@@ -142,5 +154,7 @@ class Decoder(nn.Module):
             x = layer(x, rope, attend, batch)
         x = self.norm(x[logits_rows])
         if self.spec.tie_word_embeddings:
-            return linear(x, self.embed_tokens.weight, packed=self.head_packed).float()
+            return linear(
+                x, self.embed_tokens.weight, packed=self.head_packed, invariant=self.invariant
+            ).float()
         return self.lm_head(x).float()

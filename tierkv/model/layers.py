@@ -71,6 +71,7 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` [N, in].
 
@@ -79,7 +80,21 @@ def linear(
     at close to memory bandwidth, where oneDNN's fixed cost per call (15-30 µs) outweighs a
     small weight's reads. Otherwise by oneDNN over ``packed`` (``pack_weight(weight)``; the
     weight may then be released, empty), else ``F.linear``.
+
+    These kernels round a row differently from one another, and oneDNN's own rounding of a row
+    changes with the number of rows (its blocking follows the shape), so a row's result
+    depends on the batch around it. ``invariant`` (the engine's ``batch_invariant`` mode) makes
+    it depend on the row alone: every row count goes through ``invariant_linear``
+    (``csrc/small_batch_linear.cpp``: the small-batch kernel's fixed per-element summation,
+    tiled for any count), or where that kernel does not serve (float16, no extension) through
+    ``F.linear`` one row at a time (slow, but the same call for every row).
     """
+    if invariant and x.dim() == 2:
+        if x.dtype == weight.dtype and native_dtype(x.dtype):
+            return torch.ops.tierkv.invariant_linear(x, weight, bias)
+        if x.shape[0] > 1:
+            return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])
+        return F.linear(x, weight, bias)
     rows = x.shape[0] if x.dim() == 2 else 0
     if (
         0 < rows <= NATIVE_LINEAR_ROWS
@@ -98,6 +113,8 @@ class Linear(nn.Linear):
     ``prepack`` has run."""
 
     packed: torch.Tensor | None = None
+    # Batch-invariant mode (``set_invariant``): every row count through ``invariant_linear``.
+    invariant: bool = False
 
     @property
     def weight_nbytes(self) -> int:
@@ -112,8 +129,15 @@ class Linear(nn.Linear):
         if self.packed is not None and self.weight_nbytes >= RELEASE_BYTES:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
+    def set_invariant(self) -> None:
+        """Compute every row count by ``linear``'s batch-invariant path. It reads the row-major
+        weight, so this is for a layer that has not been packed (``prepack`` releases it)."""
+        if self.packed is not None:
+            raise RuntimeError("a packed Linear may have released its row-major weight")
+        self.invariant = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.packed, self.invariant)
 
 
 class RMSNorm(nn.Module):
