@@ -89,7 +89,9 @@ def test_outputs_match_the_record(backend: str, policy: str) -> None:
     now = _generate(backend, policy)
     compared = 0
     for i, (old, new) in enumerate(zip(recorded, now, strict=True)):
-        for step, (a, b, gap) in enumerate(zip(old["tokens"], new["tokens"], old["gaps"])):
+        for step, (a, b, gap) in enumerate(
+            zip(old["tokens"], new["tokens"], old["gaps"], strict=True)
+        ):
             if gap < TIE:
                 break  # a near tie: another CPU may round to the other token
             assert a == b, f"prompt {i} step {step}: recorded {a}, now {b} (gap {gap})"
