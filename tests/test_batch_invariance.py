@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tierkv import LLM, SamplingParams
-from tierkv.cli import add_engine_args, engine_kwargs
+from tierkv.cli_args import add_engine_args, engine_kwargs
 from tierkv.config import BATCH_INVARIANT_ENV, EngineConfig
 from tierkv.engine.engine import prefill_chunk
 from tierkv.extension import available as extension_available

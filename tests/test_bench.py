@@ -14,7 +14,7 @@ from server_harness import MODEL_NAME, live_server
 
 from tierkv.bench.serve import run_load, summarize
 from tierkv.bench.throughput import Workload
-from tierkv.cli import DEMO_MODEL
+from tierkv.cli_args import DEMO_MODEL
 from tierkv.eval import corpus
 from tierkv.tokenizer import Tokenizer
 

@@ -92,7 +92,7 @@ def base_url(demo_model_dir: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def demo_model_dir() -> str:
-    from tierkv.cli import DEMO_MODEL
+    from tierkv.cli_args import DEMO_MODEL
 
     return str(DEMO_MODEL)
 

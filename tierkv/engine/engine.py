@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from tierkv.config import EngineConfig
+from tierkv.engine import stats
 from tierkv.engine.request import CompletionOutput, Request, RequestOutput
 from tierkv.engine.runner import ModelRunner
 from tierkv.engine.scheduler import Scheduler, SchedulerOutput
-from tierkv.engine.stats import StepTimes, histogram
+from tierkv.engine.stats import StepTimes
 from tierkv.kv.attention import PagedAttention
 from tierkv.kv.policy import KVPolicy
 from tierkv.kv.pool import PagePool
@@ -377,48 +378,11 @@ class Engine:
     # -- introspection -------------------------------------------------------------------------
 
     def kv_stats(self) -> dict[str, Any]:
-        """KV pool and scheduler counters; bytes per token include all metadata.
-
-        ``kv_bytes_per_token`` is the engine policy's analytic cost of a kept token (of its high
-        tier: an upper bound for a tiered policy), ``kv_bytes_per_token_by_tier`` the analytic
-        cost of each tier, ``kv_bytes_per_token_measured`` the pool bytes held per token
-        computed by the running requests (pruned tokens count as computed, so this is the
-        effective cost), ``tiers`` the tokens and pages the running requests hold per tier,
-        ``tokens_per_head`` a histogram of the tokens each running (request, layer, KV head)
-        holds, and ``max_running`` the most requests held running at once.
-        """
-        running = self.scheduler.running
-        held = sum(r.num_computed_tokens for r in running)
-        slots = torch.tensor([r.slot for r in running], dtype=torch.int64)
-        by_tier = {"high": self.store.bytes_per_token(self.policy.high)}
-        if self.policy.low is not None:
-            by_tier["low"] = self.store.bytes_per_token(self.policy.low)
-        usage = self.store.tier_usage(slots)
-        counters = self.pool_counters()
-        in_use = counters["kv_bytes_in_use"]
-        return {
-            "policy": self.policy.name,
-            **counters,
-            "tokens_per_page": self.store.tokens_per_page(self.policy.high),
-            "kv_bytes_per_token_by_tier": by_tier,
-            "kv_bytes_per_token_measured": in_use / held if held else None,
-            "tiers": {t: {"tokens": n, "pages": p} for t, (n, p) in usage.items()},
-            "tokens_per_head": histogram(self.store.tokens_per_head(slots)),
-        }
+        """KV pool and scheduler counters; bytes per token include all metadata (the keys are
+        described at ``stats.kv_stats``)."""
+        return stats.kv_stats(self.scheduler, self.policy)
 
     def pool_counters(self) -> dict[str, int | float]:
         """The plain counters of ``kv_stats`` (pages, bytes, requests), cheap enough to read
         after every step, as the server's metrics do."""
-        pool = self.store.pool
-        return {
-            "total_pages": pool.num_pages,
-            "free_pages": pool.num_free,
-            "used_pages": pool.num_used,
-            "page_bytes": pool.page_bytes,
-            "kv_bytes_per_token": self.store.bytes_per_token(self.policy.high),
-            "kv_bytes_in_use": self.store.bytes_in_use(),
-            "preemptions": self.scheduler.num_preemptions,
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "max_running": self.scheduler.max_running,
-        }
+        return stats.pool_counters(self.scheduler, self.policy)

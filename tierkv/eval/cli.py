@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tierkv.cli_args import DEMO_MODEL
 from tierkv.eval.fidelity import FidelityConfig, run_fidelity
 from tierkv.eval.report import format_categories, format_table, write_json
 from tierkv.eval.suites import SUITES, choose_suite, suite_config
@@ -30,8 +31,6 @@ SIZE_FLAGS = (
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval fidelity`` to the ``tierkv`` subcommands."""
-    from tierkv.cli import DEMO_MODEL
-
     ev = subparsers.add_parser("eval", help="evaluations", description="Evaluations of the engine.")
     kinds = ev.add_subparsers(dest="eval", required=True, metavar="{fidelity}")
     p = kinds.add_parser(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -24,7 +24,6 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from tierkv import __version__
-from tierkv.cli import engine_kwargs
 from tierkv.config import EngineConfig
 from tierkv.engine.async_engine import AsyncEngine, EngineDeadError, StepError
 from tierkv.engine.engine import Engine
@@ -216,14 +215,18 @@ def create_app(
     return app
 
 
-def run_server(args: argparse.Namespace) -> None:
-    """Load the model named by ``tierkv serve``'s arguments and serve it until a signal."""
+def run_server(args: argparse.Namespace, engine_options: Mapping[str, Any]) -> None:
+    """Load the model named by ``tierkv serve``'s arguments and serve it until a signal.
+
+    ``engine_options`` are the ``EngineConfig`` keyword arguments of its engine flags
+    (``cli_args.engine_kwargs``): passed in, so that the app imports no CLI module.
+    """
     configure_logging()
     limits = ServerLimits.from_args(args)
     # Bound first: a busy port fails in a second, not after the model has loaded.
     sock = bind_socket(args.host, args.port)
     try:
-        engine = Engine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+        engine = Engine(EngineConfig.from_kwargs(args.model, **engine_options))
         app = create_app(engine, args.served_model_name, args.api_key, limits)
         host, port = sock.getsockname()[:2]
         address = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

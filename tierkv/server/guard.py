@@ -49,7 +49,7 @@ class ServerLimits:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerLimits:
-        """The limits ``tierkv serve``'s flags set (``server/cli.py``)."""
+        """The limits ``tierkv serve``'s flags set (``server/serve_args.py``)."""
         return cls(
             max_body_bytes=args.max_request_body_bytes,
             max_prompts=args.max_prompts_per_request,

@@ -63,7 +63,7 @@ class ReplicaSpec:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ReplicaSpec:
         """The spec of ``tierkv serve``'s parsed (and model-resolved) arguments."""
-        from tierkv.cli import engine_kwargs
+        from tierkv.cli_args import engine_kwargs
 
         # A local path made absolute: a replica's working directory need not be this one.
         model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
@@ -168,11 +168,10 @@ def build_application(
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from tierkv.cli import build_parser
-    from tierkv.server.cli import resolve_serve_args
+    from tierkv.server.serve_args import build_serve_parser, resolve_serve_args
 
     try:
-        parsed = build_parser().parse_args(["serve", *argv])
+        parsed = build_serve_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed why; a config error is not an exit
         raise ValueError(f"invalid tierkv serve options in the Ray Serve config: {argv}") from exc
     return resolve_serve_args(parsed)
