@@ -12,7 +12,7 @@ from tierkv import __version__
 from tierkv.bench import DATASETS
 from tierkv.config import DTYPES, EngineConfig
 from tierkv.eval.cli import add_eval_parser
-from tierkv.kv.attention import BACKENDS
+from tierkv.kv import BACKENDS
 from tierkv.model.source import MODEL_HELP
 from tierkv.server.cli import add_serve_parser
 
