@@ -6,8 +6,9 @@ keys and values in every layer; a "step" attends every layer once (so the pages 
 compete for the caches, as in the engine) and the time per layer is the step's over 4.
 Compared, in one run:
 
-* ``native``: ``tierkv.kv.native.decode`` (the C++ kernel over the pages);
-* ``fast``: ``tierkv.kv.fast.decode`` with its per-step cache and workspace, as the engine
+* ``native``: ``tierkv.kv.backends.cpu.ops.decode`` (the C++ kernel over the pages);
+* ``fast``: ``tierkv.kv.backends.torch.ops.decode`` with its per-step cache and workspace, as the
+  engine
   calls it;
 * ``sdpa32``/``sdpa16``: ``scaled_dot_product_attention`` over an uncompressed contiguous
   cache ``[B, 2, T, 64]`` in float32 / bfloat16 (no page table, no mask): the floor an
@@ -17,9 +18,10 @@ With ``--tiered``, tiered slots instead (default policy ``k8v4/k4v2-g64``): each
 layer, KV head) holds a random 60-80% of the context in the high tier and most of the rest in
 the low one (the others pruned), positions shuffled as decisions leave them; compared:
 
-* ``native``: ``tierkv.kv.native.tiered_decode`` (one call: the kernel over each tier, the
+* ``native``: ``tierkv.kv.backends.cpu.ops.tiered_decode`` (one call: the kernel over each tier, the
   merge and the rescaled probabilities);
-* ``fused``: ``tierkv.kv.tiered.attend`` with a workspace (its fused torch path: a gather of
+* ``fused``: ``tierkv.kv.attention.tiered.attend`` with a workspace (its fused torch path: a gather
+  of
   each tier's pages, then dequantization folded into the matmuls), as the engine calls it.
 
 Run: ``python scripts/bench_native_decode.py`` (both thread counts are measured in one run),
@@ -37,11 +39,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv import fast, native, tiered
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import FORMATS, default_page_bytes
-from tierkv.kv.store import HIGH, LOW, KVStore
+from tierkv.kv.attention import tiered
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.torch import ops as fast
+from tierkv.kv.formats.quant import FORMATS, default_page_bytes
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+from tierkv.kv.store.pool import PagePool
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 64  # Q_HEADS: the default of --q-heads
 DTYPE = torch.bfloat16

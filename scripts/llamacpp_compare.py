@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tierkv.config import EngineConfig  # noqa: E402
-from tierkv.kv.attention import BACKENDS  # noqa: E402
+from tierkv.kv.attention.paged import BACKENDS  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "demo-model"
 BENCH_TARGET = "llama-batched-bench"

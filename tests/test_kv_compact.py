@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv import native
-from tierkv.kv.compact import apply_decisions
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import default_page_bytes
-from tierkv.kv.store import HIGH, LOW, KVStore
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.formats.quant import default_page_bytes
+from tierkv.kv.policy.compact import apply_decisions
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+from tierkv.kv.store.pool import PagePool
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"no native kernels: {native.unavailable_reason()}"

@@ -1,4 +1,5 @@
-"""The fast decode path (``tierkv.kv.fast``) against the reference path, format by format."""
+"""The fast decode path (``tierkv.kv.backends.torch.ops``) against the reference path, format by
+format."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 
 from tierkv import LLM
-from tierkv.kv import fast
-from tierkv.kv.attention import AttentionBatch, PagedAttention
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import FORMATS, FULL, KVFormat, default_page_bytes
-from tierkv.kv.store import KVStore
+from tierkv.batch import AttentionBatch
+from tierkv.kv.attention.paged import PagedAttention
+from tierkv.kv.backends.torch import ops as fast
+from tierkv.kv.formats.quant import FORMATS, FULL, KVFormat, default_page_bytes
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.pool import PagePool
 
 LAYERS, KV_HEADS, Q_HEADS = 2, 2, 6
 QUANTIZED = [f for f in FORMATS.values() if f.quantized]

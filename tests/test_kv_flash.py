@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv.partial import causal_visibility, flash, flash_serves
+from tierkv.kv.backends.partial import flash, flash_serves
+from tierkv.kv.store.views import causal_visibility
 
 pytestmark = pytest.mark.skipif(
     not flash_serves(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)),

@@ -1,4 +1,5 @@
-"""The native decode kernel (``tierkv.kv.native``) against the fast and reference paths: uniform
+"""The native decode kernel (``tierkv.kv.backends.cpu.ops``) against the fast and reference paths:
+uniform
 slots, their residual rings read in place, and both tiers of differentiated slots."""
 
 from __future__ import annotations
@@ -8,13 +9,15 @@ import math
 import pytest
 import torch
 
-from tierkv.kv import fast, native, tiered
-from tierkv.kv.attention import AttentionBatch, PagedAttention
-from tierkv.kv.partial import merge
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import FORMATS, KVFormat, default_page_bytes
-from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
+from tierkv.batch import AttentionBatch
+from tierkv.kv.attention.paged import PagedAttention, tiered
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.partial import merge
+from tierkv.kv.backends.torch import ops as fast
+from tierkv.kv.formats.quant import FORMATS, KVFormat, default_page_bytes
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
+from tierkv.kv.store.pool import PagePool
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"

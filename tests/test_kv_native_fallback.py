@@ -10,7 +10,7 @@ from pathlib import Path
 
 SCRIPT = """
 from tierkv import LLM, SamplingParams
-from tierkv.kv import native
+from tierkv.kv.backends.cpu import ops as native
 
 assert not native.available()
 llm = LLM({model!r}, kv_policy="k4v2", kv_cache_memory="8MiB")

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv import native
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import FORMATS, FULL, KVFormat, default_page_bytes
-from tierkv.kv.store import KVStore
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.formats.quant import FORMATS, FULL, KVFormat, default_page_bytes
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.pool import PagePool
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv.partial import causal_attention, causal_visibility
+from tierkv.kv.backends.partial import causal_attention
+from tierkv.kv.store.views import causal_visibility
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tierkv import LLM, KVPolicy, SamplingParams
-from tierkv.kv.policy import SUPPORTED_POLICIES
-from tierkv.kv.quant import FORMATS, FULL
+from tierkv.kv.formats.quant import FORMATS, FULL
+from tierkv.kv.policy.spec import SUPPORTED_POLICIES
 
 
 def test_every_format_parses_to_a_uniform_policy() -> None:

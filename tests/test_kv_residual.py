@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from tierkv import LLM, SamplingParams
-from tierkv.kv.attention import AttentionBatch, PagedAttention
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import default_page_bytes
-from tierkv.kv.store import KVStore
+from tierkv.batch import AttentionBatch
+from tierkv.kv.attention.paged import PagedAttention
+from tierkv.kv.formats.quant import default_page_bytes
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.pool import PagePool
 
 KV_HEADS, Q_HEADS, HEAD_DIM, LAYERS = 2, 6, 32, 2
 

@@ -10,10 +10,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv.attention import AttentionBatch, PagedAttention
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import FORMATS, FULL, KVFormat, default_page_bytes, dequantize, quantize
-from tierkv.kv.store import KVStore
+from tierkv.batch import AttentionBatch
+from tierkv.kv.attention.paged import PagedAttention
+from tierkv.kv.formats.quant import (
+    FORMATS,
+    FULL,
+    KVFormat,
+    default_page_bytes,
+    dequantize,
+    quantize,
+)
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.pool import PagePool
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 32
 FORMAT_LIST = list(FORMATS.values())

@@ -9,12 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv.attention import AttentionBatch, PagedAttention
-from tierkv.kv.compact import apply_decisions
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import default_page_bytes, dequantize, quantize
-from tierkv.kv.store import HIGH, LOW, KVStore
+from tierkv.batch import AttentionBatch
+from tierkv.kv.attention.paged import PagedAttention
+from tierkv.kv.formats.quant import default_page_bytes, dequantize, quantize
+from tierkv.kv.policy.compact import apply_decisions
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+from tierkv.kv.store.pool import PagePool
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 32
 

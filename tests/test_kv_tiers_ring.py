@@ -1,4 +1,5 @@
-"""The residual ring of tiered slots (``tierkv.kv.tiered_ring``): each query's newest ``r``
+"""The residual ring of tiered slots (``tierkv.kv.attention.tiered_ring``): each query's newest
+``r``
 positions at full precision, on every path (reference, fused torch, native kernel)."""
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from test_kv_native import LAYER, _tiered_store
 from test_kv_residual import _drive
 
 from tierkv import LLM, SamplingParams
-from tierkv.kv import native, tiered
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.store import LOW, RESIDUAL
+from tierkv.kv.attention import tiered
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.policy.spec import KVPolicy
+from tierkv.kv.store.kv_store import LOW, RESIDUAL
 
 needs_native = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"

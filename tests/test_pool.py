@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv.pool import PageField, PageLayout, PagePool
-from tierkv.kv.quant import default_page_bytes
-from tierkv.kv.store import KVStore
+from tierkv.kv.formats.layout import PageField, PageLayout
+from tierkv.kv.formats.quant import default_page_bytes
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.pool import PagePool
 
 
 @settings(max_examples=50, deadline=None)

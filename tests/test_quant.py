@@ -11,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tierkv.kv import quant
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import (
+from tierkv.kv.formats import quant
+from tierkv.kv.formats.quant import (
     DEFAULT_GROUP_SIZE,
     FORMATS,
     FULL,
@@ -26,6 +25,7 @@ from tierkv.kv.quant import (
     quantize,
     unpack,
 )
+from tierkv.kv.store.pool import PagePool
 
 GROUP_SIZES = (32, 64, 128)
 # Small head dims (one group) as in the test checkpoints, and the common real ones.

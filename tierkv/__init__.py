@@ -2,7 +2,7 @@
 
 from tierkv.engine.llm import LLM
 from tierkv.engine.request import CompletionOutput, RequestOutput
-from tierkv.kv.policy import KVPolicy
+from tierkv.kv import KVPolicy
 from tierkv.sampling import SamplingParams
 from tierkv.structured import StructuredOutputsParams
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from tierkv.config import DTYPES, EngineConfig
-from tierkv.kv.attention import BACKENDS
+from tierkv.kv import BACKENDS
 from tierkv.model.source import MODEL_HELP
 
 # The bundled model every subcommand falls back to (the repository's assets/, beside tierkv/).

@@ -69,12 +69,13 @@ class EngineConfig:
         seed: seed of the engine's sampler for requests that carry no seed of their own.
         kv_policy: KV cache policy of requests that do not choose one: ``default`` (the
             compressing differentiated policy tuned on the demo model, see
-            ``tierkv.kv.policy``) unless set; ``fp16`` keeps the cache uncompressed.
+            ``tierkv.kv.policy.spec``) unless set; ``fp16`` keeps the cache uncompressed.
         kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
             ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
         attention_backend: ``fast`` (the default: C++ kernels read the pages in place and
-            dequantize in registers, ``tierkv.kv.native``; fused torch ops where they cannot
+            dequantize in registers, ``tierkv.kv.backends.cpu.ops``; fused torch ops where they
+            cannot
             be built) or ``reference`` (gather, dequantize, attend; the path the tests trust).
         allow_long_max_model_len: accept a ``max_model_len`` beyond the model's positions
             (also set by the environment variable ``TIERKV_ALLOW_LONG_MAX_MODEL_LEN=1``).

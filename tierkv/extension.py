@@ -1,10 +1,12 @@
 """The package's C++ extension: every kernel under a ``csrc`` folder, one build, made on first use.
 
-The sources are the KV kernels (``tierkv/kv/csrc``: paged decode attention with the score
-update, the quantizing and uncompressed writes, compaction, see ``tierkv.kv.native``; bf16
-flash attention for prefill, see ``tierkv.kv.partial``) and the model's (``tierkv/model/csrc``:
+The sources are the KV kernels of the ``cpu`` backend (``tierkv/kv/backends/cpu/csrc``: paged
+decode attention with the score update, the quantizing and uncompressed writes, compaction, see
+``tierkv.kv.backends.cpu.ops``; bf16 flash attention for prefill, see
+``tierkv.kv.backends.partial``) and the model's (``tierkv/model/csrc``:
 the small-batch linear layer and the one-pass RMSNorm, SiLU product and rotary embedding, see
-``tierkv.model.layers``), with the headers they share. They are compiled together with
+``tierkv.model.layers``), with the SIMD helpers they share (``tierkv/csrc``). They are compiled
+together with
 ``torch.utils.cpp_extension.load`` the first time one is needed (``-O3 -march=native``, or
 without ``-march=native`` when the compiler refuses it). A machine without a compiler simply
 has no native kernels: ``available()`` says so and the engine keeps its torch paths.
@@ -43,8 +45,10 @@ logger = logging.getLogger(__name__)
 
 # The decode kernel (a pybind11 module) and the ops registered under torch.ops.tierkv, and the
 # headers they share (part of the build's hash, so editing one rebuilds).
-_SOURCES = tuple(sorted(Path(__file__).parent.glob("*/csrc/*.cpp")))
-_HEADERS = tuple(sorted(Path(__file__).parent.glob("*/csrc/*.h")))
+_SOURCES = tuple(sorted(Path(__file__).parent.rglob("csrc/*.cpp")))
+_HEADERS = tuple(sorted(Path(__file__).parent.rglob("csrc/*.h")))
+# Headers every kernel may include by name (SIMD helpers shared by the KV and model kernels).
+_SHARED_HEADERS = Path(__file__).parent / "csrc"
 
 # Tried in order: the first set the compiler accepts is kept. -fopenmp lets at::parallel_for
 # (inlined from torch's headers) spread work items over torch's OpenMP threads.
@@ -162,6 +166,7 @@ def _build(name: str, build: Path, flags: tuple[str, ...], env: dict[str, str]) 
         sources=[str(path) for path in _SOURCES],
         extra_cflags=list(flags),
         extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(_SHARED_HEADERS)],
         build_directory=str(build),
         verbose=False,
     )

@@ -15,11 +15,7 @@ from tierkv.engine.request import CompletionOutput, Request, RequestOutput
 from tierkv.engine.runner import ModelRunner
 from tierkv.engine.scheduler import Scheduler, SchedulerOutput
 from tierkv.engine.stats import StepTimes
-from tierkv.kv.attention import PagedAttention
-from tierkv.kv.policy import KVPolicy
-from tierkv.kv.pool import PagePool
-from tierkv.kv.quant import default_page_bytes
-from tierkv.kv.store import KVStore
+from tierkv.kv import KVPolicy, KVStore, PagedAttention, PagePool, default_page_bytes
 from tierkv.model.decoder import Decoder
 from tierkv.model.layers import native_dtype
 from tierkv.model.loader import ModelSpec, load_weights, read_spec

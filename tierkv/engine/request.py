@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tierkv.kv.policy import KVPolicy
+from tierkv.kv import KVPolicy
 from tierkv.sampling import Logprob, SamplingParams
 from tierkv.structured.matcher import GrammarMatcher
 from tierkv.tokenizer import IncrementalDetokenizer

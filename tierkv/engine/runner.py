@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tierkv.batch import AttentionBatch
 from tierkv.engine.request import Request
 from tierkv.engine.scheduler import SchedulerOutput
-from tierkv.kv.attention import AttentionBatch, PagedAttention
+from tierkv.kv import PagedAttention
 from tierkv.model.decoder import Decoder
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.engine.request import Request, RequestStatus
-from tierkv.kv.store import KVStore
+from tierkv.kv import KVStore
 
 
 @dataclass

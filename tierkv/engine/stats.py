@@ -10,7 +10,7 @@ import torch
 
 if TYPE_CHECKING:  # annotations only: the engine passes its own scheduler and policy in
     from tierkv.engine.scheduler import Scheduler
-    from tierkv.kv.policy import KVPolicy
+    from tierkv.kv import KVPolicy
 
 
 @dataclass

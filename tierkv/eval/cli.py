@@ -97,7 +97,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 def default_policies() -> list[str]:
     """The engine's default policy: ``default`` when this build has one, else the config's."""
     from tierkv.config import EngineConfig
-    from tierkv.kv.policy import KVPolicy
+    from tierkv.kv import KVPolicy
 
     try:
         KVPolicy.parse("default")

@@ -1,1 +1,22 @@
-"""The KV cache: formats, the page pool, per-head page tables, policies and attention."""
+"""The KV cache: formats, the page store, policies and attention backends side by side.
+
+This module is the cache's public face: the engine and the model import from here only.
+"""
+
+from tierkv.kv.attention.paged import BACKENDS, PagedAttention
+from tierkv.kv.formats.quant import FORMATS, KVFormat, default_page_bytes
+from tierkv.kv.policy.spec import SUPPORTED_POLICIES, KVPolicy
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.pool import PagePool
+
+__all__ = [
+    "BACKENDS",
+    "FORMATS",
+    "SUPPORTED_POLICIES",
+    "KVFormat",
+    "KVPolicy",
+    "KVStore",
+    "PagePool",
+    "PagedAttention",
+    "default_page_bytes",
+]

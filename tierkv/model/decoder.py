@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from tierkv.kv.attention import AttentionBatch
+from tierkv.batch import AttentionBatch
 from tierkv.model.layers import (
     GatedMLP,
     Linear,

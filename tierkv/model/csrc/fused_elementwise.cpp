@@ -19,7 +19,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "../../kv/csrc/simd.h"
+#include "simd.h"  // tierkv/csrc, on the include path
 
 #include <algorithm>
 #include <cmath>

@@ -21,7 +21,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "../../kv/csrc/simd.h"
+#include "simd.h"  // tierkv/csrc, on the include path
 
 #include <algorithm>
 #include <cstdint>

@@ -12,30 +12,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from tierkv import extension
-
-if TYPE_CHECKING:  # the store builds its residual masks with ``causal_visibility``
-    from tierkv.kv.store import Residual
+from tierkv.kv.store.views import Residual, causal_visibility
 
 # Queries per batched matrix product of a residual window's band (``_residual_band``).
 _BAND_BLOCK = 16
-
-
-def causal_visibility(
-    query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None
-) -> torch.Tensor:
-    """``[..., nq, T]``: which keys at ``key_pos`` [T] queries at ``query_pos`` [..., nq] see:
-    those at or before them, and within ``window`` positions under a sliding window."""
-    qpos, kpos = query_pos[..., None], key_pos
-    visible = kpos <= qpos
-    if window is not None:
-        visible &= kpos > qpos - window
-    return visible
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 // Quantize new tokens and store them straight into their pages: the write half of the store.
 //
-// tierkv/kv/quant.py's quantize + KVFormat.encode followed by one indexed store per page field
+// tierkv/kv/formats/quant.py's quantize + KVFormat.encode followed by one indexed store per page field
 // is about 70 small torch ops per layer and step, several times the arithmetic at decode sizes.
 // This op does the same per (token, KV head) in one call and writes the same bytes: min/max per
 // group of channels, zero = min rounded down to fp16, scale = (max - zero) / qmax rounded up to

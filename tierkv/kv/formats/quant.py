@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tierkv.kv.pool import PageField, PageLayout
+from tierkv.kv.formats.layout import PageField, PageLayout
 
 QUANT_BITS = (8, 4, 2, 1)
 """Bit widths a quantized key or value can have; each divides 8, so codes pack into bytes."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tierkv.kv.store import Residual
+from tierkv.kv.store.views import Residual
 
 
 def hide_recent(

@@ -1,6 +1,7 @@
 """A native (C++) decode kernel over quantized pages, built on first use.
 
-``tierkv.kv.fast`` folds dequantization into two matmuls but still pays for a gather of every
+``tierkv.kv.backends.torch.ops`` folds dequantization into two matmuls but still pays for a gather
+of every
 page, unpacked float32 copies of the codes and about 40 small torch ops per layer, which at
 decode sizes cost more than the arithmetic. ``csrc/paged_decode.cpp`` does the whole decode
 attention of a layer in one call:
@@ -10,12 +11,12 @@ attention of a layer in one call:
 * pages are read in place from the arena through the page table (no gather), a block of up to
   64 tokens of one page at a time; each token's key is dequantized into registers (codes in
   "plane" order: the codes at bit ``p * bits`` of every byte, so unpacking is shifts and masks,
-  see ``tierkv.kv.fast``) and dotted with every query head;
+  see ``tierkv.kv.backends.torch.ops``) and dotted with every query head;
 * an online (streaming) softmax in float32: each block's maximum rescales the running sums
   once, then the block's values are dequantized and accumulated the same way.
 
 The kernel returns the log-sum-exp of the logits beside the output, so attention over a token
-range can be split (``partial`` over several ranges, then ``tierkv.kv.partial.merge``) and
+range can be split (``partial`` over several ranges, then ``tierkv.kv.backends.partial.merge``) and
 combined exactly with attention computed elsewhere.
 
 Two extensions serve the store's other layouts without a gather:
@@ -45,10 +46,10 @@ import torch
 
 from tierkv import extension
 from tierkv.extension import available, unavailable_reason
-from tierkv.kv import fast
-from tierkv.kv.pool import PageLayout
-from tierkv.kv.quant import FORMATS, KVFormat
-from tierkv.kv.store import HIGH, LOW, RESIDUAL, KVStore
+from tierkv.kv.backends.torch import ops as fast
+from tierkv.kv.formats.layout import PageLayout
+from tierkv.kv.formats.quant import FORMATS, KVFormat
+from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
 
 # Per-token fields the kernel reads, in the order it takes their offsets and strides.
 _FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos")
@@ -60,7 +61,8 @@ _RING_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def supports(fmt: KVFormat, head_dim: int) -> bool:
     """Whether the kernel serves slots stored in ``fmt`` at this head dim: the quantized
     formats whose groups of channels fill whole bytes at both bit widths, the formats
-    ``tierkv.kv.fast`` serves (a group size that does not divide the head dim never reaches a
+    ``tierkv.kv.backends.torch.ops`` serves (a group size that does not divide the head dim never
+    reaches a
     store: ``KVStore.register`` refuses it)."""
     return fast.supports(fmt, head_dim)
 
@@ -132,7 +134,7 @@ def partial(
     ``q``'s dtype (0 for an empty range) and ``lse`` [B, Hq] float32, the log-sum-exp of the
     logits over the range (-inf for an empty range).
     ``layer`` is only checked against the store (the pages already name the layer's tokens).
-    ``tierkv.kv.partial.merge`` combines parts.
+    ``tierkv.kv.backends.partial.merge`` combines parts.
 
     With ``ring`` (uniform slots with a residual window, after the step's ``KVStore.write``),
     positions ``[max(start, end - R), end)`` are read uncompressed from the ring (index
@@ -189,7 +191,8 @@ def decode(
     cache: dict | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per slot over the slot's first ``lens`` tokens (the last
-    ``window`` of them under a sliding window): the contract of ``tierkv.kv.fast.decode``.
+    ``window`` of them under a sliding window): the contract of
+    ``tierkv.kv.backends.torch.ops.decode``.
 
     ``q`` is ``[B, Hq, D]``; every slot stores its (uniform) tokens in the store's format
     index ``f``, which ``supports``. Returns ``[B, Hq, D]`` in ``q``'s dtype.
@@ -371,7 +374,7 @@ def tiered_decode(
     only a window masks anything, and without one the kernel reads no position); the kernel
     merges the two tiers' parts by their log-sum-exps. Slots with a residual ring
     (``store.residual``) read their newest positions from it instead, in place, as a third part
-    (``tierkv.kv.tiered_ring``); a ring position's probability is its tier token's.
+    (``tierkv.kv.attention.tiered_ring``); a ring position's probability is its tier token's.
 
     Returns ``(out, probs)``: ``out`` [B, Hq, D] in ``q``'s dtype and ``probs`` float32
     [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,

@@ -1,4 +1,4 @@
-// Compaction of tiered slots after a decision, the part that moves bytes (tierkv/kv/compact.py).
+// Compaction of tiered slots after a decision, the part that moves bytes (tierkv/kv/policy/compact.py).
 //
 // compact.py's torch path finds the holes and the tokens that fill them with nonzero, then
 // reads and writes every field of the moved tokens with one indexed copy per field and tier,

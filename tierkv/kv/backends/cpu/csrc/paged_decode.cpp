@@ -1,5 +1,5 @@
 // Decode attention (one query token per request) straight over tierkv's paged, quantized KV
-// store. See tierkv/kv/native.py for the contract; this file is the kernel.
+// store. See tierkv/kv/backends/cpu/ops.py for the contract; this file is the kernel.
 //
 // One work item is one (request, KV head): its query heads (the GQA group) are processed
 // together, so every key and value byte is read once. Pages are read in place from the arena
@@ -28,7 +28,7 @@
 //     from FULL-format ring pages (index pos % ring_size) after the quantized ones, their keys
 //     and values converted to float32 rows in natural channel order, their values summed in a
 //     second accumulator. Uncompressed slots are read as one ring covering their whole range
-//     (tierkv/kv/native.py's decode_full), so these blocks span pages, sum their logits 16
+//     (tierkv/kv/backends/cpu/ops.py's decode_full), so these blocks span pages, sum their logits 16
 //     tokens at a time and prefetch the next block's rows like the quantized ones.
 // Everything is float32. SIMD is written with GCC/Clang vector extensions (16 floats, one
 // AVX-512 register with -march=native, split by the compiler on narrower machines); the
@@ -759,7 +759,7 @@ AttendFn pick_group(int64_t group) {
   }
 }
 
-// The (key bits, value bits) pairs of tierkv's formats (tierkv/kv/quant.py's QUANTIZED_BITS;
+// The (key bits, value bits) pairs of tierkv's formats (tierkv/kv/formats/quant.py's QUANTIZED_BITS;
 // k8v8 also carries the uncompressed rings): only these are instantiated.
 AttendFn pick(int64_t key_bits, int64_t value_bits, int64_t group) {
   const auto bits = std::make_pair(key_bits, value_bits);
@@ -974,7 +974,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
 }
 
 
-// Both tiers of tiered slots at one layer, in one call (tierkv/kv/native.py's tiered_decode):
+// Both tiers of tiered slots at one layer, in one call (tierkv/kv/backends/cpu/ops.py's tiered_decode):
 // per (request, KV head), the kernel attends the tokens the head holds in each tier, masked by
 // their stored positions; the two parts are merged by their log-sum-exps and each tier's
 // probabilities rescaled to the whole; then, with `score`, each token's stored score gains the
@@ -983,7 +983,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
 // tables ([S, L, H, 3, P], [S, L, H, 2]), read at `slots` [B] and `layer` here, so the call
 // needs no per-layer gathers. `formats` holds each tier's key bits, value bits, group size and
 // tokens per page; `offsets` and `strides` each tier's seven kernel fields then its score.
-// With `residual` [B] (tiered slots with a residual ring, tierkv/kv/tiered_ring.py), the
+// With `residual` [B] (tiered slots with a residual ring, tierkv/kv/attention/tiered_ring.py), the
 // newest `residual` positions up to the query are read from the slot's ring (the tables'
 // third row, `ring_size` [B] tokens, FULL pages as paged_decode reads them) as a third part,
 // and hidden in the tiers; each ring position's probability is folded onto its tier token.

@@ -22,10 +22,11 @@ decode reads the ring in place after the write.
 
 Backends: ``"reference"`` (what the tests trust) runs every decode through the
 gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path.
-``"fast"`` (the engine's default) sends decode rows to the C++ kernels of ``tierkv.kv.native``
+``"fast"`` (the engine's default) sends decode rows to the C++ kernels of
+``tierkv.kv.backends.cpu.ops``
 (built on first use): uniform quantized slots, uncompressed slots (``decode_full``) and tiered
 slots (``tiered_decode``), all reading pages in place; where no compiler is available, quantized
-and tiered decodes take ``tierkv.kv.fast``'s fused torch ops and uncompressed ones the
+and tiered decodes take ``tierkv.kv.backends.torch.ops``'s fused torch ops and uncompressed ones the
 reference path. Prefill chunks take SDPA (tiered chunks through ``tiered``, which computes
 probabilities only for the queries that score). The engine picks the backend from
 ``EngineConfig.attention_backend`` (``--attention-backend``).
@@ -38,63 +39,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv import fast, native, tiered
-from tierkv.kv.partial import causal_attention, causal_visibility, flash_serves, residual_prefill
-from tierkv.kv.store import KVStore, Residual
+from tierkv.batch import AttentionBatch
+from tierkv.kv.attention import tiered
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
+from tierkv.kv.backends.torch import ops as fast
+from tierkv.kv.store.kv_store import KVStore
+from tierkv.kv.store.views import Residual, causal_visibility
 
 BACKENDS = ("reference", "fast")
 # Queries per attention call of a prefill chunk with a residual window (see ``_prefill``).
 _PREFILL_BLOCK = 256
-
-
-@dataclass
-class AttentionBatch:
-    """Where each token of a step comes from and goes to, built once per step by the runner.
-
-    Attributes:
-        token_slots: [N] store slot of each new token.
-        token_index: [N] index of each new token in its request (its position).
-        query_lens: new tokens per request, in batch order.
-        context_lens: tokens each request had stored before this step.
-        slots: [B] store slot of each request.
-        decode_rows: [Bd] requests (batch indices) with exactly one new token.
-        prefill_rows: requests with more than one new token.
-        query_starts: offset of each request's first token in the flat token list.
-    """
-
-    token_slots: torch.Tensor
-    token_index: torch.Tensor
-    query_lens: list[int]
-    context_lens: list[int]
-    slots: torch.Tensor
-    decode_rows: torch.Tensor
-    prefill_rows: list[int]
-    query_starts: list[int]
-
-    @classmethod
-    def build(
-        cls, slots: list[int], context_lens: list[int], query_lens: list[int]
-    ) -> AttentionBatch:
-        """Describe a step in which request ``i`` adds ``query_lens[i]`` tokens to ``slots[i]``."""
-        starts, total = [], 0
-        for n in query_lens:
-            starts.append(total)
-            total += n
-        slot_t = torch.tensor(slots, dtype=torch.int64)
-        lens_t = torch.tensor(query_lens, dtype=torch.int64)
-        ctx_t = torch.tensor(context_lens, dtype=torch.int64)
-        token_slots = torch.repeat_interleave(slot_t, lens_t)
-        first = torch.repeat_interleave(ctx_t - torch.tensor(starts, dtype=torch.int64), lens_t)
-        return cls(
-            token_slots=token_slots,
-            token_index=first + torch.arange(total),
-            query_lens=list(query_lens),
-            context_lens=list(context_lens),
-            slots=slot_t,
-            decode_rows=torch.nonzero(lens_t == 1).flatten(),
-            prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
-            query_starts=starts,
-        )
 
 
 @dataclass

@@ -6,7 +6,7 @@ request):
 - ``fp16``: the uncompressed baseline. Every token is kept, keys and values in the model's
   compute dtype (2 bytes per element in bf16/fp16, 4 in float32, so that float32 runs match
   Hugging Face exactly). ``full`` is accepted as another name for it.
-- ``kXvY`` for every quantized format of ``tierkv.kv.quant.FORMATS`` (``k8v8``, ``k8v4``,
+- ``kXvY`` for every quantized format of ``tierkv.kv.formats.quant.FORMATS`` (``k8v8``, ``k8v4``,
   ``k4v4``, ``k4v2``...): every token is kept, keys quantized to X bits and values to Y bits,
   group-wise per token and KV head. An optional suffix ``-gN`` sets the group size to N
   channels (``k4v2-g64``); the default is ``quant.DEFAULT_GROUP_SIZE``. A uniform policy keeps
@@ -17,7 +17,7 @@ request):
   format may not have more key or value bits than the high one. The full syntax is
   ``HIGH[-gN]/LOW[-gN][@BUDGET][:key=value,...]`` (a group size after HIGH sets the high
   tier's alone) with keys ``r`` (full-precision residual window, 0; at most ``w``, see
-  ``tierkv.kv.tiered_ring``), ``ah`` (alpha_high, default 2.0),
+  ``tierkv.kv.attention.tiered_ring``), ``ah`` (alpha_high, default 2.0),
   ``al`` (alpha_low, 0.2), ``w`` (protected recent window, 64 tokens), ``sw`` (prefill
   scoring window, 64 queries), ``pk`` (prefill score pooling kernel, odd, 1 = none; 7) and
   ``di`` (decision interval in decode steps; 8, and 1 in budget mode),
@@ -114,7 +114,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from tierkv.kv.quant import FORMATS, FULL, KVFormat
+from tierkv.kv.formats.quant import FORMATS, FULL, KVFormat
 
 _FP16_NAMES = ("fp16", FULL.name)
 _QUANTIZED_NAMES = tuple(name for name, fmt in FORMATS.items() if fmt.quantized)

@@ -42,9 +42,10 @@ import math
 
 import torch
 
-from tierkv.kv.partial import merge, residual_part
-from tierkv.kv.quant import KVFormat
-from tierkv.kv.store import HIGH, KVStore, Residual
+from tierkv.kv.backends.partial import merge, residual_part
+from tierkv.kv.formats.quant import KVFormat
+from tierkv.kv.store.kv_store import HIGH, KVStore
+from tierkv.kv.store.views import Residual
 
 
 def _lane(nbytes: int) -> torch.dtype:
@@ -188,7 +189,7 @@ def decode(
     every layer, gathered once, and the visibility mask of each window. ``workspace`` (a dict
     kept for the engine's life) holds the unpacked codes' buffers, reused between calls.
     ``residual`` (the slots' residual windows with this step's tokens appended) replaces the
-    newest quantized positions by their uncompressed entries (``tierkv.kv.partial``).
+    newest quantized positions by their uncompressed entries (``tierkv.kv.backends.partial``).
     """
     cache = {} if cache is None else cache
     workspace = {} if workspace is None else workspace

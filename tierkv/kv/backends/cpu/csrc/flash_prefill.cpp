@@ -19,7 +19,7 @@
 //   all of them are not masked, so causal attention costs about half the full square.
 //
 // It returns the log-sum-exp of each row beside the output, so that a caller can merge it with
-// attention over other tokens (tierkv/kv/partial.py). Without AVX512-BF16 at compile time
+// attention over other tokens (tierkv/kv/backends/partial.py). Without AVX512-BF16 at compile time
 // flash_prefill_supported() is false and the engine keeps torch's kernel.
 
 #include <torch/extension.h>

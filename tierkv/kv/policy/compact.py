@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from tierkv.kv import native as native_ops
-from tierkv.kv.store import HIGH, LOW, KVStore
+from tierkv.kv.backends.cpu import ops as native_ops
+from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
 
 # Where some tokens move: (slots [M], heads [M], destination indices [M], their fields).
 _Writes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]

@@ -22,19 +22,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv import fast, native, tiered_ring
-from tierkv.kv.compact import apply_decisions
-from tierkv.kv.partial import (
-    causal_attention,
-    causal_visibility,
-    flash_serves,
-    residual_prefill,
-)
-from tierkv.kv.quant import KVFormat
-from tierkv.kv.store import HIGH, LOW, KVStore, Residual, TierRead
+from tierkv.kv.attention import tiered_ring
+from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
+from tierkv.kv.backends.torch import ops as fast
+from tierkv.kv.formats.quant import KVFormat
+from tierkv.kv.policy.compact import apply_decisions
+from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+from tierkv.kv.store.views import Residual, TierRead, causal_visibility
 
 if TYPE_CHECKING:
-    from tierkv.kv.attention import AttentionBatch
+    from tierkv.batch import AttentionBatch
 
 
 @dataclass
@@ -70,11 +68,12 @@ def attend(
     """Attention of ``q`` [B, nq, Hq, D] at positions ``query_pos`` [B, nq] over what ``slots``
     keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype.
 
-    Given a ``workspace`` (the fast backend's buffers) and tier formats ``tierkv.kv.fast``
+    Given a ``workspace`` (the fast backend's buffers) and tier formats
+    ``tierkv.kv.backends.torch.ops``
     serves, keys and values are never decoded: the dequantization is folded into the two
     matmuls of each tier (``fast.key_scores``, ``fast.value_mix``), with one softmax over both.
     With ``residual`` (slots with a ring, the step's own tokens appended), each query's newest
-    positions come from it uncompressed (``tierkv.kv.tiered_ring``).
+    positions come from it uncompressed (``tierkv.kv.attention.tiered_ring``).
     """
     high = store.read_tier(layer, slots, HIGH)
     low = store.read_tier(layer, slots, LOW)
@@ -123,7 +122,8 @@ def _fused(
     workspace: dict,
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Logits ``[B, H, G, nq, T]`` of both tiers straight from their codes (see
-    ``tierkv.kv.fast``), and the function that mixes their values by probabilities of that
+    ``tierkv.kv.backends.torch.ops``), and the function that mixes their values by probabilities of
+    that
     shape into the output ``[B, H, G, nq, D]``."""
     b, heads, group, nq, dim = qg.shape
     rows = qg.reshape(b, heads, group * nq, dim) * (1.0 / math.sqrt(dim))

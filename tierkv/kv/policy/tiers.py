@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv.policy import KVPolicy
+from tierkv.kv.policy.spec import KVPolicy
 
 
 @dataclass

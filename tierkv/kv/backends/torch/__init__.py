@@ -1,0 +1,1 @@
+"""The ``torch`` backend: decode attention over quantized pages in fused torch ops."""
