@@ -90,9 +90,11 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
         "--attention-backend",
         default=EngineConfig.attention_backend,
         choices=list(BACKENDS),
-        help="fast (default: C++ kernels that read the KV pages in place and dequantize in "
-        "registers, built on first use; fused torch ops where no compiler is) or reference "
-        "(gather, dequantize, attend; what the tests trust)",
+        help="fast (default: for each KV format the first of cpu, torch, reference that "
+        "serves it), cpu (C++ kernels that read the KV pages in place and dequantize in "
+        "registers, built on first use), torch (fused torch ops) or reference (gather, "
+        "dequantize, attend; what the tests trust). Formats a backend lacks fall back to "
+        "reference",
     )
 
 

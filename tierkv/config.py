@@ -73,10 +73,11 @@ class EngineConfig:
         kv_budget: budget mode: KV bytes per request as a fraction of fp16's. It applies to
             ``kv_policy``'s tiers when that policy is tiered, else to ``default``'s.
         page_bytes: size of one KV page; ``None`` sizes it from the head dim.
-        attention_backend: ``fast`` (the default: C++ kernels read the pages in place and
-            dequantize in registers, ``tierkv.kv.backends.cpu.ops``; fused torch ops where they
-            cannot
-            be built) or ``reference`` (gather, dequantize, attend; the path the tests trust).
+        attention_backend: a chain of attention backends (``tierkv.kv.backends``): ``fast``
+            (the default: per KV format the first of ``cpu``, the C++ kernels that read the
+            pages in place, ``torch``, fused torch ops, and ``reference`` that serves it),
+            ``cpu``, ``torch``, or ``reference`` (gather, dequantize, attend; what the tests
+            trust). A format a backend lacks falls back to ``reference``.
         allow_long_max_model_len: accept a ``max_model_len`` beyond the model's positions
             (also set by the environment variable ``TIERKV_ALLOW_LONG_MAX_MODEL_LEN=1``).
         batch_invariant: compute each token's logits bit for bit as they would be computed

@@ -3,7 +3,8 @@
 This module is the cache's public face: the engine and the model import from here only.
 """
 
-from tierkv.kv.attention.paged import BACKENDS, PagedAttention
+from tierkv.kv.attention.paged import PagedAttention
+from tierkv.kv.backends import BACKENDS
 from tierkv.kv.formats.quant import FORMATS, KVFormat, default_page_bytes
 from tierkv.kv.policy.spec import SUPPORTED_POLICIES, KVPolicy
 from tierkv.kv.store.kv_store import KVStore

@@ -1,35 +1,27 @@
-"""Attention over the paged store: the reference path (gather, dequantize, mask, softmax).
-
-The reference path materialises each request's kept tokens decoded to the compute dtype
-(``KVStore.gather``) and attends densely over them, so it equals dense attention over the
-dequantized cache by construction; fused fast paths must match it.
+"""PagedAttention: appends a step's keys and values to the store, then attends over them.
 
 One engine step mixes decodes (one query token per request) and prefill chunks (many). Decodes
-are attended in one batched call; each prefill chunk attends alone, since chunks are few per step
-and differ in length.
+are attended in one batched call per storage format; each prefill chunk attends alone, since
+chunks are few per step and differ in length.
 
-Requests under a differentiated policy (tiered slots) take ``tiered.attend``, an explicit
-softmax over both tiers that also returns the attention probabilities their scores need; after
-the step's last layer (``finish_step``) the policy decides and compacts their tiers. Uniform
-requests keep the SDPA path and pay nothing for tiers.
+Decodes of uniform slots go to the attention backends (``tierkv.kv.backends``): each format's
+rows to the first backend of the configured chain that serves the format (``fast``, the
+default: the C++ kernels of ``cpu``, then ``torch``'s fused ops, then ``reference``, which
+gathers, dequantizes and attends densely and is what the others are tested against).
+
+Requests under a differentiated policy (tiered slots) take ``tiered``, an explicit softmax over
+both tiers that also returns the attention probabilities their scores need (the ``cpu``
+kernel's ``tiered_decode`` where the chain has it, ``torch``'s fused ops where it has those);
+after the step's last layer (``finish_step``) the policy decides and compacts their tiers.
+Uniform requests pay nothing for tiers.
 
 Uniform slots with a residual window (``KVPolicy.residual``) attend to the newest tokens
-uncompressed: on the reference and torch paths their ring is read before the step's write
-(``KVStore.read_residual``), the step's own tokens are appended to it, and each query sees
-those entries inside its window and the quantized tokens before it, as one softmax over both
-(a prefill chunk in blocks of queries, each with only its own windows' entries); the native
-decode reads the ring in place after the write.
-
-Backends: ``"reference"`` (what the tests trust) runs every decode through the
-gather-dequantize-SDPA path above and tiered slots through ``tiered.attend``'s decoding path.
-``"fast"`` (the engine's default) sends decode rows to the C++ kernels of
-``tierkv.kv.backends.cpu.ops``
-(built on first use): uniform quantized slots, uncompressed slots (``decode_full``) and tiered
-slots (``tiered_decode``), all reading pages in place; where no compiler is available, quantized
-and tiered decodes take ``tierkv.kv.backends.torch.ops``'s fused torch ops and uncompressed ones the
-reference path. Prefill chunks take SDPA (tiered chunks through ``tiered``, which computes
-probabilities only for the queries that score). The engine picks the backend from
-``EngineConfig.attention_backend`` (``--attention-backend``).
+uncompressed: for backends that do not read rings in place their ring is read before the
+step's write (``KVStore.read_residual``), the step's own tokens are appended to it, and each
+query sees those entries inside its window and the quantized tokens before it, as one softmax
+over both (a prefill chunk in blocks of queries, each with only its own windows' entries);
+the ``cpu`` backend reads the ring in place after the write. Prefill chunks take SDPA (or the
+native flash kernel in bfloat16, ``tierkv.kv.backends.partial``).
 """
 
 from __future__ import annotations
@@ -41,13 +33,12 @@ import torch.nn.functional as F
 
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
+from tierkv.kv.backends import DecodeStep, KVBackend, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
-from tierkv.kv.backends.torch import ops as fast
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.views import Residual, causal_visibility
 
-BACKENDS = ("reference", "fast")
 # Queries per attention call of a prefill chunk with a residual window (see ``_prefill``).
 _PREFILL_BLOCK = 256
 
@@ -79,16 +70,21 @@ class PagedAttention:
         sliding_windows: list[int | None],
         backend: str = "reference",
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        # Built (or loaded from the build cache) here, not at the first request's decode.
+        self.chain = chain(backend)
         self.store = store
         self.sliding_windows = sliding_windows
         self.backend = backend
         self._step: AttentionBatch | None = None
         self._step_cache: dict = {}
         self._workspace: dict = {}
-        # Built (or loaded from the build cache) here, not at the first request's decode.
-        self._native = backend == "fast" and native.available()
+        self._decode_step = DecodeStep(store, self._step_cache, self._workspace)
+        self._by_format: dict[tuple[int, torch.dtype], KVBackend] = {}
+        names = {b.name for b in self.chain}
+        # The cpu backend's other kernels (quantizing writes, tiered decode, compaction) and
+        # the torch backend's fused tiered path follow the chain too.
+        self._native = "cpu" in names
+        self._fused = "torch" in names or self._native
         store.token_writer = native.store_tokens if self._native else None
 
     def __call__(
@@ -122,9 +118,11 @@ class PagedAttention:
                 return decoded
             out[tokens] = decoded
         if rows.units:
-            workspace = self._workspace if self.backend == "fast" else None
+            workspace = self._workspace if self._fused else None
             fresh = (k, v, rings)
-            tiered.attend_rows(store, layer, q, rows.units, window, out, workspace, fresh)
+            tiered.attend_rows(
+                store, layer, q, rows.units, window, out, workspace, fresh, self._native
+            )
         for row in rows.prefill:
             start, n = batch.query_starts[row], batch.query_lens[row]
             residual = None
@@ -159,6 +157,7 @@ class PagedAttention:
         """What the layers of ``batch``'s step share (a new step starts an empty one)."""
         if batch is not self._step:
             self._step, self._step_cache = batch, {}
+            self._decode_step.cache = self._step_cache
         return self._step_cache
 
     def _rows(self, batch: AttentionBatch) -> _StepRows:
@@ -200,10 +199,21 @@ class PagedAttention:
         reads = self._step_cache.get("reads_rings")
         if reads is None:
             formats = [f for f, _ in store.by_format(batch.slots[batch.decode_rows])]
-            served = all(native.supports(store.formats[f], store.head_dim) for f in formats)
-            reads = bool(batch.prefill_rows) or not (self._native and served)
+            in_place = all(self._backend(f, store.dtype).reads_rings_in_place for f in formats)
+            reads = bool(batch.prefill_rows) or not in_place
             self._step_cache["reads_rings"] = reads
         return reads
+
+    def _backend(self, f: int, dtype: torch.dtype) -> KVBackend:
+        """The first backend of the chain that serves format index ``f`` in ``dtype``."""
+        key = (f, dtype)
+        backend = self._by_format.get(key)
+        if backend is None:
+            store = self.store
+            fmt, dim, device = store.formats[f], store.head_dim, store.pool.arena.device
+            backend = next(b for b in self.chain if b.serves(fmt, dim, dtype, device))
+            self._by_format[key] = backend
+        return backend
 
     def _decode(
         self,
@@ -214,74 +224,19 @@ class PagedAttention:
         window: int | None,
         residual: Residual | None,
     ) -> torch.Tensor:
-        if self.backend == "fast":
-            return self._decode_fast(layer, q, slots, lens, window, residual)
-        return self._decode_reference(layer, q, slots, lens, window, residual)
-
-    def _decode_fast(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
-        window: int | None,
-        residual: Residual | None,
-    ) -> torch.Tensor:
-        """Each format's rows through ``fast.decode`` when it serves that format."""
-        store = self.store
+        """Each format's rows through the first backend of the chain that serves it."""
         out = torch.empty_like(q)
-        for f, rows in store.by_format(slots):
+        for f, rows in self.store.by_format(slots):
             args = (q, slots, lens) if rows is None else (q[rows], slots[rows], lens[rows])
-            part_residual = residual.select(rows) if residual is not None else None
-            if self._native and native.supports(store.formats[f], store.head_dim):
-                # Residual windows come from the rings in place, not from ``part_residual``.
-                part = native.decode(store, layer, *args, window, f, self._step_cache)
-            elif self._native and not store.formats[f].quantized:
-                part = native.decode_full(store, layer, *args, window, self._step_cache)
-            elif fast.supports(store.formats[f], store.head_dim):
-                part = fast.decode(
-                    store,
-                    layer,
-                    *args,
-                    window,
-                    f,
-                    self._step_cache,
-                    self._workspace,
-                    part_residual,
-                )
-            else:
-                part = self._decode_reference(layer, *args, window, part_residual)
+            backend = self._backend(f, q.dtype)
+            part_residual = None
+            if residual is not None and not backend.reads_rings_in_place:
+                part_residual = residual.select(rows)
+            part = backend.decode(self._decode_step, layer, *args, window, f, part_residual)
             if rows is None:
                 return part  # one format: no scatter
             out[rows] = part
         return out
-
-    def _decode_reference(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
-        window: int | None,
-        residual: Residual | None,
-    ) -> torch.Tensor:
-        keys, values = self.store.gather(layer, slots, int(lens.max()), q.dtype)
-        b, heads, length, dim = keys.shape
-        group = q.shape[1] // heads
-        pos = torch.arange(length)
-        visible = pos[None, :] < lens[:, None]
-        if window is not None:
-            visible &= pos[None, :] > (lens[:, None] - 1 - window)
-        if residual is not None:
-            # The newest ``window`` positions are read uncompressed from the residual instead.
-            visible &= pos[None, :] < (lens - residual.window)[:, None]
-            visible = torch.cat([visible, residual.visible((lens - 1)[:, None], window)[:, 0]], 1)
-            keys = torch.cat([keys, residual.keys.to(keys.dtype)], 2)
-            values = torch.cat([values, residual.values.to(values.dtype)], 2)
-        # The query heads that share a KV head become the "query rows" of one attention call.
-        qg = q.view(b, heads, group, dim)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, None, None, :])
-        return out.reshape(b, heads * group, dim)
 
     def _prefill(
         self,

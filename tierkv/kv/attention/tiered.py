@@ -258,17 +258,19 @@ def attend_rows(
     out: torch.Tensor,
     workspace: dict | None = None,
     fresh: tuple[torch.Tensor, torch.Tensor, Residual | None] | None = None,
+    native: bool = False,
 ) -> None:
     """Attend and score for the tiered requests of a step (``step_units``) at one layer,
     writing their rows of ``out`` (``decide_step`` decides after the last layer). Decodes
     sharing tier formats form one batched call; prefill chunks go alone. ``workspace`` selects
-    the fast paths. ``fresh`` is the step's keys and values [N, H, D] and, when slots have
-    residual rings, their entries read before the step's write (``KVStore.read_residual``;
+    the fused torch paths, ``native`` the cpu backend's ``tiered_decode`` where it serves.
+    ``fresh`` is the step's keys and values [N, H, D] and, when slots have residual rings,
+    their entries read before the step's write (``KVStore.read_residual``;
     None if the step did not read them: then only the native decode needs them).
     """
     for unit in units:
         tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
-        if workspace is not None and unit.native:
+        if native and unit.native:
             att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
             out[tokens] = att.out
             add_received(store, layer, slots, query_pos, att)

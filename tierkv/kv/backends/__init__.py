@@ -1,3 +1,43 @@
-"""Attention backends over the paged store: ``reference`` (torch, any device: the oracle),
-``torch`` (fused torch ops) and ``cpu`` (C++ kernels), with the partial-softmax math they share
-(``partial``)."""
+"""Attention backends over the paged store, behind one interface (``base.KVBackend``).
+
+- ``reference``: gather, dequantize, dense SDPA (torch, any device; the oracle);
+- ``torch``: fused torch ops over quantized pages;
+- ``cpu``: the C++ kernels (``cpu/csrc``), reading pages and rings in place.
+
+``EngineConfig.attention_backend`` names a *chain* (``CHAINS``): each format's decode rows go
+to the first backend of the chain that serves that format (``KVBackend.refusal``), and
+``reference``, which serves everything, ends every chain. ``fast`` (the default) is
+``cpu``, then ``torch``, then ``reference``. A new backend is one folder here with a
+``KVBackend`` subclass, one entry in ``REGISTRY`` and, if it should be picked by default, its
+place in the ``fast`` chain.
+"""
+
+from __future__ import annotations
+
+from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.cpu.backend import CpuBackend
+from tierkv.kv.backends.reference.backend import ReferenceBackend
+from tierkv.kv.backends.torch.backend import TorchBackend
+
+REGISTRY: dict[str, KVBackend] = {
+    b.name: b for b in (CpuBackend(), TorchBackend(), ReferenceBackend())
+}
+
+# Name -> the backends asked in order. Every chain ends with ``reference``.
+CHAINS: dict[str, tuple[str, ...]] = {
+    "fast": ("cpu", "torch", "reference"),
+    "cpu": ("cpu", "reference"),
+    "torch": ("torch", "reference"),
+    "reference": ("reference",),
+}
+BACKENDS = tuple(CHAINS)
+
+
+def chain(name: str) -> list[KVBackend]:
+    """The backends ``name`` asks, in order, leaving out those that cannot run here."""
+    if name not in CHAINS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    return [REGISTRY[b] for b in CHAINS[name] if REGISTRY[b].unavailable() is None]
+
+
+__all__ = ["BACKENDS", "CHAINS", "REGISTRY", "DecodeStep", "KVBackend", "chain"]

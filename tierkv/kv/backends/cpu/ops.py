@@ -1,10 +1,9 @@
 """A native (C++) decode kernel over quantized pages, built on first use.
 
-``tierkv.kv.backends.torch.ops`` folds dequantization into two matmuls but still pays for a gather
-of every
-page, unpacked float32 copies of the codes and about 40 small torch ops per layer, which at
-decode sizes cost more than the arithmetic. ``csrc/paged_decode.cpp`` does the whole decode
-attention of a layer in one call:
+``tierkv.kv.backends.torch.ops`` folds dequantization into two matmuls but still pays for a
+gather of every page, unpacked float32 copies of the codes and about 40 small torch ops per
+layer, which at decode sizes cost more than the arithmetic. ``csrc/paged_decode.cpp`` does the
+whole decode attention of a layer in one call:
 
 * one work item per (request, KV head), spread over torch's intra-op threads; the query heads
   sharing the KV head (GQA) are processed together, so every key and value byte is read once;
@@ -46,7 +45,6 @@ import torch
 
 from tierkv import extension
 from tierkv.extension import available, unavailable_reason
-from tierkv.kv.backends.torch import ops as fast
 from tierkv.kv.formats.layout import PageLayout
 from tierkv.kv.formats.quant import FORMATS, KVFormat
 from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
@@ -58,13 +56,26 @@ _FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos"
 _RING_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+@functools.cache
+def kernel_bit_pairs() -> frozenset[tuple[int, int]]:
+    """The (key bits, value bits) pairs the C++ decode kernels are instantiated for, as the
+    built extension reports them (its own table, ``kKernels`` in ``csrc/paged_decode.cpp``);
+    empty without the extension."""
+    module, _ = extension.load()
+    if module is None:
+        return frozenset()
+    return frozenset((int(k), int(v)) for k, v in module.kernel_bit_pairs())
+
+
 def supports(fmt: KVFormat, head_dim: int) -> bool:
-    """Whether the kernel serves slots stored in ``fmt`` at this head dim: the quantized
-    formats whose groups of channels fill whole bytes at both bit widths, the formats
-    ``tierkv.kv.backends.torch.ops`` serves (a group size that does not divide the head dim never
-    reaches a
-    store: ``KVStore.register`` refuses it)."""
-    return fast.supports(fmt, head_dim)
+    """Whether the kernel serves slots stored in ``fmt`` at this head dim: a quantized format
+    it is instantiated for (``kernel_bit_pairs``) whose groups of channels fill whole bytes at
+    both bit widths (the kernel reads a group's codes as whole bytes; a group size that does
+    not divide the head dim never reaches a store: ``KVStore.register`` refuses it)."""
+    if not fmt.quantized or (fmt.key_bits, fmt.value_bits) not in kernel_bit_pairs():
+        return False
+    width = min(fmt.group_size, head_dim)
+    return all(width * bits % 8 == 0 for bits in (fmt.key_bits, fmt.value_bits))
 
 
 @functools.cache

@@ -60,6 +60,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <limits>
 #include <optional>
 #include <string>
@@ -759,19 +760,32 @@ AttendFn pick_group(int64_t group) {
   }
 }
 
-// The (key bits, value bits) pairs of tierkv's formats (tierkv/kv/formats/quant.py's QUANTIZED_BITS;
-// k8v8 also carries the uncompressed rings): only these are instantiated.
+// The kernels' instantiation list: one entry per (key bits, value bits) pair of tierkv's
+// formats (tierkv/kv/formats/quant.py's QUANTIZED_BITS; k8v8 also carries the uncompressed
+// rings). `pick` serves only these, and the cpu backend declares what it serves from this table
+// (`kernel_bit_pairs`), so a format without a kernel is refused by name before a call.
+struct KernelEntry {
+  int64_t key_bits, value_bits;
+  AttendFn (*by_group)(int64_t);
+};
+constexpr KernelEntry kKernels[] = {
+    {8, 8, &pick_group<8, 8>}, {8, 4, &pick_group<8, 4>}, {8, 2, &pick_group<8, 2>},
+    {4, 4, &pick_group<4, 4>}, {4, 2, &pick_group<4, 2>}, {4, 1, &pick_group<4, 1>},
+    {2, 2, &pick_group<2, 2>},
+};
+
+std::vector<std::pair<int64_t, int64_t>> kernel_bit_pairs() {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (const KernelEntry& k : kKernels) pairs.emplace_back(k.key_bits, k.value_bits);
+  return pairs;
+}
+
 AttendFn pick(int64_t key_bits, int64_t value_bits, int64_t group) {
-  const auto bits = std::make_pair(key_bits, value_bits);
-  if (bits == std::make_pair<int64_t, int64_t>(8, 8)) return pick_group<8, 8>(group);
-  if (bits == std::make_pair<int64_t, int64_t>(8, 4)) return pick_group<8, 4>(group);
-  if (bits == std::make_pair<int64_t, int64_t>(8, 2)) return pick_group<8, 2>(group);
-  if (bits == std::make_pair<int64_t, int64_t>(4, 4)) return pick_group<4, 4>(group);
-  if (bits == std::make_pair<int64_t, int64_t>(4, 2)) return pick_group<4, 2>(group);
-  if (bits == std::make_pair<int64_t, int64_t>(4, 1)) return pick_group<4, 1>(group);
-  if (bits == std::make_pair<int64_t, int64_t>(2, 2)) return pick_group<2, 2>(group);
+  for (const KernelEntry& k : kKernels) {
+    if (k.key_bits == key_bits && k.value_bits == value_bits) return k.by_group(group);
+  }
   TORCH_CHECK(false, "no kernel for ", key_bits, "-bit keys with ", value_bits,
-              "-bit values; formats: k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2");
+              "-bit values (see kernel_bit_pairs)");
 }
 
 RowType row_type(const std::string& dtype) {
@@ -1267,6 +1281,8 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kernel_bit_pairs", &kernel_bit_pairs,
+        "The (key bits, value bits) pairs the decode kernels are instantiated for");
   m.def("paged_decode", &paged_decode,
         "Decode attention over quantized pages: (out [B, Hq, D] in q's dtype, lse [B, Hq] fp32)",
         py::arg("q"), py::arg("arena"), py::arg("pages"), py::arg("starts"), py::arg("ends"),

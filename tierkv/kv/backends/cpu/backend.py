@@ -1,0 +1,62 @@
+"""The ``cpu`` backend: the C++ decode kernels, reading pages and residual rings in place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.cpu import ops
+from tierkv.kv.formats.quant import KVFormat
+
+if TYPE_CHECKING:
+    from tierkv.kv.store.views import Residual
+
+# Compute dtypes the kernels take queries (and uncompressed rows) in.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CpuBackend(KVBackend):
+    """Quantized formats the kernel instantiates (its own table, ``ops.kernel_bit_pairs``)
+    whose groups fill whole bytes, and uncompressed pages (``ops.decode_full``); CPU tensors."""
+
+    name = "cpu"
+    reads_rings_in_place = True
+
+    def unavailable(self) -> str | None:
+        return None if ops.available() else (ops.unavailable_reason() or "not built")
+
+    def refusal(
+        self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> str | None:
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, not {device.type}"
+        if dtype not in _DTYPES:
+            return f"the cpu backend computes in float32, bfloat16 or float16, not {dtype}"
+        if not fmt.quantized:
+            return None
+        if (fmt.key_bits, fmt.value_bits) not in ops.kernel_bit_pairs():
+            return f"{fmt.name}: the cpu kernels are not instantiated for these bit widths"
+        if not ops.supports(fmt, head_dim):
+            return (
+                f"{fmt.name}-g{fmt.group_size}: a group of {min(fmt.group_size, head_dim)} "
+                "channels does not fill whole bytes at its bit widths"
+            )
+        return None
+
+    def decode(
+        self,
+        step: DecodeStep,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+        window: int | None,
+        f: int,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        # Residual windows come from the rings in place, not from ``residual``.
+        if step.store.formats[f].quantized:
+            return ops.decode(step.store, layer, q, slots, lens, window, f, step.cache)
+        return ops.decode_full(step.store, layer, q, slots, lens, window, step.cache)

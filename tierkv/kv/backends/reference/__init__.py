@@ -1,0 +1,1 @@
+"""The ``reference`` backend: gather, dequantize, attend densely (torch, any device)."""

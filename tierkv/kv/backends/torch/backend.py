@@ -1,0 +1,47 @@
+"""The ``torch`` backend: decode over quantized pages in fused torch ops (``ops.decode``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.torch import ops
+from tierkv.kv.formats.quant import KVFormat
+
+if TYPE_CHECKING:
+    from tierkv.kv.store.views import Residual
+
+
+class TorchBackend(KVBackend):
+    """Quantized formats whose channel groups fill whole bytes at both bit widths."""
+
+    name = "torch"
+
+    def refusal(
+        self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> str | None:
+        if not fmt.quantized:
+            return f"{fmt.name}: the torch backend decodes quantized pages only"
+        if not ops.supports(fmt, head_dim):
+            return (
+                f"{fmt.name}-g{fmt.group_size}: a group of {min(fmt.group_size, head_dim)} "
+                "channels does not fill whole bytes at its bit widths"
+            )
+        return None
+
+    def decode(
+        self,
+        step: DecodeStep,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+        window: int | None,
+        f: int,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        return ops.decode(
+            step.store, layer, q, slots, lens, window, f, step.cache, step.workspace, residual
+        )
