@@ -12,6 +12,7 @@ import torch
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention.paged import PagedAttention, tiered
 from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.cpu.layout import ring_tables
 from tierkv.kv.backends.partial import merge
 from tierkv.kv.backends.torch import ops as fast
 from tierkv.kv.formats.quant import FORMATS, KVFormat, default_page_bytes
@@ -226,7 +227,7 @@ def test_a_ring_smaller_than_its_window_is_refused() -> None:
     store, slots = _ring_store(torch.float32)
     f = int(store.slot_format[slots[0], HIGH])
     lens = torch.tensor(RING_PROMPTS)
-    rings = native._rings(store, slots)
+    rings = ring_tables(store, slots)
     assert rings is not None
     pages, size, window = rings
     q = _query(len(lens), 32)
