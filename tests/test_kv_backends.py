@@ -11,7 +11,7 @@ import torch
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
 from tierkv.kv.attention.paged import PagedAttention
-from tierkv.kv.backends import BACKENDS, CHAINS, REGISTRY, DecodeStep, chain
+from tierkv.kv.backends import BACKENDS, CHAINS, REGISTRY, DecodeGroup, DecodeStep, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.formats.quant import FORMATS, QUANTIZED_BITS, KVFormat, default_page_bytes
 from tierkv.kv.policy.spec import KVPolicy
@@ -87,13 +87,12 @@ def test_every_backend_decodes_every_format_as_the_reference(fmt: KVFormat, head
     for group in GROUPS:
         q = torch.randn(len(CONTEXT), KV_HEADS * group, head_dim) * 2
         for window in (None, 9):
-            want = reference.decode(DecodeStep(store), LAYER, q, slots, lens, window, f, None)
+            group = DecodeGroup(f, None, slots, lens, int(lens.max()))
+            want = reference.decode(DecodeStep(store), LAYER, q, group, window, None)
             for backend in REGISTRY.values():
                 if backend is reference or not backend.serves(fmt, head_dim, q.dtype, CPU):
                     continue
-                got = backend.decode(
-                    DecodeStep(store), LAYER, q.clone(), slots, lens, window, f, None
-                )
+                got = backend.decode(DecodeStep(store), LAYER, q.clone(), group, window, None)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=3e-5)
                 served += 1
     # The test compares something wherever a fast backend exists for the format.

@@ -24,6 +24,8 @@ class AttentionBatch:
         decode_rows: [Bd] requests (batch indices) with exactly one new token.
         prefill_rows: requests with more than one new token.
         query_starts: offset of each request's first token in the flat token list.
+        slot_list: the same slots as ``slots``, as Python ints (read on the host without a
+            device sync).
     """
 
     token_slots: torch.Tensor
@@ -34,6 +36,7 @@ class AttentionBatch:
     decode_rows: torch.Tensor
     prefill_rows: list[int]
     query_starts: list[int]
+    slot_list: list[int]
 
     @classmethod
     def build(
@@ -58,4 +61,5 @@ class AttentionBatch:
             decode_rows=torch.nonzero(lens_t == 1).flatten(),
             prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
             query_starts=starts,
+            slot_list=list(slots),
         )

@@ -35,6 +35,8 @@ class ModelRunner:
                 rows.append(len(ids) - 1)
                 sampling.append(req)
         batch = AttentionBatch.build(slots, contexts, step.num_new_tokens)
+        # Host-side work for the whole step, so that no layer waits on a device read.
+        self.attention.plan(batch)
         logits = self.model(
             torch.tensor(ids, dtype=torch.int64),
             batch.token_index,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
-from tierkv.kv.backends import DecodeStep, KVBackend, chain
+from tierkv.kv.backends import DecodeGroup, DecodeStep, KVBackend, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
 from tierkv.kv.store.kv_store import KVStore
@@ -44,21 +44,45 @@ _PREFILL_BLOCK = 256
 
 
 @dataclass
-class _StepRows:
-    """How one step's requests are attended (``PagedAttention._rows``).
+class _PrefillRow:
+    """A uniform request's prefill chunk: batch row, store slot, its tokens' offset and count in
+    the step, the tokens stored before it, its residual window and ring size (0: none), and
+    its format index."""
+
+    row: int
+    slot: int
+    start: int
+    n: int
+    context: int
+    recent: int
+    ring: int
+    f: int
+
+
+@dataclass
+class _StepPlan:
+    """What the layers of one step need, worked out once before the first (``plan``), so that
+    no layer reads a value back from a tensor.
 
     ``decode`` [Bd]: the uniform requests decoding (batch indices), ``tokens`` [Bd] their
     tokens' indices in the step (None when they are all of its tokens, in order), ``slots`` and
-    ``lens`` [Bd] their store slots and lengths after the step; ``prefill``: the uniform
-    requests prefilling; ``units``: the tiered requests (``tiered.step_units``).
+    ``lens`` [Bd] their store slots and lengths after the step, ``groups`` the same rows by
+    storage format; ``prefill``: the uniform requests prefilling; ``units``: the tiered
+    requests (``tiered.step_units``) and ``is_tiered`` [B] which requests they are;
+    ``reads_rings``: whether residual entries are read before the step's write, and
+    ``ring_pages`` the ring pages of the largest ring to read.
     """
 
     decode: torch.Tensor
     tokens: torch.Tensor | None
     slots: torch.Tensor
     lens: torch.Tensor
-    prefill: list[int]
+    groups: list[DecodeGroup]
+    prefill: list[_PrefillRow]
     units: list[tiered.Unit]
+    is_tiered: torch.Tensor | None
+    reads_rings: bool
+    ring_pages: int
 
 
 class PagedAttention:
@@ -77,6 +101,7 @@ class PagedAttention:
         self.backend = backend
         self._step: AttentionBatch | None = None
         self._step_cache: dict = {}
+        self._plan: _StepPlan | None = None
         self._workspace: dict = {}
         self._decode_step = DecodeStep(store, self._step_cache, self._workspace)
         self._by_format: dict[tuple[int, torch.dtype], KVBackend] = {}
@@ -97,112 +122,119 @@ class PagedAttention:
     ) -> torch.Tensor:
         """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
         store = self.store
-        self._cache(batch)
+        plan = self.plan(batch)
         # The rings hold the newest tokens before this step only until the write below (the
         # native decode reads them after it, in place).
-        rings = store.read_residual(layer, batch.slots) if self._reads_rings(batch) else None
+        rings = None
+        if plan.reads_rings:
+            rings = store.read_residual(layer, batch.slots, plan.ring_pages)
         store.write(layer, batch.token_slots, batch.token_index, k, v)
         window = self.sliding_windows[layer]
-        rows = self._rows(batch)
         # A step of uniform decodes only (tokens None): their output is the step's, no gather.
-        out = None if rows.tokens is None else torch.empty_like(q)
-        if rows.decode.numel():
-            tokens = slice(None) if out is None else rows.tokens
+        out = None if plan.tokens is None else torch.empty_like(q)
+        if plan.groups:
+            tokens = slice(None) if out is None else plan.tokens
             residual = None
             if rings is not None:
-                residual = rings.select(rows.decode).append(
-                    k[tokens][:, :, None], v[tokens][:, :, None], (rows.lens - 1)[:, None]
+                residual = rings.select(plan.decode).append(
+                    k[tokens][:, :, None], v[tokens][:, :, None], (plan.lens - 1)[:, None]
                 )
-            decoded = self._decode(layer, q[tokens], rows.slots, rows.lens, window, residual)
+            decoded = self._decode(layer, q[tokens], plan.groups, window, residual)
             if out is None:
                 return decoded
             out[tokens] = decoded
-        if rows.units:
+        if plan.units:
             workspace = self._workspace if self._fused else None
             fresh = (k, v, rings)
             tiered.attend_rows(
-                store, layer, q, rows.units, window, out, workspace, fresh, self._native
+                store, layer, q, plan.units, window, out, workspace, fresh, self._native
             )
-        for row in rows.prefill:
-            start, n = batch.query_starts[row], batch.query_lens[row]
+        for pre in plan.prefill:
+            own = slice(pre.start, pre.start + pre.n)
             residual = None
             if rings is not None:
-                own = slice(start, start + n)
-                residual = rings.select(torch.tensor([row])).append(
+                residual = rings.select(torch.tensor([pre.row])).append(
                     k[own].transpose(0, 1)[None],
                     v[own].transpose(0, 1)[None],
                     batch.token_index[own][None],
                 )
-            out[start : start + n] = self._prefill(
-                layer,
-                q[start : start + n],
-                int(batch.slots[row]),
-                batch.context_lens[row],
-                window,
-                residual,
-            )
+            out[own] = self._prefill(layer, q[own], pre, window, residual)
         return out
 
     @torch.inference_mode()
     def finish_step(self, batch: AttentionBatch) -> None:
         """After the step's last layer: the tier decisions of its tiered requests, all layers
         at once (``tiered.decide_step``)."""
-        if not self.store.num_tiered:
+        plan = self.plan(batch)
+        if plan.is_tiered is None:
             return
-        is_tiered, _ = self._tiered(batch)
+        is_tiered = plan.is_tiered
         seen = torch.tensor(batch.context_lens) + torch.tensor(batch.query_lens)
         tiered.decide_step(self.store, batch.slots[is_tiered], seen[is_tiered], self._native)
 
-    def _cache(self, batch: AttentionBatch) -> dict:
-        """What the layers of ``batch``'s step share (a new step starts an empty one)."""
-        if batch is not self._step:
-            self._step, self._step_cache = batch, {}
-            self._decode_step.cache = self._step_cache
-        return self._step_cache
-
-    def _rows(self, batch: AttentionBatch) -> _StepRows:
-        """How the requests of ``batch``'s step are attended, worked out at its first layer."""
-        cached = self._cache(batch).get("rows")
-        if cached is not None:
-            return cached
-        decode, prefill, units = batch.decode_rows, batch.prefill_rows, []
-        if self.store.num_tiered:
-            is_tiered, units = self._tiered(batch)
+    def plan(self, batch: AttentionBatch) -> _StepPlan:
+        """Work out, once per step (the runner calls it before the first layer; a layer calls
+        it for a step nobody planned), how its requests are attended: which are uniform
+        decodes, by format, and which prefill; which are tiered; whether residual rings are
+        read before the write. Every value a layer needs on the host is read here."""
+        if batch is self._step and self._plan is not None:
+            return self._plan
+        self._step, self._step_cache = batch, {}
+        self._decode_step.cache = self._step_cache
+        store = self.store
+        decode, prefill, units, is_tiered = batch.decode_rows, batch.prefill_rows, [], None
+        if store.num_tiered:
+            is_tiered = store.slot_format[batch.slots, 1] >= 0
+            units = tiered.step_units(store, batch, is_tiered)
+            tiered_rows = is_tiered.tolist()
             decode = decode[~is_tiered[decode]]
-            prefill = [r for r in prefill if not is_tiered[r]]
+            prefill = [r for r in prefill if not tiered_rows[r]]
         lens = torch.tensor(batch.context_lens, dtype=torch.int64)[decode] + 1
         tokens = torch.tensor(batch.query_starts, dtype=torch.int64)[decode]
         only_decodes = decode.numel() == batch.token_slots.numel() and not units
-        cached = _StepRows(
-            decode, None if only_decodes else tokens, batch.slots[decode], lens, prefill, units
-        )
-        self._step_cache["rows"] = cached
-        return cached
-
-    def _tiered(self, batch: AttentionBatch) -> tuple[torch.Tensor, list[tiered.Unit]]:
-        """Which requests of the step are tiered ([B]) and how they are attended
-        (``tiered.step_units``), worked out at the step's first layer."""
-        cached = self._cache(batch).get("tiered")
-        if cached is None:
-            is_tiered = self.store.slot_format[batch.slots, 1] >= 0
-            cached = (is_tiered, tiered.step_units(self.store, batch, is_tiered))
-            self._step_cache["tiered"] = cached
-        return cached
-
-    def _reads_rings(self, batch: AttentionBatch) -> bool:
-        """Whether some request of the step needs its residual entries read before the write:
-        a prefill chunk (its later tokens may overwrite ring entries its first queries need),
-        or a decode the native kernel does not serve."""
-        store = self.store
-        if not store.num_residual:
-            return False
-        reads = self._step_cache.get("reads_rings")
-        if reads is None:
-            formats = [f for f, _ in store.by_format(batch.slots[batch.decode_rows])]
-            in_place = all(self._backend(f, store.dtype).reads_rings_in_place for f in formats)
+        slots = batch.slots[decode]
+        groups = []
+        for f, rows in store.by_format(slots) if decode.numel() else []:
+            part = (slots, lens) if rows is None else (slots[rows], lens[rows])
+            groups.append(DecodeGroup(f, rows, *part, int(part[1].max())))
+        high = store.slot_format[batch.slots, 0].tolist()
+        recent = store.residual[batch.slots].tolist() if store.num_residual else None
+        ring = store.ring[batch.slots].tolist() if store.num_residual else None
+        prefill_rows = [
+            _PrefillRow(
+                row,
+                batch.slot_list[row],
+                batch.query_starts[row],
+                batch.query_lens[row],
+                batch.context_lens[row],
+                recent[row] if recent else 0,
+                ring[row] if ring else 0,
+                high[row],
+            )
+            for row in prefill
+        ]
+        reads, ring_pages = False, 0
+        if store.num_residual:
+            # A prefill chunk reads them (its later tokens may overwrite ring entries its first
+            # queries need), and so does a decode whose backend does not read rings in place.
+            in_place = all(self._backend(g.f, store.dtype).reads_rings_in_place for g in groups)
             reads = bool(batch.prefill_rows) or not in_place
-            self._step_cache["reads_rings"] = reads
-        return reads
+            per_page = store.layouts[0].tokens_per_page
+            ring_pages = max(max(ring) // per_page, 1)
+        store.plan_write(batch.token_slots, batch.token_index)
+        self._plan = _StepPlan(
+            decode,
+            None if only_decodes else tokens,
+            slots,
+            lens,
+            groups,
+            prefill_rows,
+            units,
+            is_tiered,
+            reads,
+            ring_pages,
+        )
+        return self._plan
 
     def _backend(self, f: int, dtype: torch.dtype) -> KVBackend:
         """The first backend of the chain that serves format index ``f`` in ``dtype``."""
@@ -219,20 +251,20 @@ class PagedAttention:
         self,
         layer: int,
         q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
+        groups: list[DecodeGroup],
         window: int | None,
         residual: Residual | None,
     ) -> torch.Tensor:
         """Each format's rows through the first backend of the chain that serves it."""
         out = torch.empty_like(q)
-        for f, rows in self.store.by_format(slots):
-            args = (q, slots, lens) if rows is None else (q[rows], slots[rows], lens[rows])
-            backend = self._backend(f, q.dtype)
+        for group in groups:
+            rows = group.rows
+            backend = self._backend(group.f, q.dtype)
             part_residual = None
             if residual is not None and not backend.reads_rings_in_place:
                 part_residual = residual.select(rows)
-            part = backend.decode(self._decode_step, layer, *args, window, f, part_residual)
+            part_q = q if rows is None else q[rows]
+            part = backend.decode(self._decode_step, layer, part_q, group, window, part_residual)
             if rows is None:
                 return part  # one format: no scatter
             out[rows] = part
@@ -242,26 +274,29 @@ class PagedAttention:
         self,
         layer: int,
         q: torch.Tensor,
-        slot: int,
-        context: int,
+        pre: _PrefillRow,
         window: int | None,
         residual: Residual | None,
     ) -> torch.Tensor:
-        n = q.shape[0]
+        n, context = q.shape[0], pre.context
         total = context + n
-        keys, values = self.store.gather(layer, torch.tensor([slot]), total, q.dtype)
+        keys, values = self.store.gather(layer, torch.tensor([pre.slot]), total, q.dtype, pre.f)
         keys, values = keys[:, :, :total], values[:, :, :total]
         queries = q.transpose(0, 1)[None]
         kpos = torch.arange(total)
         if residual is None:
             return causal_attention(queries, keys, values, context, window)[0].transpose(0, 1)
-        if window is None or (flash_serves(queries) and window > int(residual.window[0])):
-            out = residual_prefill(queries, keys, values, context, residual, window)
+        window_r = pre.recent
+        if window is None or (flash_serves(queries) and window > window_r):
+            # The chunk's live residual entries, known on the host: the ring's newest
+            # min(context, ring) positions, then the chunk's own n.
+            live = min(context, pre.ring)
+            host = (window_r, residual.pos.shape[1] - live - n, context - live)
+            out = residual_prefill(queries, keys, values, context, residual, window, host)
             return out[0].transpose(0, 1)
         # Each block of queries sees the quantized keys older than its residual windows and,
         # uncompressed, the ring's entries and the chunk's own tokens within those windows: a
         # block of B queries adds B + R - 1 keys, where the whole chunk at once would add n.
-        window_r = int(residual.window[0])
         ring = residual.keys.shape[2] - n
         out = torch.empty_like(queries)
         for start in range(0, n, _PREFILL_BLOCK):

@@ -28,7 +28,7 @@ from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_
 from tierkv.kv.backends.torch import ops as fast
 from tierkv.kv.formats.quant import KVFormat
 from tierkv.kv.policy.compact import apply_decisions
-from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
 from tierkv.kv.store.views import Residual, TierRead, causal_visibility
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def attend(
     window: int | None,
     workspace: dict | None = None,
     residual: Residual | None = None,
+    host: UnitHost | None = None,
 ) -> TieredAttention:
     """Attention of ``q`` [B, nq, Hq, D] at positions ``query_pos`` [B, nq] over what ``slots``
     keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype.
@@ -73,12 +74,16 @@ def attend(
     serves, keys and values are never decoded: the dequantization is folded into the two
     matmuls of each tier (``fast.key_scores``, ``fast.value_mix``), with one softmax over both.
     With ``residual`` (slots with a ring, the step's own tokens appended), each query's newest
-    positions come from it uncompressed (``tierkv.kv.attention.tiered_ring``).
+    positions come from it uncompressed (``tierkv.kv.attention.tiered_ring``). ``host``: the
+    unit's host-side facts (``step_units``), read from the tables when None.
     """
-    high = store.read_tier(layer, slots, HIGH)
-    low = store.read_tier(layer, slots, LOW)
-    slot = int(slots[0])
-    formats = (store.format_of(slot, HIGH), store.format_of(slot, LOW))
+    high = store.read_tier(layer, slots, HIGH, host=host and host.tier(layer, HIGH))
+    low = store.read_tier(layer, slots, LOW, host=host and host.tier(layer, LOW))
+    if host is None:
+        slot = int(slots[0])
+        formats = (store.format_of(slot, HIGH), store.format_of(slot, LOW))
+    else:
+        formats = (store.formats[host.formats[HIGH]], store.formats[host.formats[LOW]])
     pos, valid = _columns(high, low)
     b, nq, hq, dim = q.shape
     heads = store.num_kv_heads
@@ -109,7 +114,8 @@ def attend(
     out = mix(probs) if fused else probs @ values[:, :, None]
     if ring_probs is not None:
         out = out + tiered_ring.ring_mix(ring_probs, residual)
-        probs = tiered_ring.fold(probs, ring_probs, pos, valid, residual)
+        last = None if host is None else host.last_pos
+        probs = tiered_ring.fold(probs, ring_probs, pos, valid, residual, last)
     out = out.permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
     return TieredAttention(out.to(q.dtype), probs)
 
@@ -160,19 +166,32 @@ def _fused(
 
 
 def add_received(
-    store: KVStore, layer: int, slots: torch.Tensor, query_pos: torch.Tensor, att: TieredAttention
+    store: KVStore,
+    layer: int,
+    slots: torch.Tensor,
+    query_pos: torch.Tensor,
+    att: TieredAttention,
+    host: UnitHost | None = None,
 ) -> None:
     """Add the attention the tokens of ``slots`` received at ``layer`` to their stored scores
-    (the native decode already did)."""
-    if att.scored or not bool((query_pos >= store.tiers.score_start[slots][:, None]).any()):
+    (the native decode already did). ``host``: as ``attend``'s."""
+    if att.scored:
         return
-    high = store.read_tier(layer, slots, HIGH, ("score",))
-    low = store.read_tier(layer, slots, LOW, ("score",))
+    if host is None:
+        if not bool((query_pos >= store.tiers.score_start[slots][:, None]).any()):
+            return
+    elif not host.counting:
+        return
+    tiers = [None, None] if host is None else [host.tier(layer, HIGH), host.tier(layer, LOW)]
+    high = store.read_tier(layer, slots, HIGH, ("score",), tiers[HIGH])
+    low = store.read_tier(layer, slots, LOW, ("score",), tiers[LOW])
     width = high.fields["score"].shape[2]
     stored = torch.cat([high.fields["score"], low.fields["score"]], 2)[..., 0]
-    scores = stored + store.tiers.received(att.probs, slots, query_pos)
-    store.write_scores(layer, slots, HIGH, scores[..., :width])
-    store.write_scores(layer, slots, LOW, scores[..., width:])
+    pool = None if host is None else host.pool
+    scores = stored + store.tiers.received(att.probs, slots, query_pos, pool)
+    formats = (None, None) if host is None else host.formats
+    store.write_scores(layer, slots, HIGH, scores[..., :width], formats[HIGH])
+    store.write_scores(layer, slots, LOW, scores[..., width:], formats[LOW])
 
 
 def decide_step(
@@ -220,13 +239,38 @@ class Unit:
     """Tiered requests of a step attended in one call: decodes sharing their tier formats, or
     one prefill chunk. ``tokens`` [R, n] are their tokens' indices in the step, ``query_pos``
     [R, n] their positions, ``slots`` [R] their store slots, ``rows`` [R] their rows of the
-    step's batch; ``native``: decodes whose tier formats the native kernel serves."""
+    step's batch; ``native``: decodes whose tier formats the native kernel serves. ``host``:
+    what the layers need to know about them on the host, read once per step."""
 
     tokens: torch.Tensor
     query_pos: torch.Tensor
     slots: torch.Tensor
     native: bool
     rows: torch.Tensor
+    host: UnitHost | None = None
+
+
+@dataclass
+class UnitHost:
+    """A unit's host-side facts for one step (``step_units``), so that no layer reads them
+    back from tensors: ``formats`` the store format indices of its high and low tiers;
+    ``pages[layer]`` the pages covering the largest count of each tier at that layer once
+    the step's tokens are written; ``last_pos`` its largest query position; ``counting`` how
+    many of a prefill chunk's queries score (every decode query does); ``recent`` the largest
+    residual window of its slots (0: none) and ``ring_pages`` the pages of the largest ring;
+    ``pool`` the largest prefill pooling kernel."""
+
+    formats: tuple[int, int]
+    pages: list[tuple[int, int]]
+    last_pos: int
+    counting: int
+    recent: int
+    ring_pages: int
+    pool: int
+
+    def tier(self, layer: int, tier: int) -> tuple[int, int]:
+        """``(format index, pages)`` of one tier at ``layer``, for ``KVStore.read_tier``."""
+        return self.formats[tier], self.pages[layer][tier]
 
 
 def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -> list[Unit]:
@@ -245,8 +289,34 @@ def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -
         tokens = starts[rows][:, None] + torch.arange(n)
         slots = batch.slots[rows]
         native_decode = n == 1 and _native_serves(store, slots)
-        units.append(Unit(tokens, batch.token_index[tokens], slots, native_decode, rows))
+        query_pos = batch.token_index[tokens]
+        host = _unit_host(store, slots, query_pos, n)
+        units.append(Unit(tokens, query_pos, slots, native_decode, rows, host))
     return units
+
+
+def _unit_host(store: KVStore, slots: torch.Tensor, query_pos: torch.Tensor, n: int) -> UnitHost:
+    """The host-side facts of a unit of ``slots`` adding ``n`` tokens each at ``query_pos``."""
+    slot = int(slots[0])
+    formats = (int(store.slot_format[slot, HIGH]), int(store.slot_format[slot, LOW]))
+    # At each layer the step's write appends the unit's n tokens to every head's high tier
+    # before attention reads it; the low tier is only changed by decisions, after the step.
+    count = store.count[slots][..., :RESIDUAL].amax(dim=(0, 2))  # [L, 2]
+    count[:, HIGH] += n
+    per_page = [store.layouts[f].tokens_per_page for f in formats]
+    pages = [(-(-high // per_page[HIGH]), -(-low // per_page[LOW])) for high, low in count.tolist()]
+    last_pos = int(query_pos.max())
+    counting = int((query_pos >= store.tiers.score_start[slots][:, None]).sum())
+    ring = int(store.ring[slots].max()) if store.num_residual else 0
+    return UnitHost(
+        formats,
+        pages,
+        last_pos,
+        counting,
+        int(store.residual[slots].max()) if store.num_residual else 0,
+        max(ring // store.layouts[0].tokens_per_page, 1),
+        int(store.tiers.pool[slots].max()),
+    )
 
 
 def attend_rows(
@@ -270,28 +340,38 @@ def attend_rows(
     """
     for unit in units:
         tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
+        host = unit.host
         if native and unit.native:
             att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
             out[tokens] = att.out
-            add_received(store, layer, slots, query_pos, att)
+            add_received(store, layer, slots, query_pos, att, host)
             continue
         residual = _residual(store, layer, unit, fresh)
-        if workspace is not None and tokens.shape[1] > 1 and _dense_serves(q, residual, window):
+        if (
+            workspace is not None
+            and tokens.shape[1] > 1
+            and _dense_serves(q, residual, window, host)
+        ):
             att, query_pos = _attend_prefill(
-                store, layer, q[tokens], slots, query_pos, window, residual
+                store, layer, q[tokens], slots, query_pos, window, residual, host
             )
         else:
-            att = attend(store, layer, q[tokens], slots, query_pos, window, workspace, residual)
+            att = attend(
+                store, layer, q[tokens], slots, query_pos, window, workspace, residual, host
+            )
         out[tokens] = att.out
-        add_received(store, layer, slots, query_pos, att)
+        add_received(store, layer, slots, query_pos, att, host)
 
 
-def _dense_serves(q: torch.Tensor, residual: Residual | None, window: int | None) -> bool:
+def _dense_serves(
+    q: torch.Tensor, residual: Residual | None, window: int | None, host: UnitHost | None = None
+) -> bool:
     """Whether ``_attend_prefill`` serves a chunk: ``residual_prefill`` takes a sliding window
     only through the native flash kernel and when the window is wider than the ring."""
     if residual is None or window is None:
         return True
-    return flash_serves(q[:1, 0].transpose(0, 1)[None]) and window > int(residual.window.max())
+    recent = int(residual.window.max()) if host is None else host.recent
+    return flash_serves(q[:1, 0].transpose(0, 1)[None]) and window > recent
 
 
 def _residual(
@@ -301,13 +381,16 @@ def _residual(
     fresh: tuple[torch.Tensor, torch.Tensor, Residual | None] | None,
 ) -> Residual | None:
     """The ring entries a unit's queries see uncompressed (None when its slots have none)."""
-    if fresh is None or not bool((store.residual[unit.slots] > 0).any()):
+    host = unit.host
+    if host is not None and not host.recent:
+        return None
+    if fresh is None or (host is None and not bool((store.residual[unit.slots] > 0).any())):
         return None
     k, v, rings = fresh
     if rings is None:
         # Read after the step's write: a decode's ring then holds its newest positions, the
         # step's own token included (a prefill chunk always has them read before).
-        return store.read_residual(layer, unit.slots)
+        return store.read_residual(layer, unit.slots, host and host.ring_pages)
     own_k = k[unit.tokens].permute(0, 2, 1, 3)
     own_v = v[unit.tokens].permute(0, 2, 1, 3)
     return rings.select(unit.rows).append(own_k, own_v, unit.query_pos)
@@ -321,6 +404,7 @@ def _attend_prefill(
     query_pos: torch.Tensor,
     window: int | None,
     residual: Residual | None = None,
+    host: UnitHost | None = None,
 ) -> tuple[TieredAttention, torch.Tensor]:
     """``attend`` for a prefill chunk of one request (``q`` [1, n, Hq, D]).
 
@@ -331,8 +415,9 @@ def _attend_prefill(
     attention, its probabilities covering those queries, and their positions.
     """
     n = q.shape[1]
-    total = int(query_pos[0, -1]) + 1
-    keys, values = store.gather(layer, slots, total, q.dtype)
+    total = (int(query_pos[0, -1]) if host is None else host.last_pos) + 1
+    f = None if host is None else host.formats[HIGH]
+    keys, values = store.gather(layer, slots, total, q.dtype, f)
     # The probabilities span every column ``read_tier`` gives (whole pages); attention, only
     # the tokens.
     _, heads, width, dim = keys.shape
@@ -342,8 +427,12 @@ def _attend_prefill(
         out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], context, window)
     else:
         kept = (keys[:, :, :total], values[:, :, :total])
-        out = residual_prefill(queries, *kept, context, residual, window)
-    counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
+        live = None if host is None else _live_entries(store, host, residual, context, n)
+        out = residual_prefill(queries, *kept, context, residual, window, live)
+    if host is None:
+        counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
+    else:
+        counting = host.counting
     if not counting:
         return TieredAttention(out[0].transpose(0, 1)[None], None, scored=True), query_pos
     first = n - counting
@@ -363,8 +452,20 @@ def _attend_prefill(
     ring = tiered_ring.ring_logits(scoring, residual, scored_pos, window)
     probs, ring_probs = torch.cat([logits, ring], -1).softmax(-1).split([width, ring.shape[-1]], -1)
     valid = columns[None, None] < total
-    probs = tiered_ring.fold(probs, ring_probs, pos, valid.expand(1, heads, width), residual)
+    last = None if host is None else host.last_pos
+    probs = tiered_ring.fold(probs, ring_probs, pos, valid.expand(1, heads, width), residual, last)
     return TieredAttention(out[0].transpose(0, 1)[None], probs), scored_pos
+
+
+def _live_entries(
+    store: KVStore, host: UnitHost, residual: Residual, context: int, n: int
+) -> tuple[int, int, int]:
+    """``residual_prefill``'s host facts for a chunk of one slot: its residual window, the
+    empty entries of ``residual`` (columns without a token) and the first live position: the
+    slot's ring holds its newest ``min(context, ring)`` positions before the chunk, then come
+    the chunk's own ``n``."""
+    live = min(context, host.ring_pages * store.layouts[0].tokens_per_page)
+    return host.recent, residual.pos.shape[1] - live - n, context - live
 
 
 def _native_serves(store: KVStore, slots: torch.Tensor) -> bool:

@@ -47,18 +47,26 @@ def fold(
     pos: torch.Tensor,
     valid: torch.Tensor,
     residual: Residual,
+    last_pos: int | None = None,
 ) -> torch.Tensor:
     """The tier columns' probabilities [B, H, G, nq, T] plus, on each column, the ring's
     probability of the same position (columns at ``pos`` [B, H, T], ``valid`` [B, H, T]).
 
     A position is at most one column of a head, so a position-to-column map finds each ring
-    entry's column without comparing every pair.
+    entry's column without comparing every pair. ``last_pos``, the largest query position,
+    bounds every position when the caller knows it on the host (the map is then sized by it:
+    the same result, without reading the positions back).
     """
     b, heads, width = pos.shape
     rpos = residual.pos
     # Columns past a head's count hold stale bytes: only valid positions size the map.
     live = torch.where(valid, pos, -1)
-    size = max(int(live.max()) if live.numel() else 0, int(rpos.max()) if rpos.numel() else 0, 0)
+    if last_pos is not None:
+        size = last_pos
+    else:
+        size = max(
+            int(live.max()) if live.numel() else 0, int(rpos.max()) if rpos.numel() else 0, 0
+        )
     columns = torch.full((b, heads, size + 2), -1, dtype=torch.int64)
     # Invalid columns are sent to the last, never-read position of the map.
     at = torch.where(valid, live.clamp(min=0), size + 1)

@@ -14,7 +14,7 @@ place in the ``fast`` chain.
 
 from __future__ import annotations
 
-from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
 from tierkv.kv.backends.cpu.backend import CpuBackend
 from tierkv.kv.backends.reference.backend import ReferenceBackend
 from tierkv.kv.backends.torch.backend import TorchBackend
@@ -40,4 +40,4 @@ def chain(name: str) -> list[KVBackend]:
     return [REGISTRY[b] for b in CHAINS[name] if REGISTRY[b].unavailable() is None]
 
 
-__all__ = ["BACKENDS", "CHAINS", "REGISTRY", "DecodeStep", "KVBackend", "chain"]
+__all__ = ["BACKENDS", "CHAINS", "REGISTRY", "DecodeGroup", "DecodeStep", "KVBackend", "chain"]

@@ -6,9 +6,10 @@ caller never sends a kernel a format it cannot read. ``PagedAttention`` asks the
 its chain in order (``tierkv.kv.backends.chain``) and decodes each format's rows with the
 first that serves it; ``reference`` serves everything and ends every chain.
 
-The contract of ``decode``: one query token per slot, ``q`` ``[B, Hq, D]``, over each slot's
-first ``lens`` tokens (the last ``window`` of them under a sliding window), all slots stored
-uniformly in the store's format index ``f``; the output is ``[B, Hq, D]`` in ``q``'s dtype.
+The contract of ``decode``: one query token per slot of a ``DecodeGroup``, ``q``
+``[B, Hq, D]``, over each slot's first ``lens`` tokens (the last ``window`` of them under a
+sliding window), all slots stored uniformly in the store's format index ``f``; the output is
+``[B, Hq, D]`` in ``q``'s dtype.
 A backend whose ``reads_rings_in_place`` is true reads residual rings from the pages after the
 step's write; the others get the ring entries (``residual``, read before the write, with the
 step's own tokens appended).
@@ -27,6 +28,23 @@ from tierkv.kv.formats.quant import KVFormat
 if TYPE_CHECKING:
     from tierkv.kv.store.kv_store import KVStore
     from tierkv.kv.store.views import Residual
+
+
+@dataclass
+class DecodeGroup:
+    """A step's uniform decode rows stored in one format, planned once per step.
+
+    ``f`` the store's format index; ``rows`` their indices among the step's uniform decodes
+    (None: all of them); ``slots`` and ``lens`` [B] their store slots and lengths after the
+    step; ``max_len`` the largest length, on the host, so that no layer reads it back from a
+    tensor.
+    """
+
+    f: int
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    lens: torch.Tensor
+    max_len: int
 
 
 @dataclass
@@ -71,10 +89,9 @@ class KVBackend(ABC):
         step: DecodeStep,
         layer: int,
         q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
+        group: DecodeGroup,
         window: int | None,
-        f: int,
         residual: Residual | None,
     ) -> torch.Tensor:
-        """Decode attention of one query per slot (the module docstring's contract)."""
+        """Decode attention of one query per slot of ``group`` (the module docstring's
+        contract). No host reads of device tensors: what the host needs is in ``group``."""

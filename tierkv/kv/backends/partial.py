@@ -99,6 +99,7 @@ def residual_prefill(
     context: int,
     residual: Residual,
     sliding: int | None = None,
+    host: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of a prefill chunk of a slot with a residual window: ``queries`` [1, Hq, n, D]
     at positions ``context .. context + n - 1`` see the dequantized ``keys``/``values``
@@ -115,9 +116,12 @@ def residual_prefill(
     to position ``context + i - R``) and the uncompressed entries in another (a band of ``R``
     over them in position order), and then also under a ``sliding`` window wider than ``R``
     (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
+
+    ``host`` is ``(R, empty entries, first live position)`` when the caller knows them on the
+    host (``PagedAttention.plan``); else they are read from ``residual``.
     """
     n = queries.shape[2]
-    recent = int(residual.window[0])
+    recent = int(residual.window[0]) if host is None else host[0]
     if flash_serves(queries):
         stop = max(0, context + n - recent)
         quantized = None if sliding is None else sliding - recent
@@ -127,9 +131,12 @@ def residual_prefill(
         # The live entries sorted by position are consecutive positions from ``first`` on
         # (empty ones, at -1, sort first): query i sees those within R of its position.
         order = residual.pos[0].argsort()
-        empty = int((residual.pos[0] < 0).sum())
+        if host is None:
+            empty = int((residual.pos[0] < 0).sum())
+            first = int(residual.pos[0, order[empty]])
+        else:
+            empty, first = host[1], host[2]
         live = order[empty:]
-        first = int(residual.pos[0, live[0]])
         band_keys, band_values = residual.keys[:, :, live], residual.values[:, :, live]
         band_out, band_lse = flash(queries, band_keys, band_values, context - first, recent)
         return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)

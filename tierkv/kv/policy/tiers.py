@@ -65,17 +65,22 @@ class SlotTiers:
         return (since >= 0) & (since % self.interval[slots] == 0)
 
     def received(
-        self, probs: torch.Tensor, slots: torch.Tensor, query_pos: torch.Tensor
+        self,
+        probs: torch.Tensor,
+        slots: torch.Tensor,
+        query_pos: torch.Tensor,
+        pool: int | None = None,
     ) -> torch.Tensor:
         """Attention each token received from the counting queries: ``[B, H, T]``.
 
-        ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), ``query_pos`` ``[B, nq]``.
+        ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), ``query_pos`` ``[B, nq]``;
+        ``pool`` the slots' pooling kernel when the caller knows it on the host.
         """
         counts = query_pos >= self.score_start[slots][:, None]
         summed = (probs * counts[:, None, None, :, None]).sum(3).amax(2)
         if query_pos.shape[1] == 1:
             return summed  # a decode step: never pooled
-        kernel = int(self.pool[slots].max())
+        kernel = int(self.pool[slots].max()) if pool is None else pool
         if kernel == 1:
             return summed
         # A prefill chunk (tiered chunks run one request at a time, whose tokens are still in

@@ -23,15 +23,18 @@ class ResidualRing(PageTables):
     """Reads of the slots' residual rings, and where a step's tokens go in them (a mixin of
     ``KVStore``)."""
 
-    def read_residual(self, layer: int, slots: torch.Tensor) -> Residual:
+    def read_residual(
+        self, layer: int, slots: torch.Tensor, num_pages: int | None = None
+    ) -> Residual:
         """The ring entries of ``slots`` at ``layer``: their newest tokens before this step.
 
         Call it before the step's ``write``: the ring then holds the ``ring`` positions just
         below each slot's first new token. Slots without a ring give only empty entries.
+        ``num_pages`` is the pages of the largest ring when the caller knows it on the host.
         """
         per_page = self.layouts[0].tokens_per_page
         ring = self.ring[slots]
-        num = max(int(ring.max()) // per_page, 1)
+        num = max(int(ring.max()) // per_page, 1) if num_pages is None else num_pages
         pages = self.tables[slots, layer, :, RESIDUAL, :num]
         held = self.held[slots, layer, :, RESIDUAL]
         # Slots without a ring (or with a smaller one) have stale ids in these columns.

@@ -29,14 +29,20 @@ class TokenIO(PageTables):
     token_writer: Callable[..., None] | None = None
 
     def gather(
-        self, layer: int, slots: torch.Tensor, length: int, dtype: torch.dtype
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        length: int,
+        dtype: torch.dtype,
+        f: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``length`` high-tier tokens, decoded to ``dtype``.
 
         Returns two [B, heads, length', head_dim] with ``length' >= length``; entries past a
-        slot's own count are finite garbage the caller masks.
+        slot's own count are finite garbage the caller masks. ``f``: the format index all
+        ``slots`` share, when the caller knows it (else it is read from the tables).
         """
-        parts = self.by_format(slots)
+        parts = self.by_format(slots) if f is None else [(f, None)]
         if len(parts) == 1:
             return self._gather(parts[0][0], layer, slots, length, dtype)
         shape = (slots.numel(), self.num_kv_heads, length, self.head_dim)
@@ -48,14 +54,23 @@ class TokenIO(PageTables):
         return keys, values
 
     def tier_pages(
-        self, layer: int | None, slots: torch.Tensor, tier: int
+        self,
+        layer: int | None,
+        slots: torch.Tensor,
+        tier: int,
+        host: tuple[int, int] | None = None,
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """One tier of ``slots`` at ``layer`` (every layer when None, as ``read_tier``): its
         format index, the tokens each head holds ``[B, H]`` and the page ids ``[B, H, P]`` of
-        the pages covering the largest count (columns past a head's own pages are stale)."""
-        f = int(self.slot_format[slots[0], tier])
+        the pages covering the largest count (columns past a head's own pages are stale).
+        ``host`` is ``(format index, P)`` when the caller worked them out on the host."""
         count = self._units(self.count, layer)[slots, :, tier]
-        num = -(-int(count.max()) // self.layouts[f].tokens_per_page) if count.numel() else 0
+        if host is not None:
+            f, num = host
+        else:
+            f = int(self.slot_format[slots[0], tier])
+            per_page = self.layouts[f].tokens_per_page
+            num = -(-int(count.max()) // per_page) if count.numel() else 0
         return f, count, self._units(self.tables, layer)[slots, :, tier, :num]
 
     def read_tier(
@@ -64,13 +79,14 @@ class TokenIO(PageTables):
         slots: torch.Tensor,
         tier: int,
         names: tuple[str, ...] | None = None,
+        host: tuple[int, int] | None = None,
     ) -> TierRead:
         """The fields ``names`` (all by default) of every token one tier of ``slots`` holds at
         ``layer``, or at every layer when None (its heads then index layer * H + head).
 
-        All ``slots`` must store that tier in the same format.
+        All ``slots`` must store that tier in the same format. ``host``: as ``tier_pages``.
         """
-        f, count, pages = self.tier_pages(layer, slots, tier)
+        f, count, pages = self.tier_pages(layer, slots, tier, host)
         per_page, num = self.layouts[f].tokens_per_page, pages.shape[-1]
         pages = pages.reshape(-1)
         b, h = count.shape
@@ -153,11 +169,17 @@ class TokenIO(PageTables):
         return f, pages, index % per_page
 
     def write_scores(
-        self, layer: int, slots: torch.Tensor, tier: int, scores: torch.Tensor
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        tier: int,
+        scores: torch.Tensor,
+        f: int | None = None,
     ) -> None:
         """Store the scores [B, H, W] of every column ``read_tier`` returned for one tier of
-        ``slots`` (the pages they hold now), one page-sized copy per held page."""
-        f = int(self.slot_format[slots[0], tier])
+        ``slots`` (the pages they hold now), one page-sized copy per held page. ``f``: the
+        tier's format index when the caller knows it."""
+        f = int(self.slot_format[slots[0], tier]) if f is None else f
         per_page = self.layouts[f].tokens_per_page
         num = scores.shape[-1] // per_page
         if not num:

@@ -88,15 +88,22 @@ class TokenWriter(TokenIO, ResidualRing):
         written twice (a new step).
         """
         plan = self._plan
-        if (
+        if not (
             plan is not None
             and plan.index is index
             and plan.slots is slots
             and plan.version == self._version
             and layer not in plan.written
         ):
-            plan.written.add(layer)
-            return plan
+            plan = self.plan_write(slots, index, layer)
+        plan.written.add(layer)
+        return plan
+
+    def plan_write(self, slots: torch.Tensor, index: torch.Tensor, layer: int = 0) -> _WritePlan:
+        """Work out where a step's tokens (``index`` of ``slots``) go in every layer, before
+        its first ``write`` (which then reads no value back from a tensor); ``write`` makes it
+        itself for a step nobody planned. Every layer has seen the same tokens before a step,
+        so any ``layer`` gives the same plan."""
         # Uniform slots hold every seen token, so this is ``index`` itself for them.
         dest = self.count[slots, :, :, HIGH] + (index[:, None] - self.seen[slots])[..., None]
         layers = torch.arange(self.num_layers)[:, None]
@@ -114,6 +121,6 @@ class TokenWriter(TokenIO, ResidualRing):
         if self.num_residual:
             ring_keep, ring_pages, ring_offset = self._ring_targets(layer, slots, index, added)
         plan = self._plan = _WritePlan(
-            index, slots, self._version, {layer}, parts, added, ring_keep, ring_pages, ring_offset
+            index, slots, self._version, set(), parts, added, ring_keep, ring_pages, ring_offset
         )
         return plan

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
 from tierkv.kv.backends.cpu import ops
 from tierkv.kv.formats.quant import KVFormat
 
@@ -50,13 +50,12 @@ class CpuBackend(KVBackend):
         step: DecodeStep,
         layer: int,
         q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
+        group: DecodeGroup,
         window: int | None,
-        f: int,
         residual: Residual | None,
     ) -> torch.Tensor:
         # Residual windows come from the rings in place, not from ``residual``.
-        if step.store.formats[f].quantized:
-            return ops.decode(step.store, layer, q, slots, lens, window, f, step.cache)
-        return ops.decode_full(step.store, layer, q, slots, lens, window, step.cache)
+        store, slots, lens = step.store, group.slots, group.lens
+        if store.formats[group.f].quantized:
+            return ops.decode(store, layer, q, slots, lens, window, group.f, step.cache)
+        return ops.decode_full(store, layer, q, slots, lens, window, step.cache)

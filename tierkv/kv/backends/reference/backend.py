@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
 from tierkv.kv.formats.quant import KVFormat
 
 if TYPE_CHECKING:
@@ -32,13 +32,12 @@ class ReferenceBackend(KVBackend):
         step: DecodeStep,
         layer: int,
         q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
+        group: DecodeGroup,
         window: int | None,
-        f: int,
         residual: Residual | None,
     ) -> torch.Tensor:
-        keys, values = step.store.gather(layer, slots, int(lens.max()), q.dtype)
+        lens = group.lens
+        keys, values = step.store.gather(layer, group.slots, group.max_len, q.dtype, group.f)
         b, heads, length, dim = keys.shape
         group = q.shape[1] // heads
         pos = torch.arange(length, device=lens.device)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.base import DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
 from tierkv.kv.backends.torch import ops
 from tierkv.kv.formats.quant import KVFormat
 
@@ -36,12 +36,20 @@ class TorchBackend(KVBackend):
         step: DecodeStep,
         layer: int,
         q: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
+        group: DecodeGroup,
         window: int | None,
-        f: int,
         residual: Residual | None,
     ) -> torch.Tensor:
         return ops.decode(
-            step.store, layer, q, slots, lens, window, f, step.cache, step.workspace, residual
+            step.store,
+            layer,
+            q,
+            group.slots,
+            group.lens,
+            window,
+            group.f,
+            step.cache,
+            step.workspace,
+            residual,
+            max_len=group.max_len,
         )

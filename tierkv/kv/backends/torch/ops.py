@@ -178,6 +178,8 @@ def decode(
     cache: dict | None = None,
     workspace: dict | None = None,
     residual: Residual | None = None,
+    *,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per slot over the slot's first ``lens`` tokens.
 
@@ -190,6 +192,7 @@ def decode(
     kept for the engine's life) holds the unpacked codes' buffers, reused between calls.
     ``residual`` (the slots' residual windows with this step's tokens appended) replaces the
     newest quantized positions by their uncompressed entries (``tierkv.kv.backends.partial``).
+    ``max_len`` is ``lens.max()`` when the caller knows it on the host (else it is read).
     """
     cache = {} if cache is None else cache
     workspace = {} if workspace is None else workspace
@@ -204,7 +207,7 @@ def decode(
 
     plan = cache.get(("pages", f))
     if plan is None:
-        num = -(-int(lens.max()) // per_page)
+        num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
         pages = store.tables[slots, :, :, HIGH, :num]  # [B, L, H, num]
         # Columns past a head's own pages hold stale ids (see KVStore._gather).
         valid = torch.arange(num) < store.held[slots, :, :, HIGH][..., None]
