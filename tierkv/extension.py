@@ -5,11 +5,19 @@ decode attention with the score update, the quantizing and uncompressed writes, 
 ``tierkv.kv.backends.cpu.ops``; bf16 flash attention for prefill, see
 ``tierkv.kv.backends.partial``) and the model's (``tierkv/model/csrc``:
 the small-batch linear layer and the one-pass RMSNorm, SiLU product and rotary embedding, see
-``tierkv.model.layers``), with the SIMD helpers they share (``tierkv/csrc``). They are compiled
-together with
-``torch.utils.cpp_extension.load`` the first time one is needed (``-O3 -march=native``, or
-without ``-march=native`` when the compiler refuses it). A machine without a compiler simply
-has no native kernels: ``available()`` says so and the engine keeps its torch paths.
+``tierkv.model.layers``), with the SIMD helpers they share and the op registration
+(``tierkv/csrc``). They are compiled together with ``torch.utils.cpp_extension.load`` the
+first time one is needed (``-O3 -march=native``, or without ``-march=native`` when the compiler
+refuses it). A machine without a compiler simply has no native kernels: ``available()`` says so
+and the engine keeps its torch paths.
+
+Every kernel is a torch op, called as ``torch.ops.tierkv.<name>``: the schemas of all of them
+are declared once, in ``tierkv/csrc/registration.cpp`` (``TORCH_LIBRARY(tierkv, m)``), and each
+kernel file registers only its implementation for its dispatch key (``TORCH_LIBRARY_IMPL``),
+so kernels for another device can register under the same names. The build is still a Python
+extension module (torch's loader and ``load()`` import it), but one without functions:
+importing it loads the library, which registers the ops, so call ``load()`` (or
+``available()``) before the first ``torch.ops.tierkv`` call.
 
 The build lives in ``$XDG_CACHE_HOME/tierkv/ext/<key>`` (``~/.cache`` by default). The key
 covers the sources, the flags and what the binary depends on (``environment()``): torch's
@@ -43,8 +51,8 @@ from tierkv.build_lock import BuildLockTimeout, build_lock
 
 logger = logging.getLogger(__name__)
 
-# The decode kernel (a pybind11 module) and the ops registered under torch.ops.tierkv, and the
-# headers they share (part of the build's hash, so editing one rebuilds).
+# The kernels and their registration under torch.ops.tierkv (tierkv/csrc/registration.cpp), and
+# the headers they share (part of the build's hash, so editing one rebuilds).
 _SOURCES = tuple(sorted(Path(__file__).parent.rglob("csrc/*.cpp")))
 _HEADERS = tuple(sorted(Path(__file__).parent.rglob("csrc/*.h")))
 # Headers every kernel may include by name (SIMD helpers shared by the KV and model kernels).
@@ -180,7 +188,8 @@ def _build(name: str, build: Path, flags: tuple[str, ...], env: dict[str, str]) 
 def load() -> tuple[ModuleType | None, str | None]:
     """Build (or load the cached build of) the extension once per process.
 
-    Returns the module, or None and why it could not be built.
+    Returns the module, or None and why it could not be built. The module itself has no
+    functions: loading it registers the ops, called as ``torch.ops.tierkv.<name>``.
     """
     try:
         source = b"\0".join(path.read_bytes() for path in _SOURCES + _HEADERS)

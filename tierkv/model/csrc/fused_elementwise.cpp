@@ -219,12 +219,6 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tierkv, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("silu_and_mul(Tensor x) -> Tensor");
-  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);

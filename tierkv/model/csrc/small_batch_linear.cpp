@@ -382,11 +382,6 @@ at::Tensor invariant_linear(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tierkv, m) {
-  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
   m.impl("small_batch_linear", &small_batch_linear);
   m.impl("invariant_linear", &invariant_linear);

@@ -47,10 +47,9 @@ def kernel_bit_pairs() -> frozenset[tuple[int, int]]:
     """The (key bits, value bits) pairs the C++ decode kernels are instantiated for, as the
     built extension reports them (its own table, ``kKernels`` in ``csrc/paged_decode.cpp``);
     empty without the extension."""
-    module, _ = extension.load()
-    if module is None:
+    if not extension.available():
         return frozenset()
-    return frozenset((int(k), int(v)) for k, v in module.kernel_bit_pairs())
+    return frozenset((int(k), int(v)) for k, v in torch.ops.tierkv.kernel_bit_pairs())
 
 
 def supports(fmt: KVFormat, head_dim: int) -> bool:

@@ -88,9 +88,8 @@ def partial(
     positions ``[max(start, end - R), end)`` are read uncompressed from the ring (index
     ``position % size``), older ones from ``pages``.
     """
-    module, reason = extension.load()
-    if module is None:
-        raise RuntimeError(reason)
+    if not extension.available():
+        raise RuntimeError(extension.unavailable_reason())
     if not 0 <= layer < store.num_layers:
         raise ValueError(f"layer {layer} outside the store's {store.num_layers} layers")
     fmt = store.formats[f]
@@ -111,7 +110,7 @@ def partial(
             ring_tokens_per_page=ring_per_page,
             ring_dtype=ring_dtype,
         )
-    return module.paged_decode(
+    return torch.ops.tierkv.paged_decode(
         q,
         store.pool.arena,
         pages,

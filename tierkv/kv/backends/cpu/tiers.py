@@ -45,9 +45,8 @@ def tiered_decode(
     (each token the largest any query head of its group gave it: the float32 sum
     ``tiered.add_received``'s torch path writes from ``probs``), and ``probs`` is None.
     """
-    module, reason = extension.load()
-    if module is None:
-        raise RuntimeError(reason)
+    if not extension.available():
+        raise RuntimeError(extension.unavailable_reason())
     if window is not None and window < 1:
         raise ValueError(f"a sliding window must be positive, got {window}")
     b, hq, dim = q.shape
@@ -74,7 +73,7 @@ def tiered_decode(
             ring_tokens_per_page=ring_per_page,
             ring_dtype=ring_dtype,
         )
-    out = module.tiered_decode(
+    out = torch.ops.tierkv.tiered_decode(
         q,
         store.pool.arena,
         store.tables,
@@ -115,9 +114,8 @@ def compact_tiers(
     ``KVStore.put_tokens`` takes them after the caller's ``resize``: ``(slots, heads, index,
     keys, values, positions, scores)``, the index after each head's kept low tokens.
     """
-    module, reason = extension.load()
-    if module is None:
-        raise RuntimeError(reason)
+    if not extension.available():
+        raise RuntimeError(extension.unavailable_reason())
     slot = int(slots[0])
     high, low = (int(store.slot_format[slot, tier]) for tier in (HIGH, LOW))
     fmt = store.formats[high]

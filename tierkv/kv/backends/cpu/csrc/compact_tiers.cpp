@@ -16,7 +16,7 @@
 // stores the demoted rows (KVStore.put_tokens). tests/test_kv_tiers.py compares the arena
 // bytes with the torch path's.
 //
-// Registered as torch.ops.tierkv.compact_tiers (a fragment of quantize_store.cpp's library).
+// Registered as torch.ops.tierkv.compact_tiers (schema in tierkv/csrc/registration.cpp).
 
 #include <torch/extension.h>
 
@@ -222,14 +222,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tierkv, m) {
-  m.def(
-      "compact_tiers(Tensor(a!) arena, Tensor tables, Tensor counts, Tensor slots, int layer, "
-      "Tensor keep_high, Tensor demote, Tensor keep_low, int[] high_format, int[] high_offsets, "
-      "int[] high_strides, int low_tokens_per_page, int[] low_offsets, int[] low_strides) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
   m.impl("compact_tiers", &compact_tiers);

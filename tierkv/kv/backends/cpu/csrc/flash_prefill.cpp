@@ -277,13 +277,6 @@ std::tuple<at::Tensor, at::Tensor> flash_prefill(const at::Tensor& q, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tierkv, m) {
-  m.def("flash_prefill_supported() -> bool");
-  m.def(
-      "flash_prefill(Tensor q, Tensor k, Tensor v, int shift, int window, float sm_scale) "
-      "-> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(tierkv, CatchAll, m) {
   m.impl("flash_prefill_supported", &flash_prefill_supported);
 }

@@ -774,9 +774,10 @@ constexpr KernelEntry kKernels[] = {
     {2, 2, &pick_group<2, 2>},
 };
 
-std::vector<std::pair<int64_t, int64_t>> kernel_bit_pairs() {
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (const KernelEntry& k : kKernels) pairs.emplace_back(k.key_bits, k.value_bits);
+// torch.ops.tierkv.kernel_bit_pairs: the table as [key bits, value bits] lists.
+std::vector<std::vector<int64_t>> kernel_bit_pairs() {
+  std::vector<std::vector<int64_t>> pairs;
+  for (const KernelEntry& k : kKernels) pairs.push_back({k.key_bits, k.value_bits});
   return pairs;
 }
 
@@ -1280,25 +1281,13 @@ at::Tensor tiered_decode(const at::Tensor& q, at::Tensor& arena, const at::Tenso
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("kernel_bit_pairs", &kernel_bit_pairs,
-        "The (key bits, value bits) pairs the decode kernels are instantiated for");
-  m.def("paged_decode", &paged_decode,
-        "Decode attention over quantized pages: (out [B, Hq, D] in q's dtype, lse [B, Hq] fp32)",
-        py::arg("q"), py::arg("arena"), py::arg("pages"), py::arg("starts"), py::arg("ends"),
-        py::arg("sm_scale"), py::arg("key_bits"), py::arg("value_bits"), py::arg("group_size"),
-        py::arg("offsets"), py::arg("strides"), py::arg("tokens_per_page"), py::kw_only(),
-        py::arg("ring") = py::none(), py::arg("ring_size") = py::none(),
-        py::arg("residual") = py::none(), py::arg("ring_fields") = std::vector<int64_t>{},
-        py::arg("ring_tokens_per_page") = 1, py::arg("ring_dtype") = "float32");
-  m.def("tiered_decode", &tiered_decode,
-        "Decode attention over both tiers of tiered slots at one layer, merged; optionally adds "
-        "the probabilities to the stored scores and writes them out: out [B, Hq, D] in q's dtype",
-        py::arg("q"), py::arg("arena"), py::arg("tables"), py::arg("counts"), py::arg("slots"),
-        py::arg("layer"), py::arg("query_pos"), py::arg("window"), py::arg("sm_scale"),
-        py::arg("formats"), py::arg("offsets"), py::arg("strides"), py::arg("score"),
-        py::arg("probs"), py::arg("probs_split"), py::kw_only(),
-        py::arg("ring_size") = py::none(), py::arg("residual") = py::none(),
-        py::arg("ring_fields") = std::vector<int64_t>{}, py::arg("ring_tokens_per_page") = 1,
-        py::arg("ring_dtype") = "float32");
+// Schemas in tierkv/csrc/registration.cpp. kernel_bit_pairs takes no tensor, so no dispatch
+// key could select it: it is registered for every backend.
+TORCH_LIBRARY_IMPL(tierkv, CatchAll, m) {
+  m.impl("kernel_bit_pairs", &kernel_bit_pairs);
+}
+
+TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("tiered_decode", &tiered_decode);
 }

@@ -8,8 +8,9 @@
 // even of (x - zero) / scale clamped to [0, qmax], packed low bits first; score and position
 // beside them. tests/test_kv_native_quantize.py compares the bytes with the torch path.
 //
-// Registered as torch.ops.tierkv.quantize_store (TORCH_LIBRARY), so it loads with the rest of
-// the native extension (tierkv/extension.py).
+// Registered as torch.ops.tierkv.quantize_store and store_rows (schemas in
+// tierkv/csrc/registration.cpp), so it loads with the rest of the native extension
+// (tierkv/extension.py).
 
 #include <torch/extension.h>
 
@@ -212,16 +213,6 @@ void store_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor arena,
 }
 
 }  // namespace
-
-TORCH_LIBRARY(tierkv, m) {
-  m.def(
-      "quantize_store(Tensor k, Tensor v, Tensor positions, Tensor(a!) arena, Tensor pages, "
-      "Tensor slots, int key_bits, int value_bits, int group_size, int[] offsets, "
-      "int[] strides) -> ()");
-  m.def(
-      "store_rows(Tensor k, Tensor v, Tensor(a!) arena, Tensor pages, Tensor rows, "
-      "int k_offset, int v_offset, int row_bytes) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
   m.impl("quantize_store", &quantize_store);

@@ -1,6 +1,8 @@
 // The KV store's tensors as the kernels that take them whole check them: the arena of pages,
-// the page tables [S, L, H, 3, P] (high, low, ring rows) and the tiers' token counts
-// [S, L, H, 2] (tierkv/kv/store/kv_store.py). Shared by paged_decode.cpp and compact_tiers.cpp.
+// the page tables [S, L, H, 3, P] (three rows per (slot, layer, head): the high tier, the low
+// tier and the residual ring; P columns of page ids) and the tiers' token counts [S, L, H, 2]
+// (high, low), laid out by tierkv/kv/store/tables.py. Shared by paged_decode.cpp and
+// compact_tiers.cpp.
 
 #pragma once
 
