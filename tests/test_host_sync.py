@@ -55,7 +55,7 @@ def layers_may_not_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_no_layer_reads_a_tensor_on_the_host(
     backend: str, policy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -196,7 +196,11 @@ class PagedAttention:
         groups = []
         for f, rows in store.by_format(slots) if decode.numel() else []:
             part = (slots, lens) if rows is None else (slots[rows], lens[rows])
-            groups.append(DecodeGroup(f, rows, *part, int(part[1].max())))
+            ring_pages = 0
+            if store.num_residual and bool(store.residual[part[0]].any()):
+                per_page = store.layouts[0].tokens_per_page
+                ring_pages = int(store.ring[part[0]].max()) // per_page
+            groups.append(DecodeGroup(f, rows, *part, int(part[1].max()), ring_pages))
         high = store.slot_format[batch.slots, 0].tolist()
         recent = store.residual[batch.slots].tolist() if store.num_residual else None
         ring = store.ring[batch.slots].tolist() if store.num_residual else None

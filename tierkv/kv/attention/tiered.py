@@ -342,7 +342,9 @@ def attend_rows(
         tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
         host = unit.host
         if native and unit.native:
-            att = _attend_native(store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window)
+            att = _attend_native(
+                store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window, host
+            )
             out[tokens] = att.out
             add_received(store, layer, slots, query_pos, att, host)
             continue
@@ -481,9 +483,11 @@ def _attend_native(
     slots: torch.Tensor,
     query_pos: torch.Tensor,
     window: int | None,
+    host: UnitHost | None = None,
 ) -> TieredAttention:
     """``attend`` for one decode query per slot (``q`` [B, Hq, D] at ``query_pos`` [B]), by
     the native kernel reading both tiers in place, which then adds the probabilities to the
     stored scores (a decode query always counts: it is past the prompt)."""
-    out, _ = native.tiered_decode(store, layer, q, slots, query_pos, window, score=True)
+    known = {} if host is None else {"formats": host.formats, "has_ring": host.recent > 0}
+    out, _ = native.tiered_decode(store, layer, q, slots, query_pos, window, score=True, **known)
     return TieredAttention(out[:, None], None, scored=True)

@@ -37,7 +37,8 @@ class DecodeGroup:
     ``f`` the store's format index; ``rows`` their indices among the step's uniform decodes
     (None: all of them); ``slots`` and ``lens`` [B] their store slots and lengths after the
     step; ``max_len`` the largest length, on the host, so that no layer reads it back from a
-    tensor.
+    tensor; ``ring_pages`` the pages of the largest residual ring among them (0 when none of
+    them has a residual window).
     """
 
     f: int
@@ -45,6 +46,7 @@ class DecodeGroup:
     slots: torch.Tensor
     lens: torch.Tensor
     max_len: int
+    ring_pages: int = 0
 
 
 @dataclass

@@ -57,5 +57,18 @@ class CpuBackend(KVBackend):
         # Residual windows come from the rings in place, not from ``residual``.
         store, slots, lens = step.store, group.slots, group.lens
         if store.formats[group.f].quantized:
-            return ops.decode(store, layer, q, slots, lens, window, group.f, step.cache)
-        return ops.decode_full(store, layer, q, slots, lens, window, step.cache)
+            return ops.decode(
+                store,
+                layer,
+                q,
+                slots,
+                lens,
+                window,
+                group.f,
+                step.cache,
+                max_len=group.max_len,
+                ring_pages=group.ring_pages,
+            )
+        return ops.decode_full(
+            store, layer, q, slots, lens, window, step.cache, max_len=group.max_len
+        )

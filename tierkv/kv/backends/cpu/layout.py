@@ -126,14 +126,17 @@ class Ring:
 
 
 def ring_tables(
-    store: KVStore, slots: torch.Tensor
+    store: KVStore, slots: torch.Tensor, num_pages: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The ring page ids of ``slots`` in every layer ([L, B, H, P], one contiguous table per
-    layer), their sizes and windows; None when no slot has a residual window."""
+    layer), their sizes and windows; None when no slot has a residual window. ``num_pages``:
+    P, when the caller knows it on the host (0: no slot has a window)."""
+    if num_pages == 0:
+        return None
     window = store.residual[slots]
-    if not bool(window.any()):
+    if num_pages is None and not bool(window.any()):
         return None
     size = store.ring[slots]
-    num = int(size.max()) // store.layouts[0].tokens_per_page
+    num = int(size.max()) // store.layouts[0].tokens_per_page if num_pages is None else num_pages
     pages = store.tables[slots, :, :, RESIDUAL, :num].transpose(0, 1).contiguous()
     return pages, size.contiguous(), window.contiguous()

@@ -136,6 +136,9 @@ def decode(
     window: int | None,
     f: int,
     cache: dict | None = None,
+    *,
+    max_len: int | None = None,
+    ring_pages: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per slot over the slot's first ``lens`` tokens (the last
     ``window`` of them under a sliding window): the contract of
@@ -151,12 +154,14 @@ def decode(
     ``cache`` (a dict the caller keeps for one step and passes again for every layer with the
     same ``slots`` and ``lens``) holds what does not change between layers: the page ids of
     every layer (and of the rings), gathered once, and the start of each request's visible range.
+    ``max_len`` (``lens.max()``) and ``ring_pages`` (``ring_tables``' P) are read from the
+    tensors unless the caller knows them on the host.
     """
     cache = {} if cache is None else cache
     per_page = store.layouts[f].tokens_per_page
     plan = cache.get(("native", f))
     if plan is None:
-        num = -(-int(lens.max()) // per_page)
+        num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
         # [L, B, H, num]: one contiguous [B, H, num] table per layer.
         pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
         plan = cache[("native", f)] = (pages, lens.to(torch.int64).contiguous())
@@ -168,7 +173,7 @@ def decode(
     rings = cache.get(("native_ring", f), False)
     if rings is False:
         rings = cache[("native_ring", f)] = (
-            ring_tables(store, slots) if store.num_residual else None
+            ring_tables(store, slots, ring_pages) if store.num_residual else None
         )
     ring = None if rings is None else Ring(rings[0][layer], rings[1], rings[2])
     return partial(store, layer, q, pages[layer], starts, ends, f, ring=ring)[0]
@@ -182,6 +187,8 @@ def decode_full(
     lens: torch.Tensor,
     window: int | None,
     cache: dict | None = None,
+    *,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """``decode`` for slots stored uncompressed (FULL pages), read in place.
 
@@ -194,7 +201,7 @@ def decode_full(
     plan = cache.get("native_full")
     if plan is None:
         per_page = store.layouts[0].tokens_per_page
-        num = -(-int(lens.max()) // per_page)
+        num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
         pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
         # The kernel's signature wants a quantized layout too; none of its tokens is read.
         carrier = store.register(FORMATS["k8v8"])

@@ -22,6 +22,8 @@ def tiered_decode(
     window: int | None,
     *,
     score: bool = False,
+    formats: tuple[int, int] | None = None,
+    has_ring: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention of tiered slots, the kernel reading both tiers in place, in one call.
 
@@ -39,7 +41,9 @@ def tiered_decode(
     [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,
     columns laid out as ``tiered.attend``'s (``TieredAttention.probs[:, :, :, 0]``): the high
     tier's ``T_high = store.read_tier(layer, slots, HIGH)`` columns, then the low tier's; 0 for
-    columns past a head's count and for tokens it does not see.
+    columns past a head's count and for tokens it does not see. ``formats`` (the slots' high and
+    low format indices) and ``has_ring`` (whether some slot has a residual window) are read
+    from the tables unless the caller knows them on the host.
 
     With ``score``, the probabilities are instead added to the tokens' stored scores, in place
     (each token the largest any query head of its group gave it: the float32 sum
@@ -50,12 +54,13 @@ def tiered_decode(
     if window is not None and window < 1:
         raise ValueError(f"a sliding window must be positive, got {window}")
     b, hq, dim = q.shape
-    slot = int(slots[0])
-    tier_formats = [int(store.slot_format[slot, tier]) for tier in (HIGH, LOW)]
-    formats = tuple(store.formats[f] for f in tier_formats)
-    if not all(supports(fmt, store.head_dim) for fmt in formats):
-        raise ValueError(f"the native kernel does not serve {formats} at head dim {dim}")
-    fmt_args, offsets, strides = tier_args(formats, tuple(store.layouts[f] for f in tier_formats))
+    if formats is None:
+        slot = int(slots[0])
+        formats = (int(store.slot_format[slot, HIGH]), int(store.slot_format[slot, LOW]))
+    tier_formats = tuple(store.formats[f] for f in formats)
+    if not all(supports(fmt, store.head_dim) for fmt in tier_formats):
+        raise ValueError(f"the native kernel does not serve {tier_formats} at head dim {dim}")
+    fmt_args, offsets, strides = tier_args(tier_formats, tuple(store.layouts[f] for f in formats))
     probs, split = None, 0
     if not score:
         # One column per token slot of the pages ``read_tier`` would gather, per tier.
@@ -64,7 +69,7 @@ def tiered_decode(
         probs, split = torch.empty(b, hq, sum(widths)), widths[0]
     options: dict = {}
     residual = store.residual[slots]
-    if bool((residual > 0).any()):
+    if bool((residual > 0).any()) if has_ring is None else has_ring:
         ring_fields, ring_per_page, ring_dtype = ring_layout(store.layouts[0])
         options.update(
             ring_size=store.ring[slots],
