@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kv_stores import tiered_store
 
-from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
-from tierkv.kv.attention.paged import PagedAttention
 from tierkv.kv.backends import BACKENDS, CHAINS, REGISTRY, DecodeGroup, DecodeStep, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.formats.quant import FORMATS, QUANTIZED_BITS, KVFormat, default_page_bytes
-from tierkv.kv.policy.spec import KVPolicy
 from tierkv.kv.store.kv_store import LOW, RESIDUAL, KVStore
 from tierkv.kv.store.pool import PagePool
 
@@ -100,49 +98,17 @@ def test_every_backend_decodes_every_format_as_the_reference(fmt: KVFormat, head
         assert served > 0
 
 
-TIERED_PROMPTS = [70, 41, 96]
-
-
-def _tiered_store(
-    spec: str, q_heads: int, head_dim: int, window: int | None
-) -> tuple[KVStore, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Slots of ``spec`` driven through their prompts and 4 decode steps by the reference
-    backend (decisions after each), then the next step's token written at ``LAYER``."""
-    pool = PagePool(700, default_page_bytes(head_dim))
-    pool.arena.fill_(0xFF)
-    store = KVStore(pool, LAYERS, KV_HEADS, head_dim, torch.float32, len(TIERED_PROMPTS), 256)
-    policy = KVPolicy.parse(spec)
-    slots = torch.tensor([store.acquire_slot(policy, n) for n in TIERED_PROMPTS])
-    attention = PagedAttention(store, [None, window], backend="reference")
-    gen = torch.Generator().manual_seed(q_heads * head_dim)
-
-    def tokens(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = torch.randn(n, q_heads, head_dim, generator=gen) * 2
-        k = torch.randn(n, KV_HEADS, head_dim, generator=gen) * 2
-        return q, k, torch.randn(n, KV_HEADS, head_dim, generator=gen)
-
-    context = torch.zeros(len(TIERED_PROMPTS), dtype=torch.int64)
-    for step in range(5):
-        new = TIERED_PROMPTS if step == 0 else [1] * len(TIERED_PROMPTS)
-        batch = AttentionBatch.build(slots.tolist(), context.tolist(), new)
-        context = context + torch.tensor(new)
-        store.reserve(slots, context)
-        q, k, v = tokens(sum(new))
-        for layer in range(LAYERS):
-            attention(layer, q, k, v, batch)
-        attention.finish_step(batch)
-    store.reserve(slots, context + 1)
-    q, k, v = tokens(len(TIERED_PROMPTS))
-    store.write(LAYER, slots, context, k, v)
-    return store, slots, q, context
-
-
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_tiered_paths_give_the_reference_output_and_scores(group: int, head_dim: int) -> None:
     window = 23
-    store, slots, q, pos = _tiered_store(
-        "k8v8/k4v2:ah=10,al=4,w=8,sw=16", KV_HEADS * group, head_dim, window
+    store, slots, q, pos = tiered_store(
+        "k8v8/k4v2:ah=10,al=4,w=8,sw=16",
+        KV_HEADS * group,
+        window,
+        head_dim=head_dim,
+        backend="reference",
+        seed=KV_HEADS * group * head_dim,
     )
     counts = store.count[slots, LAYER, :, :RESIDUAL]
     assert (counts[..., LOW] > 0).all()  # both tiers hold tokens

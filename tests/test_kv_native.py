@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from kv_stores import tiered_store
 
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention.paged import PagedAttention, tiered
@@ -237,49 +238,6 @@ def test_a_ring_smaller_than_its_window_is_refused() -> None:
         native.partial(store, LAYER, q, table, torch.zeros_like(lens), lens, f, ring=ring)
 
 
-# Differentiated policies whose thresholds both demote and prune random tokens within a few
-# steps; their slots' prompts differ in length, so their tiers differ in size.
-TIERED_PROMPTS = [70, 41, 96]
-TIERED_STEPS = 4
-
-
-def _tiered_store(
-    spec: str, q_heads: int, window: int | None, seed: int = 0
-) -> tuple[KVStore, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Slots of a tiered ``spec`` driven through their prompts and ``TIERED_STEPS`` decode
-    steps by the fast backend (decisions after each), over stale arena bytes, then the next
-    step's token written to layer ``LAYER``. Returns the store, the slots, the step's queries
-    [B, Hq, 64] and their positions [B]."""
-    head_dim = 64
-    pool = PagePool(600, default_page_bytes(head_dim))
-    pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
-    store = KVStore(pool, LAYERS, KV_HEADS, head_dim, torch.float32, len(TIERED_PROMPTS), 256)
-    policy = KVPolicy.parse(spec)
-    slots = torch.tensor([store.acquire_slot(policy, n) for n in TIERED_PROMPTS])
-    attention = PagedAttention(store, [None, window], backend="fast")
-    gen = torch.Generator().manual_seed(seed)
-
-    def tokens(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = torch.randn(n, q_heads, head_dim, generator=gen) * 2
-        k = torch.randn(n, KV_HEADS, head_dim, generator=gen) * 2
-        return q, k, torch.randn(n, KV_HEADS, head_dim, generator=gen)
-
-    context = torch.zeros(len(TIERED_PROMPTS), dtype=torch.int64)
-    for step in range(TIERED_STEPS + 1):
-        new = TIERED_PROMPTS if step == 0 else [1] * len(TIERED_PROMPTS)
-        batch = AttentionBatch.build(slots.tolist(), context.tolist(), new)
-        context = context + torch.tensor(new)
-        store.reserve(slots, context)
-        q, k, v = tokens(sum(new))
-        for layer in range(LAYERS):
-            attention(layer, q, k, v, batch)
-        attention.finish_step(batch)
-    store.reserve(slots, context + 1)
-    q, k, v = tokens(len(TIERED_PROMPTS))
-    store.write(LAYER, slots, context, k, v)
-    return store, slots, q, context
-
-
 @pytest.mark.parametrize("window", [None, 23])
 @pytest.mark.parametrize("q_heads", [4, 6])
 @pytest.mark.parametrize("group_size", [32, 64])
@@ -288,7 +246,7 @@ def test_tiered_decode_equals_tiered_attend(
     formats: str, group_size: int, q_heads: int, window: int | None
 ) -> None:
     spec = f"{formats}-g{group_size}:ah=10,al=4,w=8,sw=16"
-    store, slots, q, query_pos = _tiered_store(spec, q_heads, window)
+    store, slots, q, query_pos = tiered_store(spec, q_heads, window)
     counts = store.count[slots, LAYER, :, :RESIDUAL]
     # Both tiers hold tokens, heads hold different numbers, and some tokens were pruned.
     assert (counts[..., LOW] > 0).all() and counts.sum(-1).unique().numel() > 1
@@ -306,7 +264,7 @@ def test_tiered_decode_equals_tiered_attend(
 @pytest.mark.parametrize("formats", ["k8v4/k4v2", "k4v2/k2v2"])
 def test_native_scores_equal_the_torch_update(formats: str, window: int | None) -> None:
     spec = f"{formats}-g32:ah=10,al=4,w=8,sw=16"
-    store, slots, q, query_pos = _tiered_store(spec, 4, window)
+    store, slots, q, query_pos = tiered_store(spec, 4, window)
     arena = store.pool.arena.clone()
     out, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, window)
     assert probs is not None
