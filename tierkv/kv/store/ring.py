@@ -61,18 +61,22 @@ class ResidualRing(PageTables):
         )
 
     def _ring_targets(
-        self, layer: int, slots: torch.Tensor, index: torch.Tensor, added: torch.Tensor
+        self, slots: torch.Tensor, index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Which of a step's tokens (``index`` of ``slots``; each slot gains ``added`` per
-        layer) are copied into residual rings: their rows ``[K]`` among the step's tokens,
-        their FULL pages ``[K, layers, heads]`` and their rows in those pages ``[K, 1]``.
+        """Which of a step's tokens (``index`` of ``slots``) are copied into residual rings:
+        their rows ``[K]`` among the step's tokens, their FULL pages ``[K, layers, heads]`` and
+        their rows in those pages ``[K, 1]``.
 
-        Only a slot's newest ``ring`` tokens of the step are kept: the ring holds no more.
+        Only a slot's newest ``ring`` tokens of the step are kept: the ring holds no more. A
+        slot's tokens of a step are consecutive positions, so the newest are those within
+        ``ring`` of its last one (the same at every layer, whichever layers were written).
         """
         layers = torch.arange(self.num_layers)[:, None]
         heads = torch.arange(self.num_kv_heads)
         ring = self.ring[slots]
-        fresh = index >= self.seen[slots, layer] + added[slots] - ring
+        last = torch.full((self.seen.shape[0],), -1, dtype=index.dtype)
+        last = last.scatter_reduce(0, slots, index, "amax")
+        fresh = index > last[slots] - ring
         ring_keep = torch.nonzero((ring > 0) & fresh).flatten()
         at = index[ring_keep] % ring[ring_keep]
         per_page = self.layouts[0].tokens_per_page

@@ -95,15 +95,14 @@ class TokenWriter(TokenIO, ResidualRing):
             and plan.version == self._version
             and layer not in plan.written
         ):
-            plan = self.plan_write(slots, index, layer)
+            plan = self.plan_write(slots, index)
         plan.written.add(layer)
         return plan
 
-    def plan_write(self, slots: torch.Tensor, index: torch.Tensor, layer: int = 0) -> _WritePlan:
+    def plan_write(self, slots: torch.Tensor, index: torch.Tensor) -> _WritePlan:
         """Work out where a step's tokens (``index`` of ``slots``) go in every layer, before
         its first ``write`` (which then reads no value back from a tensor); ``write`` makes it
-        itself for a step nobody planned. Every layer has seen the same tokens before a step,
-        so any ``layer`` gives the same plan."""
+        itself for a step nobody planned."""
         # Uniform slots hold every seen token, so this is ``index`` itself for them.
         dest = self.count[slots, :, :, HIGH] + (index[:, None] - self.seen[slots])[..., None]
         layers = torch.arange(self.num_layers)[:, None]
@@ -119,7 +118,7 @@ class TokenWriter(TokenIO, ResidualRing):
         added = torch.bincount(slots, minlength=self.seen.shape[0])
         ring_keep = ring_pages = ring_offset = None
         if self.num_residual:
-            ring_keep, ring_pages, ring_offset = self._ring_targets(layer, slots, index, added)
+            ring_keep, ring_pages, ring_offset = self._ring_targets(slots, index)
         plan = self._plan = _WritePlan(
             index, slots, self._version, set(), parts, added, ring_keep, ring_pages, ring_offset
         )
