@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter, which is chosen when
+# triton is imported (transformers imports it below): set it first (tests/test_kv_triton.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import (

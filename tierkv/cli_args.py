@@ -92,7 +92,8 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
         choices=list(BACKENDS),
         help="fast (default: for each KV format the first of cpu, torch, reference that "
         "serves it), cpu (C++ kernels that read the KV pages in place and dequantize in "
-        "registers, built on first use), torch (fused torch ops) or reference (gather, "
+        "registers, built on first use), torch (fused torch ops), triton (a Triton kernel: "
+        "CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or reference (gather, "
         "dequantize, attend; what the tests trust). Formats a backend lacks fall back to "
         "reference",
     )

@@ -76,7 +76,8 @@ class EngineConfig:
         attention_backend: a chain of attention backends (``tierkv.kv.backends``): ``fast``
             (the default: per KV format the first of ``cpu``, the C++ kernels that read the
             pages in place, ``torch``, fused torch ops, and ``reference`` that serves it),
-            ``cpu``, ``torch``, or ``reference`` (gather, dequantize, attend; what the tests
+            ``cpu``, ``torch``, ``triton`` (CUDA tensors, or CPU tensors in Triton's
+            interpreter), or ``reference`` (gather, dequantize, attend; what the tests
             trust). A format a backend lacks falls back to ``reference``.
         allow_long_max_model_len: accept a ``max_model_len`` beyond the model's positions
             (also set by the environment variable ``TIERKV_ALLOW_LONG_MAX_MODEL_LEN=1``).

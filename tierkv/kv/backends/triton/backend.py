@@ -1,0 +1,137 @@
+"""The ``triton`` backend: uniform decode over quantized pages by ``kernels.paged_decode``.
+
+It runs where Triton can: on CUDA tensors, or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, how the tests run it without a GPU). It is asked only by the
+``triton`` chain: the engine's arena is a CPU tensor today, and on CPU the ``cpu`` backend's
+C++ kernels are the fast path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
+from tierkv.kv.backends.partial import merge, residual_part
+from tierkv.kv.formats.quant import KVFormat
+from tierkv.kv.store.kv_store import HIGH
+
+if TYPE_CHECKING:
+    from tierkv.kv.store.views import Residual
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter, on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.cache
+def _kernels():  # type: ignore[no-untyped-def]
+    from tierkv.kv.backends.triton import kernels
+
+    return kernels
+
+
+class TritonBackend(KVBackend):
+    """Quantized formats at any bit widths of the format table, any group size that divides
+    the head dim, any GQA group; CUDA tensors, or CPU tensors under the interpreter."""
+
+    name = "triton"
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        return None
+
+    def refusal(
+        self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> str | None:
+        if device.type == "cpu" and not interpreting():
+            return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend runs on cuda, not {device.type}"
+        if not fmt.quantized:
+            return f"{fmt.name}: the triton backend decodes quantized pages only"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"the triton backend computes in float32, bfloat16 or float16, not {dtype}"
+        return None
+
+    def decode(
+        self,
+        step: DecodeStep,
+        layer: int,
+        q: torch.Tensor,
+        group: DecodeGroup,
+        window: int | None,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        store, f, lens = step.store, group.f, group.lens
+        fmt, layout = store.formats[f], store.layouts[f]
+        per_page = layout.tokens_per_page
+        num = -(-group.max_len // per_page)
+        key = ("triton_pages", f)
+        pages = step.cache.get(key)
+        if pages is None:
+            # [L, B, H, num]; columns past a head's own pages hold stale ids: point them at
+            # the first page (never read: those positions are masked).
+            pages = store.tables[group.slots, :, :, HIGH, :num]
+            held = store.held[group.slots, :, :, HIGH][..., None]
+            pages = torch.where(torch.arange(num) < held, pages, pages[..., :1])
+            pages = step.cache[key] = pages.transpose(0, 1).contiguous()
+        table = pages[layer]
+        starts = torch.zeros_like(lens) if window is None else (lens - window).clamp(min=0)
+        # The newest ``R`` positions of a slot with a residual window come from its ring.
+        ends = lens if residual is None else lens - residual.window
+        b, hq, dim = q.shape
+        heads = store.num_kv_heads
+        q = q.contiguous()
+        out = torch.empty(b, hq, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+        offsets = layout.offsets()
+        fields = {field.name: field for field in layout.fields}
+        width = dim // fields["k_scale"].numel
+        _kernels().paged_decode[(b, heads)](
+            q,
+            store.pool.arena,
+            table,
+            starts.contiguous(),
+            ends.contiguous(),
+            out,
+            lse,
+            num,
+            1.0 / math.sqrt(dim),
+            store.pool.page_bytes,
+            offsets["k_codes"],
+            offsets["k_scale"],
+            offsets["k_zero"],
+            offsets["v_codes"],
+            offsets["v_scale"],
+            offsets["v_zero"],
+            q.stride(0),
+            q.stride(1),
+            table.stride(0),
+            table.stride(1),
+            HEADS=heads,
+            G=hq // heads,
+            GP=_pow2(hq // heads),
+            D=dim,
+            DP=_pow2(dim),
+            TPP=per_page,
+            BLOCK_T=_pow2(per_page),
+            KEY_BITS=fmt.key_bits,
+            VALUE_BITS=fmt.value_bits,
+            GROUP_W=width,
+        )
+        if residual is not None:
+            out_r, lse_r = residual_part(q, residual, lens, window)
+            out = merge(out, lse, out_r, lse_r)[0]
+        return out.to(q.dtype)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
