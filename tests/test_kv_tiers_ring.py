@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kv_native import LAYER, _tiered_store
+from kv_stores import LAYER, tiered_store
 from test_kv_residual import _drive
 
 from tierkv import LLM, SamplingParams
@@ -41,7 +41,7 @@ def test_native_tiered_decode_reads_the_ring_as_the_torch_path_does(
 ) -> None:
     """Tiers with demoted and pruned tokens, the newest 8 positions from the ring (a sliding
     window of 5 leaves the tiers nothing to add)."""
-    store, slots, q, query_pos = _tiered_store(
+    store, slots, q, query_pos = tiered_store(
         f"{formats}:ah=10,al=4,w=8,sw=16,r=8", q_heads, window
     )
     counts = store.count[slots, LAYER, :, :RESIDUAL]
