@@ -26,6 +26,7 @@ native flash kernel in bfloat16, ``tierkv.kv.backends.partial``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.views import Residual, causal_visibility
+
+logger = logging.getLogger(__name__)
 
 # Queries per attention call of a prefill chunk with a residual window (see ``_prefill``).
 _PREFILL_BLOCK = 256
@@ -249,6 +252,17 @@ class PagedAttention:
             fmt, dim, device = store.formats[f], store.head_dim, store.pool.arena.device
             backend = next(b for b in self.chain if b.serves(fmt, dim, dtype, device))
             self._by_format[key] = backend
+            first = self.chain[0]
+            if backend is not first and first.name == self.backend:
+                # The backend the user named does not serve this format here: say why once.
+                why = first.unavailable() or first.refusal(fmt, dim, dtype, device)
+                logger.warning(
+                    "attention backend %s does not serve %s (%s); using %s",
+                    first.name,
+                    fmt.name,
+                    why,
+                    backend.name,
+                )
         return backend
 
     def _decode(
