@@ -125,6 +125,6 @@ def test_the_backend_is_chosen_by_name(checkpoints: dict[str, Path]) -> None:
     assert PagedAttention(store, [None]).backend == "reference"
     assert PagedAttention(store, [None], backend="fast").backend == "fast"
     with pytest.raises(ValueError, match="attention backend"):
-        PagedAttention(store, [None], backend="triton")
+        PagedAttention(store, [None], backend="flashinfer")
     llm = LLM(str(checkpoints["llama"]), attention_backend="fast", kv_cache_memory="8MiB")
     assert llm.engine.runner.attention.backend == "fast"
