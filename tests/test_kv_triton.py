@@ -15,9 +15,11 @@ import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    # conftest.py sets it before triton is imported; run alone, this module could not.
-    pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
+# The tests over CPU tensors need Triton's interpreter, which conftest.py turns on (before
+# transformers imports triton) where there is no GPU; on a GPU the CUDA test runs instead.
+on_cpu = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need Triton's interpreter"
+)
 
 from kv_stores import KV_HEADS, LAYER, LAYERS  # noqa: E402
 
@@ -50,6 +52,7 @@ def _store(spec: str, head_dim: int) -> tuple[KVStore, torch.Tensor, torch.Tenso
     return store, slots, lens, store.register(policy.high)
 
 
+@on_cpu
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("fmt", QUANTIZED, ids=lambda f: f.name)
 def test_decode_equals_the_reference(fmt: KVFormat, head_dim: int) -> None:
@@ -73,6 +76,7 @@ def test_decode_equals_the_reference(fmt: KVFormat, head_dim: int) -> None:
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@on_cpu
 def test_residual_rings_merge_with_the_pages() -> None:
     # k8v4 with a ring of 32: the newest 32 positions come from the ring, uncompressed.
     store, slots, lens, f = _store("k8v4:r=32", 64)
@@ -92,6 +96,7 @@ def test_refuses_what_it_cannot_serve_by_name() -> None:
     assert "meta" in (triton.refusal(FORMATS["k8v8"], 64, torch.float32, torch.device("meta")))
 
 
+@on_cpu
 def test_the_engine_on_the_triton_chain_gives_the_reference_greedy_output() -> None:
     prompts = [[5 + i * 7 % 3000 for i in range(n)] for n in (40, 9)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -108,3 +113,29 @@ def test_the_engine_on_the_triton_chain_gives_the_reference_greedy_output() -> N
         outputs[backend] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.kv_stats()["used_pages"] == 0
     assert outputs["triton"] == outputs["reference"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("fmt", QUANTIZED, ids=lambda f: f.name)
+def test_on_cuda_the_kernel_equals_the_reference_on_cpu(fmt: KVFormat) -> None:
+    from tierkv.kv.backends.triton.backend import decode_pages
+
+    store, slots, lens, f = _store(f"{fmt.name}:r=0", 128)
+    q = torch.randn(len(CONTEXT), KV_HEADS * 4, 128)
+    group = DecodeGroup(f, None, slots, lens, int(lens.max()))
+    want = REGISTRY["reference"].decode(DecodeStep(store), LAYER, q, group, None, None)
+    per_page = store.layouts[f].tokens_per_page
+    table = store.tables[slots, LAYER, :, 0, : -(-int(lens.max()) // per_page)]
+    table = torch.where(table < store.pool.num_pages, table, 0)
+    cuda = torch.device("cuda")
+    out, _ = decode_pages(
+        q.to(cuda),
+        store.pool.arena.to(cuda),
+        table.contiguous().to(cuda),
+        torch.zeros_like(lens).to(cuda),
+        lens.to(cuda),
+        store.formats[f],
+        store.layouts[f],
+        KV_HEADS,
+    )
+    torch.testing.assert_close(out.cpu(), want, rtol=2e-5, atol=2e-5)

@@ -18,6 +18,7 @@ import torch
 
 from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
 from tierkv.kv.backends.partial import merge, residual_part
+from tierkv.kv.formats.layout import PageLayout
 from tierkv.kv.formats.quant import KVFormat
 from tierkv.kv.store.kv_store import HIGH
 
@@ -82,55 +83,84 @@ class TritonBackend(KVBackend):
             pages = store.tables[group.slots, :, :, HIGH, :num]
             held = store.held[group.slots, :, :, HIGH][..., None]
             pages = torch.where(torch.arange(num) < held, pages, pages[..., :1])
-            pages = step.cache[key] = pages.transpose(0, 1).contiguous()
+            # Moved to the arena's device once per step, not once per layer.
+            device = store.pool.arena.device
+            pages = step.cache[key] = pages.transpose(0, 1).contiguous().to(device)
         table = pages[layer]
         starts = torch.zeros_like(lens) if window is None else (lens - window).clamp(min=0)
         # The newest ``R`` positions of a slot with a residual window come from its ring.
         ends = lens if residual is None else lens - residual.window
-        b, hq, dim = q.shape
-        heads = store.num_kv_heads
-        q = q.contiguous()
-        out = torch.empty(b, hq, dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-        offsets = layout.offsets()
-        fields = {field.name: field for field in layout.fields}
-        width = dim // fields["k_scale"].numel
-        _kernels().paged_decode[(b, heads)](
+        device = store.pool.arena.device
+        out, lse = decode_pages(
             q,
             store.pool.arena,
             table,
-            starts.contiguous(),
-            ends.contiguous(),
-            out,
-            lse,
-            num,
-            1.0 / math.sqrt(dim),
-            store.pool.page_bytes,
-            offsets["k_codes"],
-            offsets["k_scale"],
-            offsets["k_zero"],
-            offsets["v_codes"],
-            offsets["v_scale"],
-            offsets["v_zero"],
-            q.stride(0),
-            q.stride(1),
-            table.stride(0),
-            table.stride(1),
-            HEADS=heads,
-            G=hq // heads,
-            GP=_pow2(hq // heads),
-            D=dim,
-            DP=_pow2(dim),
-            TPP=per_page,
-            BLOCK_T=_pow2(per_page),
-            KEY_BITS=fmt.key_bits,
-            VALUE_BITS=fmt.value_bits,
-            GROUP_W=width,
+            starts.to(device),
+            ends.to(device),
+            fmt,
+            layout,
+            store.num_kv_heads,
         )
         if residual is not None:
             out_r, lse_r = residual_part(q, residual, lens, window)
             out = merge(out, lse, out_r, lse_r)[0]
         return out.to(q.dtype)
+
+
+def decode_pages(
+    q: torch.Tensor,
+    arena: torch.Tensor,
+    table: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    fmt: KVFormat,
+    layout: PageLayout,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.paged_decode`` over pages of ``arena`` (any device Triton runs on): ``q``
+    [B, Hq, D] attends the positions ``[starts, ends)`` [B] of each (request, KV head)'s pages
+    ``table`` [B, heads, P], all stored in ``fmt`` laid out as ``layout``. Returns ``(out
+    [B, Hq, D] float32, lse [B, Hq] float32)``, -inf where a row sees no position."""
+    b, hq, dim = q.shape
+    q = q.contiguous()
+    out = torch.empty(b, hq, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    offsets = layout.offsets()
+    fields = {field.name: field for field in layout.fields}
+    per_page = layout.tokens_per_page
+    _kernels().paged_decode[(b, heads)](
+        q,
+        arena,
+        table,
+        starts.contiguous(),
+        ends.contiguous(),
+        out,
+        lse,
+        table.shape[-1],
+        1.0 / math.sqrt(dim),
+        arena.shape[1],
+        offsets["k_codes"],
+        offsets["k_scale"],
+        offsets["k_zero"],
+        offsets["v_codes"],
+        offsets["v_scale"],
+        offsets["v_zero"],
+        q.stride(0),
+        q.stride(1),
+        table.stride(0),
+        table.stride(1),
+        HEADS=heads,
+        G=hq // heads,
+        GP=_pow2(hq // heads),
+        D=dim,
+        DP=_pow2(dim),
+        TPP=per_page,
+        BLOCK_T=_pow2(per_page),
+        KEY_BITS=fmt.key_bits,
+        VALUE_BITS=fmt.value_bits,
+        GROUP_W=dim // fields["k_scale"].numel,
+    )
+    return out, lse
 
 
 def _pow2(n: int) -> int:
