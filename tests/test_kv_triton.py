@@ -77,6 +77,26 @@ def test_decode_equals_the_reference(fmt: KVFormat, head_dim: int) -> None:
 
 
 @on_cpu
+@pytest.mark.parametrize("splits", [2, 3, 40])
+def test_context_splits_merge_into_the_whole(splits: int) -> None:
+    from tierkv.kv.backends.triton.backend import decode_pages
+
+    # Request 1 sees no position in most splits, request 0 in all but the first; 40 splits
+    # of 2-3 pages leave some empty for every request.
+    store, slots, lens, f = _store("k4v2:r=0", 64)
+    per_page = store.layouts[f].tokens_per_page
+    table = store.tables[slots, LAYER, :, 0, : -(-int(lens.max()) // per_page)]
+    table = torch.where(table < store.pool.num_pages, table, 0).contiguous()
+    starts = torch.tensor([60, 0, 100, 0])
+    q = torch.randn(len(CONTEXT), KV_HEADS * 2, 64)
+    args = (store.pool.arena, table, starts, lens, store.formats[f], store.layouts[f], KV_HEADS)
+    whole, whole_lse = decode_pages(q, *args, splits=1)
+    out, lse = decode_pages(q, *args, splits=splits)
+    torch.testing.assert_close(out, whole, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, whole_lse, rtol=2e-5, atol=2e-5)
+
+
+@on_cpu
 def test_residual_rings_merge_with_the_pages() -> None:
     # k8v4 with a ring of 32: the newest 32 positions come from the ring, uncompressed.
     store, slots, lens, f = _store("k8v4:r=32", 64)

@@ -116,19 +116,29 @@ def decode_pages(
     fmt: KVFormat,
     layout: PageLayout,
     heads: int,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.paged_decode`` over pages of ``arena`` (any device Triton runs on): ``q``
     [B, Hq, D] attends the positions ``[starts, ends)`` [B] of each (request, KV head)'s pages
     ``table`` [B, heads, P], all stored in ``fmt`` laid out as ``layout``. Returns ``(out
-    [B, Hq, D] float32, lse [B, Hq] float32)``, -inf where a row sees no position."""
+    [B, Hq, D] float32, lse [B, Hq] float32)``, -inf where a row sees no position.
+
+    The pages are cut into ``splits`` runs, each its own program, merged by log-sum-exp
+    afterwards (default: enough splits that B x heads x splits programs fill a GPU's
+    multiprocessors at long contexts; one in the interpreter or with few pages)."""
     b, hq, dim = q.shape
     q = q.contiguous()
-    out = torch.empty(b, hq, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    num_pages = table.shape[-1]
+    if splits is None:
+        splits = _splits(b * heads, num_pages, q.device)
+    per_split = max(1, -(-num_pages // splits))
+    splits = max(1, -(-num_pages // per_split))
+    out = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     offsets = layout.offsets()
     fields = {field.name: field for field in layout.fields}
     per_page = layout.tokens_per_page
-    _kernels().paged_decode[(b, heads)](
+    _kernels().paged_decode[(b, heads, splits)](
         q,
         arena,
         table,
@@ -136,7 +146,8 @@ def decode_pages(
         ends.contiguous(),
         out,
         lse,
-        table.shape[-1],
+        num_pages,
+        per_split,
         1.0 / math.sqrt(dim),
         arena.shape[1],
         offsets["k_codes"],
@@ -160,7 +171,21 @@ def decode_pages(
         VALUE_BITS=fmt.value_bits,
         GROUP_W=dim // fields["k_scale"].numel,
     )
-    return out, lse
+    if splits == 1:
+        return out[:, :, 0], lse[:, :, 0]
+    total = torch.logsumexp(lse, -1)
+    # A split that saw no position has lse -inf (weight 0); a row that saw none stays -inf.
+    weights = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total)[..., None])
+    return (out * weights[..., None]).sum(2), total
+
+
+def _splits(programs: int, num_pages: int, device: torch.device) -> int:
+    """Context splits: none in the interpreter; on a GPU, enough that every multiprocessor
+    gets a few programs, each split keeping at least 8 pages."""
+    if device.type != "cuda":
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-target // programs), num_pages // 8 or 1, 64))
 
 
 def _pow2(n: int) -> int:

@@ -1,12 +1,14 @@
 """Triton kernels over the paged store.
 
-``paged_decode``: one program per (request, KV head). It walks the request's pages through its
-page table, loads each page's key codes in place, dequantizes them in registers (code ``i`` of
-a token at byte ``i // (8 // bits)``, bit ``(i % (8 // bits)) * bits``; one fp16 scale and
-zero per group of channels, ``tierkv.kv.formats.quant``), scores every query head sharing the
-KV head (GQA) against them, and folds the page into an online softmax before doing the same
-with the values. It returns the output and the log-sum-exp of the logits, so the caller merges
-it exactly with attention computed elsewhere (the residual ring's uncompressed entries,
+``paged_decode``: one program per (request, KV head, split of the context). It walks its share
+of the request's pages through the page table, loads each page's key codes in place,
+dequantizes them in registers (code ``i`` of a token at byte ``i // (8 // bits)``, bit
+``(i % (8 // bits)) * bits``; one fp16 scale and zero per group of channels,
+``tierkv.kv.formats.quant``), scores every query head sharing the KV head (GQA) against them,
+and folds the page into an online softmax before doing the same with the values. It returns
+the output and the log-sum-exp of the logits of each split, so the caller merges the splits
+(long contexts are cut into several, so that a small batch still fills the device) and then,
+exactly, with attention computed elsewhere (the residual ring's uncompressed entries,
 ``tierkv.kv.backends.partial.merge``).
 """
 
@@ -55,6 +57,7 @@ def paged_decode(
     OUT,
     LSE,
     num_pages,
+    pages_per_split,
     sm_scale,
     page_bytes,
     k_codes,
@@ -80,10 +83,13 @@ def paged_decode(
 ):
     """Decode attention of ``G`` query heads of request ``b`` sharing KV head ``h`` over the
     tokens at positions ``[STARTS[b], ENDS[b])`` of its pages (token ``i`` at row ``i % TPP``
-    of page ``PAGES[b, h, i // TPP]``): ``OUT`` [B, HEADS * G, D] float32 and ``LSE``
-    [B, HEADS * G] float32 (-inf where no token is visible)."""
+    of page ``PAGES[b, h, i // TPP]``), pages ``pages_per_split * split`` on of its split:
+    ``OUT`` [B, HEADS * G, splits, D] float32 and ``LSE`` [B, HEADS * G, splits] float32
+    (-inf where the split sees no token)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gmask = g < G
@@ -101,7 +107,8 @@ def paged_decode(
     denom = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, DP), tl.float32)
     groups: tl.constexpr = D // GROUP_W
-    for p in range(0, num_pages):
+    first = split * pages_per_split
+    for p in range(first, tl.minimum(first + pages_per_split, num_pages)):
         page = tl.load(PAGES + b * stride_pb + h * stride_ph + p)
         base = ARENA + page * page_bytes
         pos = p * TPP + tok
@@ -147,7 +154,7 @@ def paged_decode(
     safe = tl.where(empty, 1.0, denom)
     out = acc / safe[:, None]
     lse = tl.where(empty, float("-inf"), m + tl.log(safe))
-    row = b * HEADS * G + heads
+    row = (b * HEADS * G + heads) * splits + split
     tl.store(OUT + row[:, None] * D + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
     tl.store(LSE + row, lse, mask=gmask)
 
