@@ -100,6 +100,15 @@ def test_outputs_match_the_record(backend: str, policy: str) -> None:
     assert compared >= len(recorded) * MAX_TOKENS // 2
 
 
+def test_the_fast_and_reference_chains_recorded_the_same_tokens() -> None:
+    # With test_outputs_match_the_record, the engine gives the same greedy output on the
+    # reference chain (torch only, any device) as on the default one (the cpu kernels).
+    record = json.loads(RECORD.read_text())
+    for policy in POLICIES:
+        fast, reference = record[f"fast/{policy}"], record[f"reference/{policy}"]
+        assert [r["tokens"] for r in fast] == [r["tokens"] for r in reference], policy
+
+
 if __name__ == "__main__" and "--record" in sys.argv:
     record()
     print(f"wrote {RECORD}")
