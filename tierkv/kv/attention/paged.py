@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
+from tierkv.kv.attention.tiered_step import Unit, step_units
 from tierkv.kv.backends import DecodeGroup, DecodeStep, KVBackend, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
@@ -71,7 +72,7 @@ class _StepPlan:
     tokens' indices in the step (None when they are all of its tokens, in order), ``slots`` and
     ``lens`` [Bd] their store slots and lengths after the step, ``groups`` the same rows by
     storage format; ``prefill``: the uniform requests prefilling; ``units``: the tiered
-    requests (``tiered.step_units``) and ``is_tiered`` [B] which requests they are;
+    requests (``tiered_step.step_units``) and ``is_tiered`` [B] which requests they are;
     ``reads_rings``: whether residual entries are read before the step's write, and
     ``ring_pages`` the ring pages of the largest ring to read.
     """
@@ -82,7 +83,7 @@ class _StepPlan:
     lens: torch.Tensor
     groups: list[DecodeGroup]
     prefill: list[_PrefillRow]
-    units: list[tiered.Unit]
+    units: list[Unit]
     is_tiered: torch.Tensor | None
     reads_rings: bool
     ring_pages: int
@@ -188,7 +189,7 @@ class PagedAttention:
         decode, prefill, units, is_tiered = batch.decode_rows, batch.prefill_rows, [], None
         if store.num_tiered:
             is_tiered = store.slot_format[batch.slots, 1] >= 0
-            units = tiered.step_units(store, batch, is_tiered)
+            units = step_units(store, batch, is_tiered)
             tiered_rows = is_tiered.tolist()
             decode = decode[~is_tiered[decode]]
             prefill = [r for r in prefill if not tiered_rows[r]]

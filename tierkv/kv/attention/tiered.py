@@ -10,43 +10,31 @@ tier (``SlotTiers.decide``) for all layers at once and the tiers are compacted
 fast paths must match it: decodes go to the native kernel (``native.tiered_decode``, reading
 both tiers in place and adding the probabilities to the scores in place; the decision
 gathers only scores and positions) where it is built, else to the fused torch path
-(``workspace``); prefill chunks take SDPA (``_attend_prefill``).
+(``workspace``); prefill chunks take SDPA (``attend_prefill``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from tierkv.kv.attention import tiered_ring
+from tierkv.kv.attention.tiered_prefill import attend_prefill, dense_serves
+from tierkv.kv.attention.tiered_step import (
+    TieredAttention,
+    Unit,
+    UnitHost,
+    native_serves,
+    same_formats,
+)
 from tierkv.kv.backends.cpu import ops as native
-from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
 from tierkv.kv.backends.torch import ops as fast
 from tierkv.kv.formats.quant import KVFormat
 from tierkv.kv.policy.compact import apply_decisions
-from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
+from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
 from tierkv.kv.store.views import Residual, TierRead, causal_visibility
-
-if TYPE_CHECKING:
-    from tierkv.batch import AttentionBatch
-
-
-@dataclass
-class TieredAttention:
-    """The result of ``attend``: the output and the probabilities of every token.
-
-    Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
-    ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), or None when ``scored``:
-    the native decode already added them to the stored scores, or no query counts.
-    """
-
-    out: torch.Tensor
-    probs: torch.Tensor | None
-    scored: bool = False
 
 
 def _columns(high: TierRead, low: TierRead) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,15 +198,8 @@ def decide_step(
     if not bool(deciding.any()):
         return
     slots, seen = slots[deciding], seen[deciding]
-    for rows in _same_formats(store, slots):
-        _decide(store, slots[rows], seen[rows], native and _native_serves(store, slots[rows]))
-
-
-def _same_formats(store: KVStore, slots: torch.Tensor) -> list[torch.Tensor]:
-    """The indices into ``slots`` [B] grouped by their (high, low) formats: what one batched
-    tiered call may take together."""
-    _, group = store.slot_format[slots].unique(dim=0, return_inverse=True)
-    return [torch.nonzero(group == g).flatten() for g in range(int(group.max()) + 1)]
+    for rows in same_formats(store, slots):
+        _decide(store, slots[rows], seen[rows], native and native_serves(store, slots[rows]))
 
 
 def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: bool) -> None:
@@ -232,91 +213,6 @@ def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: boo
     costs = store.costs(int(slots[0]))
     to_high, to_low = store.tiers.decide(slots, seen, scores, pos, valid, is_low, costs)
     apply_decisions(store, None, slots, to_high, to_low, width, native)
-
-
-@dataclass
-class Unit:
-    """Tiered requests of a step attended in one call: decodes sharing their tier formats, or
-    one prefill chunk. ``tokens`` [R, n] are their tokens' indices in the step, ``query_pos``
-    [R, n] their positions, ``slots`` [R] their store slots, ``rows`` [R] their rows of the
-    step's batch; ``native``: decodes whose tier formats the native kernel serves. ``host``:
-    what the layers need to know about them on the host, read once per step."""
-
-    tokens: torch.Tensor
-    query_pos: torch.Tensor
-    slots: torch.Tensor
-    native: bool
-    rows: torch.Tensor
-    host: UnitHost | None = None
-
-
-@dataclass
-class UnitHost:
-    """A unit's host-side facts for one step (``step_units``), so that no layer reads them
-    back from tensors: ``formats`` the store format indices of its high and low tiers;
-    ``pages[layer]`` the pages covering the largest count of each tier at that layer once
-    the step's tokens are written; ``last_pos`` its largest query position; ``counting`` how
-    many of a prefill chunk's queries score (every decode query does); ``recent`` the largest
-    residual window of its slots (0: none) and ``ring_pages`` the pages of the largest ring;
-    ``pool`` the largest prefill pooling kernel."""
-
-    formats: tuple[int, int]
-    pages: list[tuple[int, int]]
-    last_pos: int
-    counting: int
-    recent: int
-    ring_pages: int
-    pool: int
-
-    def tier(self, layer: int, tier: int) -> tuple[int, int]:
-        """``(format index, pages)`` of one tier at ``layer``, for ``KVStore.read_tier``."""
-        return self.formats[tier], self.pages[layer][tier]
-
-
-def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -> list[Unit]:
-    """How ``attend_rows`` groups the tiered requests (``is_tiered`` [B]) of a step: the same
-    at every layer, so worked out once per step."""
-    lens = torch.tensor(batch.query_lens, dtype=torch.int64)
-    decode = torch.nonzero(is_tiered & (lens == 1)).flatten()
-    groups: list[torch.Tensor] = []
-    if decode.numel():
-        groups += [decode[rows] for rows in _same_formats(store, batch.slots[decode])]
-    groups += [torch.tensor([r]) for r in torch.nonzero(is_tiered & (lens > 1)).flatten().tolist()]
-    starts = torch.tensor(batch.query_starts, dtype=torch.int64)
-    units = []
-    for rows in groups:
-        n = batch.query_lens[int(rows[0])]
-        tokens = starts[rows][:, None] + torch.arange(n)
-        slots = batch.slots[rows]
-        native_decode = n == 1 and _native_serves(store, slots)
-        query_pos = batch.token_index[tokens]
-        host = _unit_host(store, slots, query_pos, n)
-        units.append(Unit(tokens, query_pos, slots, native_decode, rows, host))
-    return units
-
-
-def _unit_host(store: KVStore, slots: torch.Tensor, query_pos: torch.Tensor, n: int) -> UnitHost:
-    """The host-side facts of a unit of ``slots`` adding ``n`` tokens each at ``query_pos``."""
-    slot = int(slots[0])
-    formats = (int(store.slot_format[slot, HIGH]), int(store.slot_format[slot, LOW]))
-    # At each layer the step's write appends the unit's n tokens to every head's high tier
-    # before attention reads it; the low tier is only changed by decisions, after the step.
-    count = store.count[slots][..., :RESIDUAL].amax(dim=(0, 2))  # [L, 2]
-    count[:, HIGH] += n
-    per_page = [store.layouts[f].tokens_per_page for f in formats]
-    pages = [(-(-high // per_page[HIGH]), -(-low // per_page[LOW])) for high, low in count.tolist()]
-    last_pos = int(query_pos.max())
-    counting = int((query_pos >= store.tiers.score_start[slots][:, None]).sum())
-    ring = int(store.ring[slots].max()) if store.num_residual else 0
-    return UnitHost(
-        formats,
-        pages,
-        last_pos,
-        counting,
-        int(store.residual[slots].max()) if store.num_residual else 0,
-        max(ring // store.layouts[0].tokens_per_page, 1),
-        int(store.tiers.pool[slots].max()),
-    )
 
 
 def attend_rows(
@@ -352,9 +248,9 @@ def attend_rows(
         if (
             workspace is not None
             and tokens.shape[1] > 1
-            and _dense_serves(q, residual, window, host)
+            and dense_serves(q, residual, window, host)
         ):
-            att, query_pos = _attend_prefill(
+            att, query_pos = attend_prefill(
                 store, layer, q[tokens], slots, query_pos, window, residual, host
             )
         else:
@@ -363,17 +259,6 @@ def attend_rows(
             )
         out[tokens] = att.out
         add_received(store, layer, slots, query_pos, att, host)
-
-
-def _dense_serves(
-    q: torch.Tensor, residual: Residual | None, window: int | None, host: UnitHost | None = None
-) -> bool:
-    """Whether ``_attend_prefill`` serves a chunk: ``residual_prefill`` takes a sliding window
-    only through the native flash kernel and when the window is wider than the ring."""
-    if residual is None or window is None:
-        return True
-    recent = int(residual.window.max()) if host is None else host.recent
-    return flash_serves(q[:1, 0].transpose(0, 1)[None]) and window > recent
 
 
 def _residual(
@@ -396,84 +281,6 @@ def _residual(
     own_k = k[unit.tokens].permute(0, 2, 1, 3)
     own_v = v[unit.tokens].permute(0, 2, 1, 3)
     return rings.select(unit.rows).append(own_k, own_v, unit.query_pos)
-
-
-def _attend_prefill(
-    store: KVStore,
-    layer: int,
-    q: torch.Tensor,
-    slots: torch.Tensor,
-    query_pos: torch.Tensor,
-    window: int | None,
-    residual: Residual | None = None,
-    host: UnitHost | None = None,
-) -> tuple[TieredAttention, torch.Tensor]:
-    """``attend`` for a prefill chunk of one request (``q`` [1, n, Hq, D]).
-
-    Chunks come before the request's first decision, so its tokens are all in the high tier, in
-    position order: the output is dense causal attention over them (``causal_attention``, or
-    ``residual_prefill`` with a ring), and probabilities are computed only for the queries that
-    score (the last ``sw`` of the prompt), none when no query of the chunk does. Returns the
-    attention, its probabilities covering those queries, and their positions.
-    """
-    n = q.shape[1]
-    total = (int(query_pos[0, -1]) if host is None else host.last_pos) + 1
-    f = None if host is None else host.formats[HIGH]
-    keys, values = store.gather(layer, slots, total, q.dtype, f)
-    # The probabilities span every column ``read_tier`` gives (whole pages); attention, only
-    # the tokens.
-    _, heads, width, dim = keys.shape
-    queries = q[0].transpose(0, 1)[None]
-    context = total - n
-    if residual is None:
-        out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], context, window)
-    else:
-        kept = (keys[:, :, :total], values[:, :, :total])
-        live = None if host is None else _live_entries(store, host, residual, context, n)
-        out = residual_prefill(queries, *kept, context, residual, window, live)
-    if host is None:
-        counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
-    else:
-        counting = host.counting
-    if not counting:
-        return TieredAttention(out[0].transpose(0, 1)[None], None, scored=True), query_pos
-    first = n - counting
-    columns = torch.arange(width)
-    visible = causal_visibility(query_pos[0, first:], columns, window)
-    group = q.shape[2] // heads
-    scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
-    logits = scoring @ keys.float()[:, :, None].transpose(-1, -2) * (1.0 / math.sqrt(dim))
-    if residual is None:
-        probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
-        return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
-    # Column c holds position c: the ring's entries fold back onto their columns.
-    scored_pos = query_pos[:, first:]
-    pos = columns.expand(1, heads, width)
-    visible = tiered_ring.hide_recent(visible[None, None], pos, scored_pos, residual.window)
-    logits = logits.masked_fill_(~visible, -torch.inf)
-    ring = tiered_ring.ring_logits(scoring, residual, scored_pos, window)
-    probs, ring_probs = torch.cat([logits, ring], -1).softmax(-1).split([width, ring.shape[-1]], -1)
-    valid = columns[None, None] < total
-    last = None if host is None else host.last_pos
-    probs = tiered_ring.fold(probs, ring_probs, pos, valid.expand(1, heads, width), residual, last)
-    return TieredAttention(out[0].transpose(0, 1)[None], probs), scored_pos
-
-
-def _live_entries(
-    store: KVStore, host: UnitHost, residual: Residual, context: int, n: int
-) -> tuple[int, int, int]:
-    """``residual_prefill``'s host facts for a chunk of one slot: its residual window, the
-    empty entries of ``residual`` (columns without a token) and the first live position: the
-    slot's ring holds its newest ``min(context, ring)`` positions before the chunk, then come
-    the chunk's own ``n``."""
-    live = min(context, host.ring_pages * store.layouts[0].tokens_per_page)
-    return host.recent, residual.pos.shape[1] - live - n, context - live
-
-
-def _native_serves(store: KVStore, slots: torch.Tensor) -> bool:
-    """Whether the native kernel serves both tier formats of ``slots`` (which share them)."""
-    formats = (store.format_of(int(slots[0]), HIGH), store.format_of(int(slots[0]), LOW))
-    return native.available() and all(native.supports(f, store.head_dim) for f in formats)
 
 
 def _attend_native(

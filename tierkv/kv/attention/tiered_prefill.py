@@ -1,0 +1,98 @@
+"""Tiered attention for a prefill chunk: dense causal attention over the request's tokens (all
+still in the high tier, in position order), with probabilities only for the queries that
+score."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tierkv.kv.attention import tiered_ring
+from tierkv.kv.attention.tiered_step import TieredAttention, UnitHost
+from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
+from tierkv.kv.store.kv_store import HIGH, KVStore
+from tierkv.kv.store.views import Residual, causal_visibility
+
+
+def dense_serves(
+    q: torch.Tensor, residual: Residual | None, window: int | None, host: UnitHost | None = None
+) -> bool:
+    """Whether ``attend_prefill`` serves a chunk: ``residual_prefill`` takes a sliding window
+    only through the native flash kernel and when the window is wider than the ring."""
+    if residual is None or window is None:
+        return True
+    recent = int(residual.window.max()) if host is None else host.recent
+    return flash_serves(q[:1, 0].transpose(0, 1)[None]) and window > recent
+
+
+def attend_prefill(
+    store: KVStore,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    query_pos: torch.Tensor,
+    window: int | None,
+    residual: Residual | None = None,
+    host: UnitHost | None = None,
+) -> tuple[TieredAttention, torch.Tensor]:
+    """``attend`` for a prefill chunk of one request (``q`` [1, n, Hq, D]).
+
+    Chunks come before the request's first decision, so its tokens are all in the high tier, in
+    position order: the output is dense causal attention over them (``causal_attention``, or
+    ``residual_prefill`` with a ring), and probabilities are computed only for the queries that
+    score (the last ``sw`` of the prompt), none when no query of the chunk does. Returns the
+    attention, its probabilities covering those queries, and their positions.
+    """
+    n = q.shape[1]
+    total = (int(query_pos[0, -1]) if host is None else host.last_pos) + 1
+    f = None if host is None else host.formats[HIGH]
+    keys, values = store.gather(layer, slots, total, q.dtype, f)
+    # The probabilities span every column ``read_tier`` gives (whole pages); attention, only
+    # the tokens.
+    _, heads, width, dim = keys.shape
+    queries = q[0].transpose(0, 1)[None]
+    context = total - n
+    if residual is None:
+        out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], context, window)
+    else:
+        kept = (keys[:, :, :total], values[:, :, :total])
+        live = None if host is None else _live_entries(store, host, residual, context, n)
+        out = residual_prefill(queries, *kept, context, residual, window, live)
+    if host is None:
+        counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
+    else:
+        counting = host.counting
+    if not counting:
+        return TieredAttention(out[0].transpose(0, 1)[None], None, scored=True), query_pos
+    first = n - counting
+    columns = torch.arange(width)
+    visible = causal_visibility(query_pos[0, first:], columns, window)
+    group = q.shape[2] // heads
+    scoring = queries[:, :, first:].float().view(1, heads, group, n - first, dim)
+    logits = scoring @ keys.float()[:, :, None].transpose(-1, -2) * (1.0 / math.sqrt(dim))
+    if residual is None:
+        probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
+        return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
+    # Column c holds position c: the ring's entries fold back onto their columns.
+    scored_pos = query_pos[:, first:]
+    pos = columns.expand(1, heads, width)
+    visible = tiered_ring.hide_recent(visible[None, None], pos, scored_pos, residual.window)
+    logits = logits.masked_fill_(~visible, -torch.inf)
+    ring = tiered_ring.ring_logits(scoring, residual, scored_pos, window)
+    probs, ring_probs = torch.cat([logits, ring], -1).softmax(-1).split([width, ring.shape[-1]], -1)
+    valid = columns[None, None] < total
+    last = None if host is None else host.last_pos
+    probs = tiered_ring.fold(probs, ring_probs, pos, valid.expand(1, heads, width), residual, last)
+    return TieredAttention(out[0].transpose(0, 1)[None], probs), scored_pos
+
+
+def _live_entries(
+    store: KVStore, host: UnitHost, residual: Residual, context: int, n: int
+) -> tuple[int, int, int]:
+    """``residual_prefill``'s host facts for a chunk of one slot: its residual window, the
+    empty entries of ``residual`` (columns without a token) and the first live position: the
+    slot's ring holds its newest ``min(context, ring)`` positions before the chunk, then come
+    the chunk's own ``n``."""
+    live = min(context, host.ring_pages * store.layouts[0].tokens_per_page)
+    return host.recent, residual.pos.shape[1] - live - n, context - live
