@@ -60,6 +60,16 @@ class DecodeStep:
     workspace: dict = field(default_factory=dict)
 
 
+def byte_refusal(fmt: KVFormat, head_dim: int) -> str | None:
+    """The refusal of a backend whose kernels read a group's codes as whole bytes."""
+    if fmt.fills_bytes(head_dim):
+        return None
+    return (
+        f"{fmt.name}-g{fmt.group_size}: a group of {min(fmt.group_size, head_dim)} channels "
+        "does not fill whole bytes at its bit widths"
+    )
+
+
 class KVBackend(ABC):
     """One way to attend over the paged store (see the module docstring)."""
 

@@ -180,6 +180,12 @@ class KVFormat:
         """Whether tokens are stored as packed codes with scales and zeros."""
         return self.key_bits != _FULL_BITS
 
+    def fills_bytes(self, head_dim: int) -> bool:
+        """Whether every group of channels packs into whole bytes at both bit widths (what
+        the kernels that read a group's codes as whole bytes need)."""
+        width = min(self.group_size, head_dim)
+        return all(width * bits % 8 == 0 for bits in (self.key_bits, self.value_bits))
+
     def with_group_size(self, group_size: int) -> KVFormat:
         """The same format with another group size (same name: the bits name the format)."""
         return replace(self, group_size=group_size)

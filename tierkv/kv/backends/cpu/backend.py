@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend, byte_refusal
 from tierkv.kv.backends.cpu import ops
 from tierkv.kv.formats.quant import KVFormat
 
@@ -38,12 +38,7 @@ class CpuBackend(KVBackend):
             return None
         if (fmt.key_bits, fmt.value_bits) not in ops.kernel_bit_pairs():
             return f"{fmt.name}: the cpu kernels are not instantiated for these bit widths"
-        if not ops.supports(fmt, head_dim):
-            return (
-                f"{fmt.name}-g{fmt.group_size}: a group of {min(fmt.group_size, head_dim)} "
-                "channels does not fill whole bytes at its bit widths"
-            )
-        return None
+        return byte_refusal(fmt, head_dim)
 
     def decode(
         self,

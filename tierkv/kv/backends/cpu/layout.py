@@ -59,8 +59,7 @@ def supports(fmt: KVFormat, head_dim: int) -> bool:
     not divide the head dim never reaches a store: ``KVStore.register`` refuses it)."""
     if not fmt.quantized or (fmt.key_bits, fmt.value_bits) not in kernel_bit_pairs():
         return False
-    width = min(fmt.group_size, head_dim)
-    return all(width * bits % 8 == 0 for bits in (fmt.key_bits, fmt.value_bits))
+    return fmt.fills_bytes(head_dim)
 
 
 @functools.cache

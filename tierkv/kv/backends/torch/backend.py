@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend, byte_refusal
 from tierkv.kv.backends.torch import ops
 from tierkv.kv.formats.quant import KVFormat
 
@@ -24,12 +24,7 @@ class TorchBackend(KVBackend):
     ) -> str | None:
         if not fmt.quantized:
             return f"{fmt.name}: the torch backend decodes quantized pages only"
-        if not ops.supports(fmt, head_dim):
-            return (
-                f"{fmt.name}-g{fmt.group_size}: a group of {min(fmt.group_size, head_dim)} "
-                "channels does not fill whole bytes at its bit widths"
-            )
-        return None
+        return byte_refusal(fmt, head_dim)
 
     def decode(
         self,

@@ -163,8 +163,7 @@ def supports(fmt: KVFormat, head_dim: int) -> bool:
     """Whether the fast path serves slots stored in ``fmt`` at this head dim."""
     if not fmt.quantized:
         return False
-    width = min(fmt.group_size, head_dim)
-    return all(width * bits % 8 == 0 for bits in (fmt.key_bits, fmt.value_bits))
+    return fmt.fills_bytes(head_dim)
 
 
 def decode(
