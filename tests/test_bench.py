@@ -101,7 +101,7 @@ def test_bench_decode_reports_kv_bytes_and_bandwidth(
 
 
 def test_bench_serve_against_the_real_server(checkpoints: dict[str, Path]) -> None:
-    prompts = [[5, 6, 7, 8] * (i + 1) for i in range(12)]
+    prompts = [[[5, 6, 7, 8] * (i + 1)] for i in range(12)]
     with live_server(checkpoints["llama"]) as server:
         records, duration = asyncio.run(
             run_load(server.base_url, MODEL_NAME, prompts, 6, 50.0, 4, 0, None, 60.0)
@@ -117,9 +117,30 @@ def test_bench_serve_against_the_real_server(checkpoints: dict[str, Path]) -> No
     assert stats["free_pages"] == stats["total_pages"]
 
 
+def test_bench_serve_multi_turn_resends_the_history(checkpoints: dict[str, Path]) -> None:
+    """Three conversations of three turns against an fp16 server: nine requests, each later
+    turn's prompt extends the one before, and the server's prefix cache serves the history."""
+    work = Workload(str(checkpoints["llama"]), num_prompts=3 * 5, input_len=40, prefix_len=30)
+    windows = work.windows([30] + [40] * 15)
+    assert work.prompts()[0][:30] == work.prompts()[1][:30] == windows[0]
+    conversations = [
+        [windows[0] + windows[1 + 5 * c]] + windows[2 + 5 * c : 6 + 5 * c] for c in range(3)
+    ]
+    with live_server(checkpoints["llama"], kv_policy="fp16") as server:
+        records, duration = asyncio.run(
+            run_load(server.base_url, MODEL_NAME, conversations, 4, float("inf"), 2, 0, None, 60.0)
+        )
+        stats = server.engine.kv_stats()
+    report = summarize(records, duration)
+    assert report.completed == 9 and report.failed == 0
+    assert sorted(r.turn for r in records) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert {"ttft_t1", "ttft_t3"} <= set(report.percentiles)
+    assert stats["prefix_cache_hits"] > 0 and stats["used_pages"] == 0
+
+
 def test_bench_serve_counts_failures() -> None:
     records, duration = asyncio.run(
-        run_load("http://127.0.0.1:9", "none", [[1, 2]], 4, float("inf"), 1, 0, None, 5.0)
+        run_load("http://127.0.0.1:9", "none", [[[1, 2]]], 4, float("inf"), 1, 0, None, 5.0)
     )
     report = summarize(records, duration)
     assert report.completed == 0 and report.failed == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,3 +118,30 @@ def test_store_write_then_gather_round_trips_per_head() -> None:
     keys, values = store.gather(1, torch.tensor([a, b]), 37, torch.float32)
     torch.testing.assert_close(keys[0, :, :37], k[:37].transpose(0, 1))
     torch.testing.assert_close(values[1, :, :5], v[37:].transpose(0, 1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from("asf"), st.integers(0, 7)), max_size=80))
+def test_shared_pages_return_with_their_last_reference(ops: list[tuple[str, int]]) -> None:
+    """alloc / share / free in any order: a page is free exactly when no reference is left,
+    and ``refs`` counts the references handed out."""
+    pool = PagePool(12, 64)
+    refs: list[int] = []  # one entry per reference held
+    for op, n in ops:
+        if op == "a" and 0 < n <= pool.num_free:
+            refs += pool.alloc(n).tolist()
+        elif op == "s" and refs:
+            page = refs[n % len(refs)]
+            pool.share(torch.tensor([page]))
+            refs.append(page)
+        elif op == "f" and refs:
+            pool.free(torch.tensor([refs.pop(n % len(refs))]))
+        counts = torch.bincount(torch.tensor(refs, dtype=torch.int64), minlength=12)
+        assert torch.equal(pool.refs, counts.to(torch.int32))
+        free = set(pool._free[: pool.num_free].tolist())
+        assert free == {p for p in range(12) if counts[p] == 0}
+    unused = [p for p in range(12) if p not in refs]
+    if unused:
+        with pytest.raises(RuntimeError, match="double free"):
+            pool.free(torch.tensor(unused[:1]))
+        assert pool.refs[unused[0]] == 0  # a refused free changes nothing

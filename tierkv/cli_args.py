@@ -82,6 +82,15 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         "on in bfloat16 (a few percent of throughput) and off in float32 (about 25-30%%) and "
         "float16 (much slower); see README",
     )
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=EngineConfig.enable_prefix_caching,
+        help="reuse the KV pages of prompt prefixes computed before (vLLM's automatic prefix "
+        "caching; on by default, --no-enable-prefix-caching turns it off). Requests under "
+        "quantized or tiered policies compute their prompts in full for now "
+        "(docs/prefix_caching.md)",
+    )
 
 
 def add_backend_arg(parser: argparse.ArgumentParser) -> None:
@@ -111,4 +120,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         batch_invariant=args.batch_invariant,
+        enable_prefix_caching=args.enable_prefix_caching,
     )

@@ -91,6 +91,11 @@ class EngineConfig:
             otherwise: float32 pays about 25-30% for it, float16 far more (no native
             kernel: one row at a time). Off, a row's rounding may follow its batch (see
             ``tierkv.sampling``).
+        enable_prefix_caching: reuse the KV pages of prompt prefixes that earlier requests
+            computed (vLLM's automatic prefix caching, on by default as in its v1 engine):
+            content-addressed full pages, shared by reference, evicted least recently used
+            when free pages run out. Requests of uncompressed policies share; quantized and
+            tiered ones compute their prompts in full (see ``docs/prefix_caching.md``).
     """
 
     model: str
@@ -106,6 +111,7 @@ class EngineConfig:
     attention_backend: str = "fast"
     allow_long_max_model_len: bool = False
     batch_invariant: bool | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

@@ -37,6 +37,9 @@ class SamplingParams:
     ``logprobs`` asks for the top-N log-probabilities of each generated token (plus the
     sampled one); ``n`` completions are generated per prompt. ``structured_outputs``
     constrains the output to a JSON schema or to any JSON object (``StructuredOutputsParams``).
+    ``prefix_caching`` False keeps the request out of the prefix cache (it neither reuses nor
+    adds pages); ``cache_salt`` (vLLM's) shares cached pages only with requests of the same
+    salt, so tenants cannot probe each other's prompts through timing.
     """
 
     n: int = 1
@@ -56,6 +59,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     kv_policy: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    prefix_caching: bool = True
+    cache_salt: str | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +121,11 @@ class SamplingParams:
                 f"logprobs must be >= 0, got {self.logprobs}",
             ),
             (all(s for s in self.stop_strings), "stop strings must not be empty"),
+            (isinstance(self.prefix_caching, bool), "prefix_caching must be a boolean"),
+            (
+                self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
+                "cache_salt must be a non-empty string",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -35,6 +35,17 @@ def add_dataset_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prefix_args(parser: argparse.ArgumentParser) -> None:
+    """``--random-prefix-len``: a shared prefix before every prompt (``Workload``)."""
+    parser.add_argument(
+        "--random-prefix-len",
+        type=int,
+        default=0,
+        help="tokens of one shared prefix (drawn like the prompts) put before every prompt, "
+        "as vLLM's flag of that name: a shared system prompt (default: 0)",
+    )
+
+
 def add_comparison_args(parser: argparse.ArgumentParser, default_policy: str = "fp16") -> None:
     """``--model``, ``--dtype`` and a repeatable ``--kv-policy`` (``default_policy`` when none
     is given), for policy comparisons."""
@@ -74,9 +85,22 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     add_dataset_arg(p)
+    add_prefix_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--kv-cache-memory", default="1GiB", help="KV pool size for every policy (default: 1GiB)"
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's prefix caching (default: on, as the engine's)",
+    )
+    p.add_argument(
+        "--compare-prefix-caching",
+        action="store_true",
+        help="run each policy again with prefix caching the other way (rows marked no-pc "
+        "without it)",
     )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
@@ -144,6 +168,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     add_dataset_arg(p)
+    add_prefix_args(p)
+    p.add_argument(
+        "--multi-turn",
+        type=int,
+        default=1,
+        help="turns per conversation: each of --num-prompts conversations sends this many "
+        "requests in turn, each resending the history (earlier user windows of --input-len "
+        "tokens and replayed assistant windows of --output-len) plus a new user window; "
+        "TTFT of the first and last turns is reported apart (default: 1)",
+    )
     p.add_argument(
         "--request-rate", type=float, default=float("inf"), help="requests/s (default: inf)"
     )
@@ -179,7 +213,7 @@ def _run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workload(args: argparse.Namespace, **engine: str) -> Workload:
+def _workload(args: argparse.Namespace, **engine: str | bool) -> Workload:
     """The benchmark workload the ``bench`` flags describe (``engine``: the engine's dtype and
     attention backend, for the benchmarks that run it)."""
     from tierkv.bench.throughput import Workload
@@ -191,6 +225,7 @@ def _workload(args: argparse.Namespace, **engine: str) -> Workload:
         args.output_len,
         args.seed,
         dataset=args.dataset_name,
+        prefix_len=args.random_prefix_len,
         **engine,
     )
 
@@ -212,12 +247,18 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
     except ServerUnreachable as exc:
         print(f"tierkv: error: {exc}", file=sys.stderr)
         return 1
-    prompts = _workload(args).prompts()
+    work = _workload(args)
+    turns = 2 * args.multi_turn - 1
+    windows = work.windows([work.prefix_len] + [work.input_len] * work.num_prompts * turns)
+    conversations = [
+        [windows[0] + windows[1 + c * turns]] + windows[2 + c * turns : 1 + (c + 1) * turns]
+        for c in range(work.num_prompts)
+    ]
     records, duration = asyncio.run(
         run_load(
             args.base_url,
             name,
-            prompts,
+            conversations,
             args.output_len,
             args.request_rate,
             args.max_concurrency,
@@ -236,7 +277,12 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 def _run_throughput(args: argparse.Namespace) -> int:
     from tierkv.bench.throughput import format_table, hf_caches, run_throughput, write_json
 
-    work = _workload(args, dtype=args.dtype, attention_backend=args.attention_backend)
+    work = _workload(
+        args,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        prefix_caching=args.enable_prefix_caching,
+    )
     caches, skipped = hf_caches(args.compare_hf)
     if skipped:
         print(skipped, file=sys.stderr)
@@ -247,6 +293,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         args.max_num_seqs,
         caches,
         args.hf_batch_size or args.num_prompts,
+        args.compare_prefix_caching,
     )
     print(format_table(results))
     if args.json:

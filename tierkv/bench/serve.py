@@ -53,6 +53,7 @@ class RequestRecord:
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    turn: int = 0
 
 
 @dataclass
@@ -101,7 +102,7 @@ async def _one(
 async def run_load(
     base_url: str,
     model: str,
-    prompts: list[list[int]],
+    conversations: list[list[list[int]]],
     output_len: int,
     request_rate: float,
     max_concurrency: int,
@@ -109,35 +110,49 @@ async def run_load(
     api_key: str | None,
     timeout_s: float,
 ) -> tuple[list[RequestRecord], float]:
-    """Send every prompt once; arrivals are Poisson at ``request_rate`` (inf: all at once)."""
+    """Send every conversation; arrivals are Poisson at ``request_rate`` (inf: all at once).
+
+    A conversation is its turns' token windows, user and assistant alternating and ending
+    with a user turn: its ``i``-th request's prompt is every window up to the ``i``-th user
+    one, so later turns resend the history as chat clients do (the assistant windows replay
+    a recorded chat rather than the outputs, which keeps runs comparable). A single-turn
+    conversation is one prompt."""
     rng = random.Random(seed)
     gate = asyncio.Semaphore(max_concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
 
-    async def guarded(client: httpx.AsyncClient, prompt: list[int]) -> RequestRecord:
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": output_len,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    async def chat(client: httpx.AsyncClient, turns: list[list[int]]) -> list[RequestRecord]:
+        # One conversation holds its concurrency slot for all its turns, as a user would.
+        records = []
         async with gate:
-            return await _one(client, url, body, headers)
+            for t in range(0, len(turns), 2):
+                body = {
+                    "model": model,
+                    "prompt": [tok for turn in turns[: t + 1] for tok in turn],
+                    "max_tokens": output_len,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                record = await _one(client, url, body, headers)
+                record.turn = t // 2
+                records.append(record)
+                if record.error is not None:
+                    break
+        return records
 
     limits = httpx.Limits(max_connections=max_concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         tasks = []
         start = time.perf_counter()
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(guarded(client, prompt)))
+        for turns in conversations:
+            tasks.append(asyncio.create_task(chat(client, turns)))
             if request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(request_rate))
         records = await asyncio.gather(*tasks)
-        return list(records), time.perf_counter() - start
+        return [r for chat_records in records for r in chat_records], time.perf_counter() - start
 
 
 def summarize(records: list[RequestRecord], duration: float) -> ServeReport:
@@ -149,6 +164,10 @@ def summarize(records: list[RequestRecord], duration: float) -> ServeReport:
         "itl": [x for r in ok for x in r.itls],
         "e2e": [r.e2e for r in ok],
     }
+    last = max((r.turn for r in ok), default=0)
+    if last:
+        series["ttft_t1"] = [r.ttft for r in ok if r.turn == 0]
+        series[f"ttft_t{last + 1}"] = [r.ttft for r in ok if r.turn == last]
     tokens = sum(r.output_tokens for r in ok)
     return ServeReport(
         completed=len(ok),
@@ -182,10 +201,10 @@ def format_report(report: ServeReport) -> str:
         f"completed {report.completed}, failed {report.failed}, duration {report.duration_s:.1f} s",
         f"request throughput {report.request_throughput:.2f} req/s, "
         f"output {report.output_tokens_per_s:.1f} tok/s",
-        f"{'ms':<6}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
+        f"{'ms':<9}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
     ]
     for name, p in report.percentiles.items():
         lines.append(
-            f"{name:<6}{p['mean']:>10.1f}{p['p50']:>10.1f}{p['p90']:>10.1f}{p['p99']:>10.1f}"
+            f"{name:<9}{p['mean']:>10.1f}{p['p50']:>10.1f}{p['p90']:>10.1f}{p['p99']:>10.1f}"
         )
     return "\n".join(lines)

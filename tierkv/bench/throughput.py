@@ -11,7 +11,7 @@ import random
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ class Workload:
     windows of text at random offsets in the demo corpus's held-out ``test`` split
     (``tierkv.eval.corpus``: Python source the demo model was not trained on), so that
     attention is as concentrated as on real text, which is what tiered KV policies exploit.
+    ``prefix_len`` tokens drawn the same way go before every prompt (vLLM's
+    ``--random-prefix-len``): a shared system prompt, what prefix caching reuses.
+    ``prefix_caching`` is the engine's ``enable_prefix_caching``.
     """
 
     model: str
@@ -44,28 +47,33 @@ class Workload:
     dtype: str = "auto"
     attention_backend: str = EngineConfig.attention_backend
     dataset: str = "random"
+    prefix_len: int = 0
+    prefix_caching: bool = True
 
     def prompts(self) -> list[list[int]]:
         """The prompts' token ids, the same for every run with this seed."""
+        windows = self.windows([self.prefix_len] + [self.input_len] * self.num_prompts)
+        return [windows[0] + w for w in windows[1:]]
+
+    def windows(self, lengths: list[int]) -> list[list[int]]:
+        """Token windows of the given lengths from the dataset, the same for every run with
+        this seed (and these lengths)."""
         rng = random.Random(self.seed)
         if self.dataset == "random":
             vocab_size = read_spec(resolve_model(self.model).folder).vocab_size
             # Token 0 is often a special token in small vocabularies; draw ordinary ids only.
-            return [
-                [rng.randrange(1, vocab_size) for _ in range(self.input_len)]
-                for _ in range(self.num_prompts)
-            ]
+            return [[rng.randrange(1, vocab_size) for _ in range(n)] for n in lengths]
         if self.dataset != "stdlib":
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         text = "\n\n".join(corpus.read_text(corpus.held_out_files("test")))
         ids = Tokenizer(resolve_model(self.model).folder).encode(text)
-        if len(ids) <= self.input_len:
+        if len(ids) <= max(lengths):
             raise ValueError(
                 f"the stdlib test split is {len(ids)} tokens for this tokenizer, too short for "
-                f"prompts of {self.input_len}"
+                f"windows of {max(lengths)}"
             )
-        starts = [rng.randrange(len(ids) - self.input_len) for _ in range(self.num_prompts)]
-        return [ids[s : s + self.input_len] for s in starts]
+        starts = [rng.randrange(len(ids) - n) if n else 0 for n in lengths]
+        return [ids[s : s + n] for s, n in zip(starts, lengths, strict=True)]
 
 
 @dataclass
@@ -85,6 +93,8 @@ class ThroughputResult:
     decode_s: float | None = None
     decode_steps: int | None = None
     mean_decode_batch: float | None = None
+    # Prompt tokens found in the prefix cache over those looked up (None: not our engine).
+    prefix_hit_rate: float | None = None
 
 
 def run_engine(
@@ -99,15 +109,20 @@ def run_engine(
         kv_policy=policy,
         kv_cache_memory=kv_cache_memory,
         max_num_seqs=max_num_seqs,
-        max_model_len=work.input_len + work.output_len,
+        max_model_len=work.prefix_len + work.input_len + work.output_len,
         # Speed only: lengths past the model's positions time as well as any.
         allow_long_max_model_len=True,
         seed=work.seed,
         attention_backend=work.attention_backend,
+        enable_prefix_caching=work.prefix_caching,
     )
     prompts = work.prompts()
     params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    # What the warm-up cached would be free hits for the timed run.
+    llm.engine.reset_prefix_cache()
+    queried = llm.kv_stats()["prefix_cache_queries"]
+    hits = llm.kv_stats()["prefix_cache_hits"]
     before = llm.engine.step_times.snapshot()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -115,10 +130,11 @@ def run_engine(
     steps = llm.engine.step_times.since(before)
     generated = sum(len(o.token_ids) for o in outputs)
     stats = llm.kv_stats()
+    queried = stats["prefix_cache_queries"] - queried
     return ThroughputResult(
-        policy=policy,
+        policy=policy if work.prefix_caching else f"{policy} no-pc",
         output_tokens_per_s=generated / elapsed,
-        total_tokens_per_s=(generated + work.num_prompts * work.input_len) / elapsed,
+        total_tokens_per_s=(generated + sum(map(len, prompts))) / elapsed,
         elapsed_s=elapsed,
         max_running=stats["max_running"],
         preemptions=stats["preemptions"],
@@ -127,6 +143,7 @@ def run_engine(
         decode_s=steps.decode_s,
         decode_steps=steps.decode_steps,
         mean_decode_batch=steps.decode_rows / steps.decode_steps if steps.decode_steps else 0.0,
+        prefix_hit_rate=(stats["prefix_cache_hits"] - hits) / queried if queried else 0.0,
     )
 
 
@@ -188,11 +205,16 @@ def run_throughput(
     max_num_seqs: int,
     hf_caches: list[int | None],
     hf_batch_size: int,
+    compare_prefix_caching: bool = False,
 ) -> list[ThroughputResult]:
-    """Run every row, each in its own process, in the order given: each policy, then HF
+    """Run every row, each in its own process, in the order given: each policy (then, with
+    ``compare_prefix_caching``, each again with prefix caching the other way), then HF
     ``generate`` once per entry of ``hf_caches`` (``None``: its dynamic cache; a bit width:
     ``QuantizedCache`` at those bits)."""
-    jobs = [(run_engine, (work, p, kv_cache_memory, max_num_seqs)) for p in policies]
+    works = [work]
+    if compare_prefix_caching:
+        works.append(replace(work, prefix_caching=not work.prefix_caching))
+    jobs = [(run_engine, (w, p, kv_cache_memory, max_num_seqs)) for w in works for p in policies]
     jobs += [(run_hf, (work, hf_batch_size, bits)) for bits in hf_caches]
     results = []
     spawn = multiprocessing.get_context("spawn")
@@ -204,20 +226,24 @@ def run_throughput(
 
 def format_table(results: list[ThroughputResult]) -> str:
     """A plain-text table of the rows, with each row's speed relative to the first."""
+    width = max([14] + [len(r.policy) + 1 for r in results])
     head = (
-        f"{'policy':<14}{'out tok/s':>11}{'vs first':>9}{'max run':>9}{'preempt':>9}{'rss MB':>9}"
-        f"{'prefill s':>11}{'decode s':>10}{'dec batch':>11}"
+        f"{'policy':<{width}}{'out tok/s':>11}{'vs first':>9}{'max run':>9}{'preempt':>9}"
+        f"{'rss MB':>9}"
+        f"{'prefill s':>11}{'decode s':>10}{'dec batch':>11}{'pc hits':>9}"
     )
     lines = [head, "-" * len(head)]
     base = results[0].output_tokens_per_s if results else 1.0
     for r in results:
         steps = (
             f"{r.prefill_s:>11.2f}{r.decode_s:>10.2f}{r.mean_decode_batch:>11.1f}"
+            f"{r.prefix_hit_rate:>9.0%}"
             if r.decode_s is not None
-            else f"{'-':>11}{'-':>10}{'-':>11}"
+            else f"{'-':>11}{'-':>10}{'-':>11}{'-':>9}"
         )
         lines.append(
-            f"{r.policy:<14}{r.output_tokens_per_s:>11.1f}{r.output_tokens_per_s / base:>8.2f}x"
+            f"{r.policy:<{width}}{r.output_tokens_per_s:>11.1f}"
+            f"{r.output_tokens_per_s / base:>8.2f}x"
             f"{r.max_running:>9}{r.preemptions:>9}{r.peak_rss_mb:>9.0f}{steps}"
         )
     return "\n".join(lines)

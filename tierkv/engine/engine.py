@@ -15,7 +15,14 @@ from tierkv.engine.request import CompletionOutput, Request, RequestOutput
 from tierkv.engine.runner import ModelRunner
 from tierkv.engine.scheduler import Scheduler, SchedulerOutput
 from tierkv.engine.stats import StepTimes
-from tierkv.kv import KVPolicy, KVStore, PagedAttention, PagePool, default_page_bytes
+from tierkv.kv import (
+    KVPolicy,
+    KVStore,
+    PagedAttention,
+    PagePool,
+    PrefixCache,
+    default_page_bytes,
+)
 from tierkv.model.decoder import Decoder
 from tierkv.model.layers import native_dtype
 from tierkv.model.loader import ModelSpec, load_weights, read_spec
@@ -117,6 +124,7 @@ class Engine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             chunk=prefill_chunk(config) if self.batch_invariant else None,
+            prefix_cache=PrefixCache(self.store) if config.enable_prefix_caching else None,
         )
         self.step_times = StepTimes()
         self.runner = ModelRunner(
@@ -270,6 +278,7 @@ class Engine:
     def _run(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         """Model, sampling and outputs of a scheduled step."""
         sampling, logits = self.runner.execute(scheduled)
+        self.scheduler.cache_computed(scheduled)
         if sampling:
             rows = [
                 SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids, r.grammar)
@@ -377,6 +386,15 @@ class Engine:
         """KV pool and scheduler counters; bytes per token include all metadata (the keys are
         described at ``stats.kv_stats``)."""
         return stats.kv_stats(self.scheduler, self.policy)
+
+    def reset_prefix_cache(self) -> bool:
+        """Evict every cached prefix page no running request uses (vLLM's
+        ``reset_prefix_cache``); returns whether the cache is now empty."""
+        cache = self.scheduler.prefix_cache
+        if cache is None:
+            return True
+        cache.clear()
+        return cache.num_blocks == 0
 
     def pool_counters(self) -> dict[str, int | float]:
         """The plain counters of ``kv_stats`` (pages, bytes, requests), cheap enough to read

@@ -7,6 +7,12 @@ format (its policy's high tier, plus the spare low pages of a tiered policy), so
 prefill never stalls for memory; a decode that needs a new page and finds none preempts the newest
 running request, whose pages return to the pool and whose tokens are recomputed later.
 
+With a ``prefix_cache``, an admitted request whose policy stores its prompt as written (see
+``prefix_namespace``) starts from the longest cached prefix of its prompt: those pages join its
+page table shared, it computes from the first token after them, and the pages it fills are
+cached in turn after each step (``cache_computed``). Cached pages no request uses count as
+available: taking them evicts them.
+
 With ``chunk`` set (the engine's batch-invariant mode), a prompt is split at the same
 positions whatever else runs: every chunk ends at a multiple of ``chunk`` tokens (or at the
 prompt's end), and a chunk the step's budget cannot hold waits for a later step instead of
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.engine.request import Request, RequestStatus
-from tierkv.kv import KVStore
+from tierkv.kv import KVStore, PrefixCache, PrefixHit, namespace_key
 
 
 @dataclass
@@ -46,8 +52,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         chunk: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.store = store
+        self.prefix_cache = prefix_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk = chunk
@@ -87,13 +95,23 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if self.store.pages_to_admit(req.num_tokens, req.kv_policy) > self.store.pool.num_free:
+            namespace = self.prefix_namespace(req)
+            hit = self._lookup(req, namespace)
+            need = self.store.pages_to_admit(req.num_tokens, req.kv_policy)
+            available = self.store.pool.num_available
+            if hit is not None:
+                saved, evictable = self.prefix_cache.pages_reused(hit)
+                need, available = need - saved, available - evictable
+            if need > available:
                 break  # first come, first served: nothing jumps the queue
             if self.chunk is not None and min(req.num_tokens, self.chunk) > budget:
                 break  # its first aligned chunk does not fit this step
             self.waiting.popleft()
             req.slot = self.store.acquire_slot(req.kv_policy, req.num_tokens)
             req.status = RequestStatus.RUNNING
+            if hit is not None:
+                self.prefix_cache.attach(req.slot, namespace, hit, req.num_tokens)
+                req.num_computed_tokens = hit.num_tokens
             self._reserve(req)
             self.running.append(req)
             n = min(self._wanted(req), budget)
@@ -101,6 +119,42 @@ class Scheduler:
             budget -= n
         self.max_running = max(self.max_running, len(self.running))
         return out
+
+    def prefix_namespace(self, req: Request) -> bytes | None:
+        """The prefix-cache namespace of ``req``'s pages, or None when it does not share.
+
+        Only uncompressed uniform policies share today: their pages hold exactly what a
+        chunk's attention sees of its own tokens, so a request that reuses cached pages
+        computes what it would have computed alone. A quantized format's chunk sees its
+        own tokens uncompressed and a residual ring holds uncompressed copies no block
+        describes, so sharing them would change outputs (docs/prefix_caching.md).
+        """
+        policy = req.kv_policy
+        if (
+            self.prefix_cache is None
+            or not req.params.prefix_caching
+            or policy.tiered
+            or policy.high.quantized
+        ):
+            return None
+        return namespace_key(policy.high.name, str(self.store.dtype), req.params.cache_salt)
+
+    def _lookup(self, req: Request, namespace: bytes | None) -> PrefixHit | None:
+        if namespace is None:
+            return None
+        tokens = req.token_ids(0, req.num_tokens)
+        block = self.store.tokens_per_page(req.kv_policy.high)
+        return self.prefix_cache.lookup(namespace, tokens, block)
+
+    def cache_computed(self, step: SchedulerOutput) -> None:
+        """Offer the blocks the step's requests filled to the prefix cache (after the step's
+        model run, before any of them is released)."""
+        if self.prefix_cache is None:
+            return
+        for req in step.requests:
+            if req.slot is not None:
+                block = self.store.tokens_per_page(req.kv_policy.high)
+                self.prefix_cache.register(req.slot, req.token_ids, req.num_computed_tokens, block)
 
     def _wanted(self, req: Request) -> int:
         """The tokens ``req`` would compute this step given room: all it has left, or with
@@ -124,7 +178,7 @@ class Scheduler:
 
         Returns False when ``req`` itself had to be preempted.
         """
-        while self.store.pages_to_grow(req.slot, req.num_tokens) > self.store.pool.num_free:
+        while self.store.pages_to_grow(req.slot, req.num_tokens) > self.store.pool.num_available:
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:

@@ -92,10 +92,16 @@ def pool_counters(scheduler: Scheduler, policy: KVPolicy) -> dict[str, int | flo
     after every step, as the server's metrics do."""
     store = scheduler.store
     pool = store.pool
+    cache = scheduler.prefix_cache
+    available = pool.num_available
     return {
         "total_pages": pool.num_pages,
-        "free_pages": pool.num_free,
-        "used_pages": pool.num_used,
+        # Cached pages no request uses are free: taking them evicts them.
+        "free_pages": available,
+        "used_pages": pool.num_pages - available,
+        "prefix_cache_pages": cache.num_pages if cache is not None else 0,
+        "prefix_cache_queries": cache.queries if cache is not None else 0,
+        "prefix_cache_hits": cache.hits if cache is not None else 0,
         "page_bytes": pool.page_bytes,
         "kv_bytes_per_token": store.bytes_per_token(policy.high),
         "kv_bytes_in_use": store.bytes_in_use(),

@@ -92,6 +92,22 @@ class Metrics:
             "tierkv:num_preemptions", "Requests preempted to free KV pages.", registry=reg
         )
         self._preemptions_seen = 0
+        # Tokens, as vLLM's counters: prompt tokens looked up, and those found cached.
+        self._totals = {
+            key: (Counter(name, doc, registry=reg), [0])
+            for key, name, doc in (
+                (
+                    "prefix_cache_queries",
+                    "tierkv:prefix_cache_queries",
+                    "Prompt tokens looked up in the prefix cache.",
+                ),
+                (
+                    "prefix_cache_hits",
+                    "tierkv:prefix_cache_hits",
+                    "Prompt tokens found in the prefix cache.",
+                ),
+            )
+        }
         self._gauges = {
             key: Gauge(name, doc, registry=reg)
             for key, name, doc in (
@@ -100,6 +116,11 @@ class Metrics:
                 ("total_pages", "tierkv:kv_pages_total", "KV pages in the pool."),
                 ("free_pages", "tierkv:kv_pages_free", "KV pages free."),
                 ("used_pages", "tierkv:kv_pages_used", "KV pages in use."),
+                (
+                    "prefix_cache_pages",
+                    "tierkv:prefix_cache_pages",
+                    "KV pages the prefix cache holds (shared with requests or evictable).",
+                ),
                 (
                     "kv_bytes_per_token",
                     "tierkv:kv_bytes_per_token",
@@ -136,6 +157,10 @@ class Metrics:
         preemptions = int(kv_stats["preemptions"])
         self.preemptions.inc(preemptions - self._preemptions_seen)
         self._preemptions_seen = preemptions
+        for key, (counter, seen) in self._totals.items():
+            value = int(kv_stats[key])
+            counter.inc(value - seen[0])
+            seen[0] = value
 
     def render(self) -> bytes:
         """The exposition text served at ``/metrics``."""

@@ -46,6 +46,8 @@ _SAMPLING_FIELDS = (
     "ignore_eos",
     "skip_special_tokens",
     "kv_policy",
+    "prefix_caching",
+    "cache_salt",
 )
 
 
@@ -96,6 +98,8 @@ class SamplingRequest(OpenAIRequestModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     kv_policy: str | None = None
+    prefix_caching: bool | None = None
+    cache_salt: str | None = Field(None, min_length=1)
     response_format: ResponseFormat | None = None
 
     @property

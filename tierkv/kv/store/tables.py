@@ -17,6 +17,8 @@ the tables, the token counts, the slots' formats, and the slots themselves.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from tierkv.kv.formats.layout import PageLayout
@@ -30,6 +32,10 @@ HIGH, LOW, RESIDUAL = 0, 1, 2
 
 class PageTables:
     """Page tables for up to ``max_seqs`` requests of ``max_model_len`` tokens, any format."""
+
+    # The prefix cache over these tables, when one is on (``prefix.PrefixCache`` sets it): told
+    # when a slot is released. A class default: a store starts without one.
+    prefix_cache: Any = None
 
     def __init__(
         self,
@@ -166,6 +172,8 @@ class PageTables:
         """Free every page the slot holds and return the slot."""
         mask = torch.arange(self.tables.shape[-1]) < self.held[slot][..., None]
         self.pool.free(self.tables[slot][mask])
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(slot)
         self.held[slot] = 0
         self.count[slot] = 0
         self.seen[slot] = 0
@@ -198,7 +206,7 @@ class PageTables:
         reserved (one pass over the slots' tables where ``pages_to_grow`` then ``reserve``
         would make two, at every step)."""
         need = self._need(slots, num_tokens)
-        if int(need.sum()) > self.pool.num_free:
+        if int(need.sum()) > self.pool.num_available:
             return False
         self._grow(self._rows(slots), need.reshape(-1))
         return True
