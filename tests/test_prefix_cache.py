@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_harness import MODEL_NAME, live_server
 
 from tierkv import LLM, SamplingParams
 from tierkv.engine.engine import Engine
@@ -199,3 +200,34 @@ def test_shared_pages_are_never_written(checkpoints: dict[str, Path]) -> None:
     assert llm.kv_stats()["prefix_cache_hits"] > 0
     assert torch.equal(llm.engine.store.pool.arena[pages], before)
     assert int(llm.engine.store.held[..., HIGH].sum()) == 0
+
+
+def test_openai_client_salt_opt_out_and_metrics(checkpoints: dict[str, Path]) -> None:
+    """Through the official client: ``cache_salt`` and ``prefix_caching`` ride in the request
+    body, hits show in ``/metrics``, and a bad salt is a 400 with a JSON error."""
+    import openai
+
+    prompt = _shared_prompts(4, 1, system=200, vocab=380)[0]
+    with live_server(checkpoints["llama"], kv_policy="fp16") as server:
+        client = server.client()
+
+        def complete(**extra: object) -> str:
+            out = client.completions.create(
+                model=MODEL_NAME, prompt=prompt, max_tokens=5, temperature=0, extra_body=extra
+            )
+            return out.choices[0].text
+
+        first = complete(cache_salt="a")
+        assert complete(cache_salt="b") == first
+        before = server.metrics()["tierkv:prefix_cache_hits_total"]
+        assert before == 0  # another salt: no hit
+        assert complete(cache_salt="a") == first
+        hits = server.metrics()["tierkv:prefix_cache_hits_total"]
+        assert hits > 0
+        assert complete(cache_salt="a", prefix_caching=False) == first
+        metrics = server.metrics()
+        assert metrics["tierkv:prefix_cache_hits_total"] == hits
+        assert metrics["tierkv:prefix_cache_queries_total"] == 3 * len(prompt)
+        assert metrics["tierkv:prefix_cache_pages"] > 0
+        with pytest.raises(openai.BadRequestError):
+            complete(cache_salt="")

@@ -113,6 +113,8 @@ def run_decode(
             allow_long_max_model_len=True,
             max_num_seqs=1,
             attention_backend=attention_backend,
+            # Each round prefills its prompt again rather than reusing the last round's.
+            enable_prefix_caching=False,
         )
     )
     weight_bytes = _weight_bytes_per_step(engine.model)

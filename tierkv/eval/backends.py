@@ -143,8 +143,14 @@ class EngineBackend:
         return [done[rid] for rid in ids]
 
     def _params(self, max_tokens: int | None, ignore_eos: bool = True) -> SamplingParams:
+        # Out of the prefix cache: a method computes every prompt itself, whatever pages an
+        # earlier method's run left, so two runs of one method score the same.
         return SamplingParams(
-            temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos, kv_policy=self.policy
+            temperature=0,
+            max_tokens=max_tokens,
+            ignore_eos=ignore_eos,
+            kv_policy=self.policy,
+            prefix_caching=False,
         )
 
     @contextmanager

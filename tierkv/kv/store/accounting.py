@@ -88,6 +88,12 @@ class StoreAccounting(PageTables):
         return usage
 
     def bytes_in_use(self, slots: torch.Tensor | None = None) -> int:
-        """Bytes held by the pages of ``slots`` (all slots by default) and their table entries."""
+        """Bytes held by the pages of ``slots`` and their table entries. For all slots (the
+        default) a page shared through the prefix cache counts once, and pages only the
+        cache holds not at all; for given slots each counts its shared pages in full."""
         held = self.held if slots is None else self.held[slots]
-        return int(held.sum()) * (self.pool.page_bytes + self.tables.element_size())
+        entries = int(held.sum())
+        if slots is None and self.prefix_cache is not None:
+            used = self.pool.num_pages - self.pool.num_available
+            return used * self.pool.page_bytes + entries * self.tables.element_size()
+        return entries * (self.pool.page_bytes + self.tables.element_size())
