@@ -49,7 +49,13 @@ def check_accounting(engine: Engine) -> None:
     expected.index_add_(0, held, torch.ones_like(held, dtype=torch.int32))
     if cache is not None:
         for block in cache._blocks.values():
-            expected.index_add_(0, block.pages, torch.ones_like(block.pages, dtype=torch.int32))
+            for pages in (block.pages, block.ring):
+                if pages is not None:
+                    expected.index_add_(0, pages, torch.ones_like(pages, dtype=torch.int32))
+        assert cache.num_pages == sum(b.num_pages for b in cache._blocks.values())
+        assert cache.reclaimable_pages == sum(
+            b.num_pages for b in cache._blocks.values() if b.users == 0
+        )
     assert torch.equal(pool.refs, expected)
     free = pool._free[: pool.num_free]
     assert free.unique().numel() == pool.num_free
@@ -97,12 +103,42 @@ def test_multi_turn_chat_reuses_history_and_matches(smollm2: ModelSource) -> Non
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("policy", ["k8v4", "k4v2:r=0", "default"])
-def test_compressed_policies_compute_their_prompts_in_full(
+@pytest.mark.parametrize(
+    "policy", ["k8v4", "k4v2:r=0", "k8v8:r=48", "default", "k8v4/k4v2:al=0.3,r=0"]
+)
+def test_quantized_policies_share_on_fixed_cuts(checkpoints: dict[str, Path], policy: str) -> None:
+    """In batch-invariant mode prompts are cut at fixed positions, so a quantized request can
+    start from cached pages at a cut (with the residual ring copied there; a tiered request
+    from copies, before its scoring queries): bit for bit what it computes alone."""
+    path = str(checkpoints["llama"])
+    prompts = _shared_prompts(1, 4, system=400, vocab=380)
+    kwargs = dict(
+        dtype="bfloat16",
+        batch_invariant=True,
+        max_model_len=1024,
+        max_num_batched_tokens=160,
+        kv_cache_memory="8MiB",
+        kv_policy=policy,
+    )
+    expected = _run(LLM(path, enable_prefix_caching=False, **kwargs), prompts, GREEDY)
+    cached = LLM(path, **kwargs)
+    assert _run(cached, prompts, GREEDY) == expected
+    engine = cached.engine
+    per_page = engine.store.tokens_per_page(engine.policy.high)
+    grid = engine.scheduler.chunk // per_page * per_page
+    stats = cached.kv_stats()
+    assert stats["prefix_cache_hits"] > 0
+    assert stats["prefix_cache_hits"] % grid == 0
+    check_accounting(cached.engine)
+
+
+@pytest.mark.parametrize("policy", ["k8v4", "default"])
+def test_unshared_policies_compute_their_prompts_in_full(
     checkpoints: dict[str, Path], policy: str
 ) -> None:
-    """Quantized and tiered policies do not share yet (docs/prefix_caching.md): nothing is
-    looked up or cached for them, and their outputs are those without the cache."""
+    """Quantized policies without fixed cuts (float32: no batch-invariant mode) and tiered
+    policies do not share (docs/prefix_caching.md): nothing is looked up or cached for them,
+    and their outputs are those without the cache."""
     path = str(checkpoints["llama"])
     prompts = _shared_prompts(1, 3, system=200, vocab=380)
     kwargs = dict(dtype="float32", max_model_len=1024, kv_cache_memory="8MiB", kv_policy=policy)
@@ -135,16 +171,24 @@ def test_opt_out_and_salt_keep_requests_apart(checkpoints: dict[str, Path]) -> N
         SamplingParams(cache_salt="")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("seed", "policy"), [(0, "fp16"), (1, "fp16"), (2, "fp16"), (3, "k8v4"), (4, "default")]
+)
 def test_random_admissions_hits_evictions_preemptions_and_aborts_leak_nothing(
-    checkpoints: dict[str, Path], seed: int
+    checkpoints: dict[str, Path], seed: int, policy: str
 ) -> None:
     """A pool a little larger than one long request, prompts drawn from a few shared heads,
-    random aborts: the reference counts hold after every step, and the outputs of requests
-    that were not aborted equal those computed alone without the cache."""
+    random aborts: the reference counts hold after every step, and (fp16, where a preemption's
+    recompute changes nothing) the outputs of requests that were not aborted equal those
+    computed alone without the cache. The compressed policies share on fixed cuts, in
+    bfloat16's batch-invariant mode, with ring snapshots and (tiered) copies."""
     rng = random.Random(seed)
     path = str(checkpoints["llama"])
-    kwargs = dict(dtype="float32", max_model_len=512, kv_policy="fp16", max_num_batched_tokens=128)
+    kwargs = dict(max_model_len=512, kv_policy=policy, max_num_batched_tokens=128)
+    if policy == "fp16":
+        kwargs["dtype"] = "float32"
+    else:
+        kwargs.update(dtype="bfloat16", batch_invariant=True)
     probe = LLM(path, kv_cache_memory="4MiB", **kwargs)
     page = probe.engine.store.pool.page_bytes
     memory = int(probe.engine.store.pages_for(512) * page * 1.3)
@@ -181,7 +225,7 @@ def test_random_admissions_hits_evictions_preemptions_and_aborts_leak_nothing(
     assert stats["used_pages"] == 0 and stats["prefix_cache_hits"] > 0
     assert engine.scheduler.num_preemptions > 0 and engine.scheduler.prefix_cache.evictions > 0
     for rid, tokens in done.items():
-        if rid not in aborted:
+        if rid not in aborted and policy == "fp16":
             assert tokens == expected[int(rid)], rid
     engine.reset_prefix_cache()
     assert engine.store.pool.num_free == engine.store.pool.num_pages

@@ -7,11 +7,11 @@ format (its policy's high tier, plus the spare low pages of a tiered policy), so
 prefill never stalls for memory; a decode that needs a new page and finds none preempts the newest
 running request, whose pages return to the pool and whose tokens are recomputed later.
 
-With a ``prefix_cache``, an admitted request whose policy stores its prompt as written (see
-``prefix_namespace``) starts from the longest cached prefix of its prompt: those pages join its
-page table shared, it computes from the first token after them, and the pages it fills are
-cached in turn after each step (``cache_computed``). Cached pages no request uses count as
-available: taking them evicts them.
+With a ``prefix_cache``, an admitted request whose pages can be shared (see ``sharing``)
+starts from the longest usable cached prefix of its prompt: those pages join its page table
+(shared, or copied for a tiered policy), it computes from the first token after them, and the
+pages it fills are cached in turn after each step (``cache_computed``). Cached pages no request
+uses count as available: taking them evicts them.
 
 With ``chunk`` set (the engine's batch-invariant mode), a prompt is split at the same
 positions whatever else runs: every chunk ends at a multiple of ``chunk`` tokens (or at the
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.engine.request import Request, RequestStatus
-from tierkv.kv import KVStore, PrefixCache, PrefixHit, namespace_key
+from tierkv.kv import KVStore, PrefixCache, PrefixHit, Sharing, namespace_key
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(self._wanted(req), budget)
-            if self.chunk is not None and n < self._wanted(req):
+            if self._grid(req) is not None and n < self._wanted(req):
                 i += 1  # its aligned chunk waits for a step with room for all of it
                 continue
             if not self._ensure_pages(req):
@@ -95,24 +95,27 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            namespace = self.prefix_namespace(req)
-            hit = self._lookup(req, namespace)
+            sharing = self.sharing(req)
+            hit = self._lookup(req, sharing)
             need = self.store.pages_to_admit(req.num_tokens, req.kv_policy)
             available = self.store.pool.num_available
             if hit is not None:
-                saved, evictable = self.prefix_cache.pages_reused(hit)
+                saved, evictable = self.prefix_cache.pages_reused(sharing, hit)
                 need, available = need - saved, available - evictable
             if need > available:
                 break  # first come, first served: nothing jumps the queue
-            if self.chunk is not None and min(req.num_tokens, self.chunk) > budget:
+            grid = self._grid(req)
+            if grid is not None and min(req.num_tokens, grid) > budget:
                 break  # its first aligned chunk does not fit this step
             self.waiting.popleft()
             req.slot = self.store.acquire_slot(req.kv_policy, req.num_tokens)
             req.status = RequestStatus.RUNNING
-            if hit is not None:
-                self.prefix_cache.attach(req.slot, namespace, hit, req.num_tokens)
+            if sharing is not None:
+                self.prefix_cache.attach(req.slot, sharing, hit, req.num_tokens)
                 req.num_computed_tokens = hit.num_tokens
             self._reserve(req)
+            if hit is not None:
+                self.prefix_cache.restore_ring(req.slot, hit)
             self.running.append(req)
             n = min(self._wanted(req), budget)
             out.add(req, n)
@@ -120,31 +123,52 @@ class Scheduler:
         self.max_running = max(self.max_running, len(self.running))
         return out
 
-    def prefix_namespace(self, req: Request) -> bytes | None:
-        """The prefix-cache namespace of ``req``'s pages, or None when it does not share.
+    def sharing(self, req: Request) -> Sharing | None:
+        """How ``req`` shares pages through the prefix cache, or None when it does not.
 
-        Only uncompressed uniform policies share today: their pages hold exactly what a
-        chunk's attention sees of its own tokens, so a request that reuses cached pages
-        computes what it would have computed alone. A quantized format's chunk sees its
-        own tokens uncompressed and a residual ring holds uncompressed copies no block
-        describes, so sharing them would change outputs (docs/prefix_caching.md).
+        A request reusing cached pages must compute what it computes alone. Uncompressed
+        uniform policies share at any page: their pages hold exactly what a chunk's attention
+        sees of its own tokens. A quantized format's chunk sees its own tokens uncompressed
+        and earlier chunks through the cache, so its outputs depend on where its prompt is
+        cut: uniform quantized policies share only where prompts are cut at fixed positions
+        (``chunk``, batch-invariant mode), their prompt's pages, and hits end on those cuts
+        with a copy of the residual ring there. Tiered policies do the same by copy (their
+        scores and decisions rewrite their pages), and hits end before the prompt's scoring
+        queries (docs/prefix_caching.md).
         """
         policy = req.kv_policy
-        if (
-            self.prefix_cache is None
-            or not req.params.prefix_caching
-            or policy.tiered
-            or policy.high.quantized
-        ):
+        if self.prefix_cache is None or not req.params.prefix_caching:
             return None
-        return namespace_key(policy.high.name, str(self.store.dtype), req.params.cache_salt)
+        block = self.store.tokens_per_page(policy.high)
+        salt = req.params.cache_salt
+        if not policy.high.quantized:
+            namespace = namespace_key(policy.high.name, str(self.store.dtype), salt)
+            return Sharing(namespace, block, block)
+        step = self._grid(req)
+        if step is None:
+            return None
+        namespace = namespace_key(policy.name, policy.residual, str(self.store.dtype), salt, step)
+        prompt = len(req.prompt_token_ids)
+        ring = policy.residual > 0
+        if not policy.tiered:
+            return Sharing(namespace, block, step, prompt, ring=ring)
+        # A hit ends before the prompt's scoring queries, which the request computes itself.
+        horizon = prompt - policy.score_window
+        return Sharing(namespace, block, step, prompt, horizon, ring, copy=True)
 
-    def _lookup(self, req: Request, namespace: bytes | None) -> PrefixHit | None:
-        if namespace is None:
+    def _grid(self, req: Request) -> int | None:
+        """Where ``req``'s prompt is cut (multiples of it), or None (wherever a step's budget
+        ends). A quantized format's cuts are whole pages of it, so that cached blocks end on
+        them."""
+        if self.chunk is None or not req.kv_policy.high.quantized:
+            return self.chunk
+        per_page = self.store.tokens_per_page(req.kv_policy.high)
+        return max(per_page, self.chunk // per_page * per_page)
+
+    def _lookup(self, req: Request, sharing: Sharing | None) -> PrefixHit | None:
+        if sharing is None:
             return None
-        tokens = req.token_ids(0, req.num_tokens)
-        block = self.store.tokens_per_page(req.kv_policy.high)
-        return self.prefix_cache.lookup(namespace, tokens, block)
+        return self.prefix_cache.lookup(sharing, req.token_ids(0, req.num_tokens))
 
     def cache_computed(self, step: SchedulerOutput) -> None:
         """Offer the blocks the step's requests filled to the prefix cache (after the step's
@@ -153,16 +177,16 @@ class Scheduler:
             return
         for req in step.requests:
             if req.slot is not None:
-                block = self.store.tokens_per_page(req.kv_policy.high)
-                self.prefix_cache.register(req.slot, req.token_ids, req.num_computed_tokens, block)
+                self.prefix_cache.register(req.slot, req.token_ids, req.num_computed_tokens)
 
     def _wanted(self, req: Request) -> int:
         """The tokens ``req`` would compute this step given room: all it has left, or with
         ``chunk``, up to the next multiple of ``chunk``."""
         left = req.num_tokens - req.num_computed_tokens
-        if self.chunk is None:
+        grid = self._grid(req)
+        if grid is None:
             return left
-        return min(left, self.chunk - req.num_computed_tokens % self.chunk)
+        return min(left, grid - req.num_computed_tokens % grid)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its pages at once."""

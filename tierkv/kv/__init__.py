@@ -9,7 +9,7 @@ from tierkv.kv.formats.quant import FORMATS, KVFormat, default_page_bytes
 from tierkv.kv.policy.spec import SUPPORTED_POLICIES, KVPolicy
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.pool import PagePool
-from tierkv.kv.store.prefix import PrefixCache, PrefixHit, namespace_key
+from tierkv.kv.store.prefix import PrefixCache, PrefixHit, Sharing, namespace_key
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +22,7 @@ __all__ = [
     "PagedAttention",
     "PrefixCache",
     "PrefixHit",
+    "Sharing",
     "default_page_bytes",
     "namespace_key",
 ]
