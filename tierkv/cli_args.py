@@ -87,9 +87,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         action=argparse.BooleanOptionalAction,
         default=EngineConfig.enable_prefix_caching,
         help="reuse the KV pages of prompt prefixes computed before (vLLM's automatic prefix "
-        "caching; on by default, --no-enable-prefix-caching turns it off). Requests under "
-        "quantized or tiered policies compute their prompts in full for now "
-        "(docs/prefix_caching.md)",
+        "caching; on by default, --no-enable-prefix-caching turns it off). Uncompressed "
+        "policies share at any page; quantized and tiered ones only at the fixed prompt cuts "
+        "of batch-invariant mode (docs/prefix_caching.md)",
     )
 
 

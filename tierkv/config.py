@@ -94,8 +94,9 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV pages of prompt prefixes that earlier requests
             computed (vLLM's automatic prefix caching, on by default as in its v1 engine):
             content-addressed full pages, shared by reference, evicted least recently used
-            when free pages run out. Requests of uncompressed policies share; quantized and
-            tiered ones compute their prompts in full (see ``docs/prefix_caching.md``).
+            when free pages run out. Uncompressed policies share at any page; quantized and
+            tiered ones only at the fixed prompt cuts of batch-invariant mode, tiered ones by
+            copy (see ``docs/prefix_caching.md``).
     """
 
     model: str
