@@ -14,10 +14,11 @@ pages it fills are cached in turn after each step (``cache_computed``). Cached p
 uses count as available: taking them evicts them.
 
 With ``chunk`` set (the engine's batch-invariant mode), a prompt is split at the same
-positions whatever else runs: every chunk ends at a multiple of ``chunk`` tokens (or at the
-prompt's end), and a chunk the step's budget cannot hold waits for a later step instead of
-being cut short. Under a compressing KV policy a chunk sees its own tokens uncompressed and
-earlier chunks through the cache, so where a prompt is cut changes its logits.
+positions whatever else runs: every chunk ends at a multiple of ``chunk`` tokens (rounded down
+to whole pages for a quantized format: ``cut``) or at the prompt's end, and a chunk the step's
+budget cannot hold waits for a later step instead of being cut short. Under a compressing KV
+policy a chunk sees its own tokens uncompressed and earlier chunks through the cache, so where
+a prompt is cut changes its logits.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(self._wanted(req), budget)
-            if self._grid(req) is not None and n < self._wanted(req):
+            if self.cut(req) is not None and n < self._wanted(req):
                 i += 1  # its aligned chunk waits for a step with room for all of it
                 continue
             if not self._ensure_pages(req):
@@ -104,7 +105,7 @@ class Scheduler:
                 need, available = need - saved, available - evictable
             if need > available:
                 break  # first come, first served: nothing jumps the queue
-            grid = self._grid(req)
+            grid = self.cut(req)
             if grid is not None and min(req.num_tokens, grid) > budget:
                 break  # its first aligned chunk does not fit this step
             self.waiting.popleft()
@@ -144,7 +145,7 @@ class Scheduler:
         if not policy.high.quantized:
             namespace = namespace_key(policy.high.name, str(self.store.dtype), salt)
             return Sharing(namespace, block, block)
-        step = self._grid(req)
+        step = self.cut(req)
         if step is None:
             return None
         namespace = namespace_key(policy.name, policy.residual, str(self.store.dtype), salt, step)
@@ -156,7 +157,7 @@ class Scheduler:
         horizon = prompt - policy.score_window
         return Sharing(namespace, block, step, prompt, horizon, ring, copy=True)
 
-    def _grid(self, req: Request) -> int | None:
+    def cut(self, req: Request) -> int | None:
         """Where ``req``'s prompt is cut (multiples of it), or None (wherever a step's budget
         ends). A quantized format's cuts are whole pages of it, so that cached blocks end on
         them."""
@@ -183,7 +184,7 @@ class Scheduler:
         """The tokens ``req`` would compute this step given room: all it has left, or with
         ``chunk``, up to the next multiple of ``chunk``."""
         left = req.num_tokens - req.num_computed_tokens
-        grid = self._grid(req)
+        grid = self.cut(req)
         if grid is None:
             return left
         return min(left, grid - req.num_computed_tokens % grid)
