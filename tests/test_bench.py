@@ -134,6 +134,8 @@ def test_bench_serve_multi_turn_resends_the_history(checkpoints: dict[str, Path]
     report = summarize(records, duration)
     assert report.completed == 9 and report.failed == 0
     assert sorted(r.turn for r in records) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # The server returned each answer's ids, which the next turn resent (and hit on).
+    assert all(len(r.token_ids) == 4 for r in records)
     assert {"ttft_t1", "ttft_t3"} <= set(report.percentiles)
     assert stats["prefix_cache_hits"] > 0 and stats["used_pages"] == 0
 

@@ -286,3 +286,36 @@ def test_async_engine_generate_and_early_close(server: LiveServer) -> None:
         time.sleep(0.05)
         metrics = server.metrics()
     assert metrics["tierkv:kv_pages_free"] == metrics["tierkv:kv_pages_total"]
+
+
+def test_return_token_ids_gives_the_prompt_and_output_ids(client: openai.OpenAI) -> None:
+    """vLLM's ``return_token_ids``: the ids the text came from, streamed or not, so that a
+    client can resend an answer token for token (and hit the prefix cache on it)."""
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    prompt = [5, 6, 7, 8, 9]
+    whole = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra
+    ).choices[0]
+    assert whole.model_extra["prompt_token_ids"] == prompt
+    assert len(whole.model_extra["token_ids"]) == 6
+    streamed: list[int] = []
+    prompts = []
+    for chunk in client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra, stream=True
+    ):
+        for choice in chunk.choices:
+            streamed += choice.model_extra.get("token_ids") or []
+            prompts.append(choice.model_extra.get("prompt_token_ids"))
+    assert streamed == whole.model_extra["token_ids"]
+    assert prompts[0] == prompt and all(p is None for p in prompts[1:])
+    plain = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2).choices[0]
+    assert plain.model_extra.get("token_ids") is None
+    chat = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        extra_body=extra,
+    )
+    assert len(chat.choices[0].model_extra["token_ids"]) == 4
+    assert chat.model_extra["prompt_token_ids"]

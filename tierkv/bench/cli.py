@@ -175,7 +175,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="turns per conversation: each of --num-prompts conversations sends this many "
         "requests in turn, each resending the history (earlier user windows of --input-len "
-        "tokens and replayed assistant windows of --output-len) plus a new user window; "
+        "tokens and the answers as generated, --output-len tokens) plus a new user window; "
         "TTFT of the first and last turns is reported apart (default: 1)",
     )
     p.add_argument(

@@ -54,6 +54,7 @@ class RequestRecord:
     output_tokens: int = 0
     error: str | None = None
     turn: int = 0
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +85,8 @@ async def _one(
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    record.token_ids += choice.get("token_ids") or []
                 if not any(c.get("text") for c in chunk.get("choices", [])):
                     continue
                 now = time.perf_counter()
@@ -113,10 +116,11 @@ async def run_load(
     """Send every conversation; arrivals are Poisson at ``request_rate`` (inf: all at once).
 
     A conversation is its turns' token windows, user and assistant alternating and ending
-    with a user turn: its ``i``-th request's prompt is every window up to the ``i``-th user
-    one, so later turns resend the history as chat clients do (the assistant windows replay
-    a recorded chat rather than the outputs, which keeps runs comparable). A single-turn
-    conversation is one prompt."""
+    with a user turn: its ``i``-th request's prompt is the history so far and the ``i``-th
+    user window, so later turns resend the history as chat clients do. The history holds
+    each answer as generated (its token ids, which the server returns with vLLM's
+    ``return_token_ids``), or the recorded assistant window where a server returns none. A
+    single-turn conversation is one prompt."""
     rng = random.Random(seed)
     gate = asyncio.Semaphore(max_concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -125,22 +129,27 @@ async def run_load(
     async def chat(client: httpx.AsyncClient, turns: list[list[int]]) -> list[RequestRecord]:
         # One conversation holds its concurrency slot for all its turns, as a user would.
         records = []
+        history = list(turns[0])
         async with gate:
             for t in range(0, len(turns), 2):
                 body = {
                     "model": model,
-                    "prompt": [tok for turn in turns[: t + 1] for tok in turn],
+                    "prompt": history,
                     "max_tokens": output_len,
                     "temperature": 0,
                     "ignore_eos": True,
                     "stream": True,
                     "stream_options": {"include_usage": True},
+                    "return_token_ids": True,
                 }
                 record = await _one(client, url, body, headers)
                 record.turn = t // 2
                 records.append(record)
-                if record.error is not None:
+                if record.error is not None or t + 2 >= len(turns):
                     break
+                # The answer as generated (the server returns its token ids), else the
+                # recorded one, then the next user turn.
+                history = history + (record.token_ids or turns[t + 1]) + turns[t + 2]
         return records
 
     limits = httpx.Limits(max_connections=max_concurrency)

@@ -98,6 +98,7 @@ class SamplingRequest(OpenAIRequestModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     kv_policy: str | None = None
+    return_token_ids: bool = False
     prefix_caching: bool | None = None
     cache_salt: str | None = Field(None, min_length=1)
     response_format: ResponseFormat | None = None
@@ -169,10 +170,15 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """One choice; with ``return_token_ids`` (vLLM's), its prompt's token ids (in a stream:
+    on the choice's first chunk) and the ids of its tokens (in a stream: of this chunk)."""
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -210,15 +216,19 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
+    """A chat completion; ``prompt_token_ids`` with ``return_token_ids`` (vLLM's)."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -231,6 +241,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -83,8 +83,10 @@ class OpenAIServing:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(prompts, params, request_id)
         want_logprobs = req.logprobs is not None
+        ids = req.return_token_ids
         if req.stream:
             offsets: dict[int, int] = {}
+            started: set[int] = set()
 
             def render(deltas: list[Delta]) -> BaseModel:
                 choices = []
@@ -95,12 +97,16 @@ class OpenAIServing:
                         logprobs, offsets[d.index] = completion_logprobs(
                             d.completion, d.start, d.end, base
                         )
+                    first = ids and d.index not in started
+                    started.add(d.index)
                     choices.append(
                         CompletionChoice(
                             index=d.index,
                             text=d.text,
                             logprobs=logprobs,
                             finish_reason=d.completion.finish_reason,
+                            prompt_token_ids=prompts[d.index // params.n] if first else None,
+                            token_ids=d.completion.token_ids[d.start : d.end] if ids else None,
                         )
                     )
                 return CompletionResponse(id=request_id, model=self.model_name, choices=choices)
@@ -130,6 +136,8 @@ class OpenAIServing:
                     else None
                 ),
                 finish_reason=c.finish_reason,
+                prompt_token_ids=prompts[p] if ids else None,
+                token_ids=list(c.token_ids) if ids else None,
             )
             for p, out in enumerate(finals)
             for c in out.outputs
@@ -174,6 +182,11 @@ class OpenAIServing:
                         delta=DeltaMessage(content=d.text),
                         logprobs=logprobs(d.completion, d.start, d.end),
                         finish_reason=d.completion.finish_reason,
+                        token_ids=(
+                            d.completion.token_ids[d.start : d.end]
+                            if req.return_token_ids
+                            else None
+                        ),
                     )
                     for d in deltas
                 ]
@@ -200,11 +213,16 @@ class OpenAIServing:
                 message=ChatResponseMessage(content=c.text),
                 logprobs=logprobs(c, 0, len(c.token_ids)),
                 finish_reason=c.finish_reason,
+                token_ids=list(c.token_ids) if req.return_token_ids else None,
             )
             for c in finals[0].outputs
         ]
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=count_usage(finals)
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=count_usage(finals),
+            prompt_token_ids=prompt if req.return_token_ids else None,
         )
 
     # -- validation ------------------------------------------------------------------------------
