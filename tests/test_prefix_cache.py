@@ -132,6 +132,28 @@ def test_quantized_policies_share_on_fixed_cuts(checkpoints: dict[str, Path], po
     check_accounting(cached.engine)
 
 
+@pytest.mark.parametrize("policy", ["fp16", "k8v4", "default"])
+def test_smollm2_shares_a_system_prompt_without_changing_answers(
+    smollm2: ModelSource, policy: str
+) -> None:
+    """SmolLM2 in bfloat16 (batch-invariant, the default), chat questions behind one long
+    system prompt: the greedy answers with the cache are those without it."""
+    system = " ".join(f"Rule {i}: answer briefly, truthfully and politely." for i in range(40))
+    questions = ["What is the capital of France?", "What is 12 times 7?", "Name a primary color."]
+    chats = [
+        [{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions
+    ]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    kwargs = dict(kv_policy=policy, max_model_len=2048, max_num_batched_tokens=256)
+    answers = []
+    for on in (False, True):
+        llm = LLM(smollm2.folder, enable_prefix_caching=on, kv_cache_memory="256MiB", **kwargs)
+        answers.append([llm.chat([c], params, use_tqdm=False)[0].token_ids for c in chats])
+        assert (llm.kv_stats()["prefix_cache_hits"] > 0) == on
+        assert llm.kv_stats()["used_pages"] == 0
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("policy", ["k8v4", "default"])
 def test_unshared_policies_compute_their_prompts_in_full(
     checkpoints: dict[str, Path], policy: str
