@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tierkv.config import EngineConfig  # noqa: E402
-from tierkv.kv.attention.paged import BACKENDS  # noqa: E402
+from tierkv.kv import BACKENDS  # noqa: E402
 from tierkv.model.bundled import SMOLLM2_NAME, smollm2_gguf  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "demo-model"
