@@ -142,7 +142,7 @@ class Scheduler:
             return None
         block = self.store.tokens_per_page(policy.high)
         salt = req.params.cache_salt
-        if not policy.high.quantized:
+        if not policy.high.quantized and not policy.tiered:
             namespace = namespace_key(policy.high.name, str(self.store.dtype), salt)
             return Sharing(namespace, block, block)
         step = self.cut(req)
@@ -159,9 +159,10 @@ class Scheduler:
 
     def cut(self, req: Request) -> int | None:
         """Where ``req``'s prompt is cut (multiples of it), or None (wherever a step's budget
-        ends). A quantized format's cuts are whole pages of it, so that cached blocks end on
-        them."""
-        if self.chunk is None or not req.kv_policy.high.quantized:
+        ends). A compressing policy's cuts are whole pages of its high format, so that cached
+        blocks end on them."""
+        policy = req.kv_policy
+        if self.chunk is None or not (policy.high.quantized or policy.tiered):
             return self.chunk
         per_page = self.store.tokens_per_page(req.kv_policy.high)
         return max(per_page, self.chunk // per_page * per_page)
