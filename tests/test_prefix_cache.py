@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from server_harness import MODEL_NAME, live_server
@@ -297,3 +298,8 @@ def test_openai_client_salt_opt_out_and_metrics(checkpoints: dict[str, Path]) ->
         assert metrics["tierkv:prefix_cache_pages"] > 0
         with pytest.raises(openai.BadRequestError):
             complete(cache_salt="")
+        reset = httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=30)
+        assert reset.status_code == 200
+        assert server.metrics()["tierkv:prefix_cache_pages"] == 0
+        assert complete(cache_salt="a") == first
+        assert server.metrics()["tierkv:prefix_cache_hits_total"] == hits  # nothing left

@@ -96,7 +96,12 @@ class _Abort:
     request_id: str
 
 
-_Command = _Add | _Abort | None  # None wakes the loop up to stop
+@dataclass
+class _ResetPrefixCache:
+    done: asyncio.Future[None]
+
+
+_Command = _Add | _Abort | _ResetPrefixCache | None  # None wakes the loop up to stop
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -210,6 +215,15 @@ class AsyncEngine:
             raise
         return RequestStream(request_id, self, tracked.outputs)
 
+    async def reset_prefix_cache(self) -> None:
+        """Evict every cached prefix page no running request uses, on the engine's thread
+        between two steps (vLLM's ``reset_prefix_cache``). Raises ``EngineDeadError`` when
+        the loop has stopped."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._submit(_ResetPrefixCache(done)):
+            raise EngineDeadError("the engine loop has stopped") from self._error
+        await done
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
@@ -259,6 +273,9 @@ class AsyncEngine:
                 self._add(command)
             elif isinstance(command, _Abort):
                 self._abort(command.request_id)
+            elif isinstance(command, _ResetPrefixCache):
+                self.engine.reset_prefix_cache()
+                _settle(command.done, None)
             else:
                 return
 
@@ -335,6 +352,8 @@ class AsyncEngine:
                     break
                 if isinstance(command, _Add):
                     _settle(command.accepted, error)
+                elif isinstance(command, _ResetPrefixCache):
+                    _settle(command.done, error)
         for request_id, tracked in self._tracked.items():
             # Free the pages too, so the pool counters stay true after the loop has died
             # (best effort: the engine may be what broke).

@@ -207,6 +207,14 @@ def create_app(
             return Response(status_code=200)
         return _error(503, "the engine loop is not running", "service_unavailable")
 
+    @app.post("/reset_prefix_cache", responses={503: {"model": ErrorResponse}})
+    async def reset_prefix_cache() -> Response:
+        """Evict the cached prefix pages no running request uses (vLLM's route): for A/B
+        runs against one server. Needs the API key when the server has one; a dead engine
+        loop is a 503 (the ``EngineDeadError`` handler)."""
+        await async_engine.reset_prefix_cache()
+        return Response(status_code=200)
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         """Prometheus exposition of the ``tierkv:*`` metrics and the ``vllm:*`` router gauges."""
