@@ -1,4 +1,5 @@
-"""Stores the KV tests share: tiered slots driven through prompts and decode steps."""
+"""Stores the KV tests share: uniform slots of random tokens, and tiered slots driven through
+prompts and decode steps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention.paged import PagedAttention
-from tierkv.kv.formats.quant import default_page_bytes
+from tierkv.kv.formats.quant import KVFormat, default_page_bytes
 from tierkv.kv.policy.spec import KVPolicy
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.pool import PagePool
@@ -16,6 +17,29 @@ LAYERS, KV_HEADS, LAYER = 2, 2, 1
 # steps; their slots' prompts differ in length, so their tiers differ in size.
 TIERED_PROMPTS = [70, 41, 96]
 TIERED_STEPS = 4
+# Ragged uniform contexts: only the new token, a page boundary or two, a long request.
+CONTEXT = [0, 37, 130, 5]
+
+
+def uniform_store(
+    spec: KVFormat | KVPolicy, head_dim: int
+) -> tuple[KVStore, torch.Tensor, torch.Tensor, int]:
+    """Slots of a uniform format or policy holding ``CONTEXT[i] + 1`` random tokens at layer
+    ``LAYER``, over stale arena bytes. Returns the store, the slots, their lengths and the
+    index of their format."""
+    pool = PagePool(200, default_page_bytes(head_dim))
+    pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
+    store = KVStore(pool, LAYERS, KV_HEADS, head_dim, torch.float32, len(CONTEXT), 512)
+    gen = torch.Generator().manual_seed(head_dim)
+    slots = torch.tensor([store.acquire_slot(spec) for _ in CONTEXT])
+    lens = torch.tensor(CONTEXT) + 1
+    store.reserve(slots, lens)
+    for s, n in zip(slots.tolist(), lens.tolist(), strict=True):
+        k = torch.randn(n, KV_HEADS, head_dim, generator=gen) * 3
+        v = torch.randn(n, KV_HEADS, head_dim, generator=gen)
+        store.write(LAYER, torch.full((n,), s), torch.arange(n), k, v)
+    fmt = spec.high if isinstance(spec, KVPolicy) else spec
+    return store, slots, lens, store.register(fmt)
 
 
 def tiered_store(

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_stores import tiered_store
+from kv_stores import CONTEXT, KV_HEADS, LAYER, tiered_store, uniform_store
 
 from tierkv.kv.attention import tiered
 from tierkv.kv.backends import BACKENDS, CHAINS, REGISTRY, DecodeGroup, DecodeStep, chain
 from tierkv.kv.backends.cpu import ops as native
-from tierkv.kv.formats.quant import FORMATS, QUANTIZED_BITS, KVFormat, default_page_bytes
-from tierkv.kv.store.kv_store import LOW, RESIDUAL, KVStore
-from tierkv.kv.store.pool import PagePool
+from tierkv.kv.formats.quant import FORMATS, QUANTIZED_BITS, KVFormat
+from tierkv.kv.store.kv_store import LOW, RESIDUAL
 
-KV_HEADS, LAYERS, LAYER = 2, 2, 1
 HEAD_DIMS = (64, 96, 128)
 GROUPS = range(1, 9)
 CPU = torch.device("cpu")
-# Ragged: only the new token, a page boundary or two, a long request.
-CONTEXT = [0, 37, 130, 5]
 
 
 def _variants(fmt: KVFormat) -> list[KVFormat]:
@@ -60,25 +56,10 @@ def test_the_cpu_kernel_table_is_the_format_table() -> None:
     assert native.kernel_bit_pairs() == frozenset(QUANTIZED_BITS)
 
 
-def _uniform_store(fmt: KVFormat, head_dim: int) -> tuple[KVStore, torch.Tensor, int]:
-    pool = PagePool(200, default_page_bytes(head_dim))
-    pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
-    store = KVStore(pool, LAYERS, KV_HEADS, head_dim, torch.float32, len(CONTEXT), 512)
-    gen = torch.Generator().manual_seed(head_dim)
-    slots = torch.tensor([store.acquire_slot(fmt) for _ in CONTEXT])
-    lens = torch.tensor(CONTEXT) + 1
-    store.reserve(slots, lens)
-    for s, n in zip(slots.tolist(), lens.tolist(), strict=True):
-        k = torch.randn(n, KV_HEADS, head_dim, generator=gen) * 3
-        v = torch.randn(n, KV_HEADS, head_dim, generator=gen)
-        store.write(LAYER, torch.full((n,), s), torch.arange(n), k, v)
-    return store, slots, store.register(fmt)
-
-
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("fmt", list(FORMATS.values()), ids=lambda f: f.name)
 def test_every_backend_decodes_every_format_as_the_reference(fmt: KVFormat, head_dim: int) -> None:
-    store, slots, f = _uniform_store(fmt, head_dim)
+    store, slots, _, f = uniform_store(fmt, head_dim)
     lens = torch.tensor(CONTEXT) + 1
     reference = REGISTRY["reference"]
     served = 0

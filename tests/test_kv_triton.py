@@ -21,35 +21,20 @@ on_cpu = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need Triton's interpreter"
 )
 
-from kv_stores import KV_HEADS, LAYER, LAYERS  # noqa: E402
+from kv_stores import CONTEXT, KV_HEADS, LAYER, uniform_store  # noqa: E402
 
 from tierkv import LLM, SamplingParams  # noqa: E402
 from tierkv.kv.backends import REGISTRY, DecodeGroup, DecodeStep  # noqa: E402
-from tierkv.kv.formats.quant import FORMATS, KVFormat, default_page_bytes  # noqa: E402
+from tierkv.kv.formats.quant import FORMATS, KVFormat  # noqa: E402
 from tierkv.kv.policy.spec import KVPolicy  # noqa: E402
 from tierkv.kv.store.kv_store import KVStore  # noqa: E402
-from tierkv.kv.store.pool import PagePool  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 QUANTIZED = [f for f in FORMATS.values() if f.quantized]
-CONTEXT = [0, 37, 130, 5]
 
 
 def _store(spec: str, head_dim: int) -> tuple[KVStore, torch.Tensor, torch.Tensor, int]:
-    """Slots of a uniform ``spec`` holding ``CONTEXT[i] + 1`` random tokens at ``LAYER``."""
-    pool = PagePool(200, default_page_bytes(head_dim))
-    pool.arena.fill_(0xFF)  # stale bytes of any format, NaN patterns included
-    store = KVStore(pool, LAYERS, KV_HEADS, head_dim, torch.float32, len(CONTEXT), 512)
-    policy = KVPolicy.parse(spec)
-    gen = torch.Generator().manual_seed(head_dim)
-    slots = torch.tensor([store.acquire_slot(policy) for _ in CONTEXT])
-    lens = torch.tensor(CONTEXT) + 1
-    store.reserve(slots, lens)
-    for s, n in zip(slots.tolist(), lens.tolist(), strict=True):
-        k = torch.randn(n, KV_HEADS, head_dim, generator=gen) * 3
-        v = torch.randn(n, KV_HEADS, head_dim, generator=gen)
-        store.write(LAYER, torch.full((n,), s), torch.arange(n), k, v)
-    return store, slots, lens, store.register(policy.high)
+    return uniform_store(KVPolicy.parse(spec), head_dim)
 
 
 @on_cpu
