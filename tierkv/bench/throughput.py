@@ -121,8 +121,7 @@ def run_engine(
     llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     # What the warm-up cached would be free hits for the timed run.
     llm.engine.reset_prefix_cache()
-    queried = llm.kv_stats()["prefix_cache_queries"]
-    hits = llm.kv_stats()["prefix_cache_hits"]
+    warm = llm.engine.pool_counters()
     before = llm.engine.step_times.snapshot()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -130,7 +129,7 @@ def run_engine(
     steps = llm.engine.step_times.since(before)
     generated = sum(len(o.token_ids) for o in outputs)
     stats = llm.kv_stats()
-    queried = stats["prefix_cache_queries"] - queried
+    queried = stats["prefix_cache_queries"] - warm["prefix_cache_queries"]
     return ThroughputResult(
         policy=policy if work.prefix_caching else f"{policy} no-pc",
         output_tokens_per_s=generated / elapsed,
@@ -143,7 +142,9 @@ def run_engine(
         decode_s=steps.decode_s,
         decode_steps=steps.decode_steps,
         mean_decode_batch=steps.decode_rows / steps.decode_steps if steps.decode_steps else 0.0,
-        prefix_hit_rate=(stats["prefix_cache_hits"] - hits) / queried if queried else 0.0,
+        prefix_hit_rate=(
+            (stats["prefix_cache_hits"] - warm["prefix_cache_hits"]) / queried if queried else 0.0
+        ),
     )
 
 

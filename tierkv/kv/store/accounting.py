@@ -93,7 +93,8 @@ class StoreAccounting(PageTables):
         cache holds not at all; for given slots each counts its shared pages in full."""
         held = self.held if slots is None else self.held[slots]
         entries = int(held.sum())
-        if slots is None and self.prefix_cache is not None:
+        if slots is None:
+            # Pages some request holds, each once (without a prefix cache: ``entries``).
             used = self.pool.num_pages - self.pool.num_available
             return used * self.pool.page_bytes + entries * self.tables.element_size()
         return entries * (self.pool.page_bytes + self.tables.element_size())
