@@ -8,6 +8,7 @@ import torch
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention.paged import PagedAttention
 from tierkv.kv.formats.quant import KVFormat, default_page_bytes
+from tierkv.kv.formats.rotation import rotate
 from tierkv.kv.policy.spec import KVPolicy
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.pool import PagePool
@@ -80,5 +81,8 @@ def tiered_store(
         attention.finish_step(batch)
     store.reserve(slots, context + 1)
     q, k, v = tokens(len(TIERED_PROMPTS))
+    if policy.rotate:
+        # In the basis PagedAttention stored the earlier tokens in, as the engine passes them.
+        q, k, v = rotate(q, "query"), rotate(k, "in"), rotate(v, "in")
     store.write(LAYER, slots, context, k, v)
     return store, slots, q, context

@@ -168,7 +168,9 @@ def test_supports_matches_the_fast_path() -> None:
 # Residual windows of several ring sizes (8-token FULL pages at head dim 32 in float32: rings
 # of 8, 8, 24 and 32 tokens) and none, in one batch; prompts shorter than the window, and
 # long enough for the ring to have wrapped.
-RING_POLICIES = ["k8v4:r=8", "k8v4:r=3", "k8v4:r=0", "k8v4:r=20", "k8v4"]
+# Unrotated (``h=0``): the kernels are called directly beside a PagedAttention, which would
+# otherwise rotate its queries and not theirs.
+RING_POLICIES = ["k8v4:r=8,h=0", "k8v4:r=3,h=0", "k8v4:r=0,h=0", "k8v4:r=20,h=0", "k8v4:h=0"]
 RING_PROMPTS = [37, 2, 50, 13, 70]
 
 

@@ -13,6 +13,7 @@ from tierkv import LLM, SamplingParams
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention.paged import PagedAttention
 from tierkv.kv.formats.quant import default_page_bytes
+from tierkv.kv.formats.rotation import rotate
 from tierkv.kv.policy.spec import KVPolicy
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.pool import PagePool
@@ -30,8 +31,13 @@ def _oracle(
     """Dense attention of every position: keys and values within ``policy.residual`` of the
     query as given, older ones quantized and dequantized in the policy's format."""
     total = k.shape[0]
-    fields = policy.high.encode(k, v, positions=torch.arange(total))
+    # A rotating policy quantizes in the rotated basis (exactly invertible: +-1 entries).
+    basis = policy.rotate and policy.high.quantized
+    kr, vr = (rotate(k, "in"), rotate(v, "in")) if basis else (k, v)
+    fields = policy.high.encode(kr, vr, positions=torch.arange(total))
     kq, vq = policy.high.decode(fields, k.dtype)
+    if basis:
+        kq, vq = rotate(kq, "out"), rotate(vq, "out")
     # The attention itself in float32, whatever the stored dtype.
     q, k, v, kq, vq = (x.float() for x in (q, k, v, kq, vq))
     group = Q_HEADS // KV_HEADS

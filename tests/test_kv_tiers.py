@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from tierkv.batch import AttentionBatch
 from tierkv.kv.attention.paged import PagedAttention
 from tierkv.kv.formats.quant import default_page_bytes, dequantize, quantize
+from tierkv.kv.formats.rotation import rotate
 from tierkv.kv.policy.compact import apply_decisions
 from tierkv.kv.policy.spec import KVPolicy
 from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
@@ -26,9 +27,11 @@ def _store(num_pages: int = 256, max_seqs: int = 4, max_len: int = 160) -> KVSto
 
 
 def _requant(x: torch.Tensor, high_bits: int, low_bits: int | None) -> torch.Tensor:
-    """What a token should read back as: quantized high, and re-quantized low if demoted."""
-    out = dequantize(quantize(x, high_bits, 32))
-    return out if low_bits is None else dequantize(quantize(out, low_bits, 32))
+    """What a token should read back as: quantized high, and re-quantized low if demoted, in
+    the rotated basis the policies store (``h=1``), seen back in the model's."""
+    out = dequantize(quantize(rotate(x, "in"), high_bits, 32))
+    out = out if low_bits is None else dequantize(quantize(out, low_bits, 32))
+    return rotate(out, "out")
 
 
 def _held(store: KVStore, slot: int, layer: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:

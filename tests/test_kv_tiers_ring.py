@@ -51,7 +51,8 @@ def test_native_tiered_decode_reads_the_ring_as_the_torch_path_does(
         store, LAYER, q[:, None], slots, query_pos[:, None], window, None, residual
     )
     out, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, window)
-    torch.testing.assert_close(out, want.out[:, 0], rtol=1e-5, atol=2e-5)
+    # Values in the rotated basis are sqrt(64) = 8 times their size: so is the rounding.
+    torch.testing.assert_close(out, want.out[:, 0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(probs, want.probs[:, :, :, 0], rtol=1e-5, atol=1e-6)
     # The ring changed the answer: the tiers' quantized copies of the newest tokens are unused.
     plain = tiered.attend(store, LAYER, q[:, None], slots, query_pos[:, None], window)

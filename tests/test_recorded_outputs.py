@@ -29,13 +29,14 @@ RECORD = Path(__file__).resolve().parent / "data" / "recorded_outputs.json"
 TIE = 1e-3
 MAX_TOKENS = 40
 # One of each kind: the baseline, uniform formats with and without the residual ring, a
-# 64-channel group, the default, tiers with DiffKV's thresholds and pooling, a sliding-ring
-# variant, and budget mode (which prunes every step).
+# 64-channel group with and without the rotated basis, the default, tiers with DiffKV's
+# thresholds and pooling, a sliding-ring variant, and budget mode (which prunes every step).
 POLICIES = (
     "fp16",
     "k8v8",
     "k8v4:r=0",
     "k4v2-g64",
+    "k4v2-g64:h=0",
     "k2v2",
     "default",
     "k8v4/k4v2:ah=1,al=0.02,pk=1,r=0",

@@ -38,6 +38,7 @@ from tierkv.kv.attention.tiered_step import Unit, step_units
 from tierkv.kv.backends import DecodeGroup, DecodeStep, KVBackend, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
+from tierkv.kv.formats.rotation import rotate_rows
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.views import Residual, causal_visibility
 
@@ -74,7 +75,9 @@ class _StepPlan:
     storage format; ``prefill``: the uniform requests prefilling; ``units``: the tiered
     requests (``tiered_step.step_units``) and ``is_tiered`` [B] which requests they are;
     ``reads_rings``: whether residual entries are read before the step's write, and
-    ``ring_pages`` the ring pages of the largest ring to read.
+    ``ring_pages`` the ring pages of the largest ring to read; ``rotate``: the step's tokens
+    whose requests store keys and values in the rotated basis (``KVPolicy.rotate``), all of
+    them (a slice) or their indices, or None.
     """
 
     decode: torch.Tensor
@@ -87,6 +90,7 @@ class _StepPlan:
     is_tiered: torch.Tensor | None
     reads_rings: bool
     ring_pages: int
+    rotate: torch.Tensor | slice | None
 
 
 class PagedAttention:
@@ -125,6 +129,26 @@ class PagedAttention:
         batch: AttentionBatch,
     ) -> torch.Tensor:
         """``q`` [N, Hq, D], ``k``/``v`` [N, Hkv, D] -> attention output [N, Hq, D]."""
+        rows = self.plan(batch).rotate
+        if rows is None:
+            return self._attend(layer, q, k, v, batch)
+        # Queries, keys and values of rotating requests into the stored basis, their output
+        # back (``tierkv.kv.formats.rotation``); the attention in between is unchanged.
+        q, k, v = (
+            rotate_rows(q, rows, "query"),
+            rotate_rows(k, rows, "in"),
+            rotate_rows(v, rows, "in"),
+        )
+        return rotate_rows(self._attend(layer, q, k, v, batch), rows, "out")
+
+    def _attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
         store = self.store
         plan = self.plan(batch)
         # The rings hold the newest tokens before this step only until the write below (the
@@ -230,6 +254,11 @@ class PagedAttention:
             per_page = store.layouts[0].tokens_per_page
             ring_pages = max(max(ring) // per_page, 1)
         store.plan_write(batch.token_slots, batch.token_index)
+        rotate = None
+        if store.num_rotated:
+            mask = store.rotated[batch.token_slots]
+            rotate = slice(None) if bool(mask.all()) else mask.nonzero()[:, 0]
+            rotate = rotate if isinstance(rotate, slice) or rotate.numel() else None
         self._plan = _StepPlan(
             decode,
             None if only_decodes else tokens,
@@ -241,6 +270,7 @@ class PagedAttention:
             is_tiered,
             reads,
             ring_pages,
+            rotate,
         )
         return self._plan
 

@@ -80,6 +80,9 @@ class PageTables:
         # Residual window and ring size (tokens, a whole number of FULL pages) of each slot.
         self.residual = torch.zeros(max_seqs, dtype=torch.int64)
         self.ring = torch.zeros(max_seqs, dtype=torch.int64)
+        # Whether each slot stores its tokens in the rotated basis (``KVPolicy.rotate``).
+        self.rotated = torch.zeros(max_seqs, dtype=torch.bool)
+        self.num_rotated = 0
         self.tiers = SlotTiers(max_seqs)
         self.num_tiered = 0
         self.num_residual = 0
@@ -163,6 +166,9 @@ class PageTables:
         self.residual[slot] = window
         self.ring[slot] = self._ring_pages(window) * self.layouts[0].tokens_per_page
         self.num_residual += int(window > 0)
+        rotated = policy is not None and policy.rotate and self.formats[high].quantized
+        self.rotated[slot] = rotated
+        self.num_rotated += int(rotated)
         self.tiers.assign(slot, policy, prompt_len)
         self.num_tiered += int(low >= 0)
         self._version += 1
@@ -179,6 +185,8 @@ class PageTables:
         self.seen[slot] = 0
         self.num_tiered -= int(self.slot_format[slot, LOW] >= 0)
         self.num_residual -= int(self.residual[slot] > 0)
+        self.num_rotated -= int(self.rotated[slot])
+        self.rotated[slot] = False
         self.residual[slot] = 0
         self.ring[slot] = 0
         self._free_slots.append(slot)

@@ -1,0 +1,84 @@
+"""The rotated basis quantized policies store keys and values in (``KVPolicy.rotate``).
+
+A few channels of a model's keys carry most of their magnitude (the outlier channels KIVI
+quantizes per channel for). Quantized per token, those channels set each group's scale and
+the others lose their resolution. Multiplying every key and query by the same orthogonal
+matrix leaves every attention logit unchanged (``q R . k R = q . k``) and spreads each
+outlier over all channels of its block, so per-token groups see evenly sized values (the
+rotation QuaRot and SpinQuant apply before low-bit KV quantization). Values get the same
+treatment: the cache holds ``v R`` and the output is rotated back by ``R^T``.
+
+The matrix is a Walsh-Hadamard matrix with seeded random column signs, block-diagonal over the
+largest power of two that divides the head dim (64 -> one 64 block, 96 -> three of 32). Its
+entries are +1 and -1, so ``x M`` has exact products in any dtype and one rounding of a sum;
+``M M^T = b I`` (``b`` the block size, a power of two), so the scales below are exact too:
+
+* stored keys ``k M`` and values ``v M``;
+* queries ``q M / b``, so that ``(q M / b) . (k M) = q . k``;
+* the attention output ``o M^T / b`` back in the model's basis.
+
+Rows go through ``torch.ops.tierkv.invariant_linear`` where it is built: a row's result does
+not depend on the rows beside it, which the engine's batch-invariant mode needs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from tierkv import extension
+
+# Fixed so that every process (and a prefix cache's pages) stores in the same basis.
+_SEED = 0x7E1C
+
+
+@functools.cache
+def rotation(head_dim: int) -> tuple[torch.Tensor, int]:
+    """The float32 matrix ``M`` [D, D] (entries +-1) and its block size ``b`` (see above)."""
+    block = head_dim & -head_dim  # the largest power of two dividing head_dim
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(_SEED))
+    matrix = torch.block_diag(*[h] * (head_dim // block)) * (signs * 2 - 1).float()[None, :]
+    return matrix, block
+
+
+@functools.cache
+def _weights(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """``linear`` weights ([out, in]) of the three maps, in the compute dtype: +-1 entries and
+    a power-of-two scale are exact in every float dtype."""
+    matrix, block = rotation(head_dim)
+    return {
+        "in": matrix.t().contiguous().to(dtype=dtype, device=device),
+        "query": (matrix.t() / block).contiguous().to(dtype=dtype, device=device),
+        "out": (matrix / block).contiguous().to(dtype=dtype, device=device),
+    }
+
+
+def _apply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and extension.available()
+    ):
+        return torch.ops.tierkv.invariant_linear(rows.contiguous(), weight, None).reshape(x.shape)
+    return torch.nn.functional.linear(rows, weight).reshape(x.shape)
+
+
+def rotate(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x`` [..., D] in the rotated basis (``kind`` ``"in"`` for keys and values,
+    ``"query"`` for queries) or, for ``"out"``, an attention output back in the model's."""
+    return _apply(x, _weights(x.shape[-1], x.dtype, x.device)[kind])
+
+
+def rotate_rows(x: torch.Tensor, rows: torch.Tensor | slice, kind: str) -> torch.Tensor:
+    """``rotate`` applied to the rows ``rows`` of ``x`` [N, ...] (a slice: all of them, no
+    copy of the others); the other rows unchanged."""
+    if isinstance(rows, slice):
+        return rotate(x, kind)
+    x = x.clone()
+    x[rows] = rotate(x[rows], kind)
+    return x
