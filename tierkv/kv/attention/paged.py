@@ -254,11 +254,13 @@ class PagedAttention:
             per_page = store.layouts[0].tokens_per_page
             ring_pages = max(max(ring) // per_page, 1)
         store.plan_write(batch.token_slots, batch.token_index)
-        rotate = None
+        rotate: torch.Tensor | slice | None = None
         if store.num_rotated:
             mask = store.rotated[batch.token_slots]
-            rotate = slice(None) if bool(mask.all()) else mask.nonzero()[:, 0]
-            rotate = rotate if isinstance(rotate, slice) or rotate.numel() else None
+            if bool(mask.all()):
+                rotate = slice(None)
+            elif bool(mask.any()):
+                rotate = mask.nonzero()[:, 0]
         self._plan = _StepPlan(
             decode,
             None if only_decodes else tokens,
