@@ -93,27 +93,46 @@ def test_tiered_attention_equals_dense_attention_over_the_kept_dequantized_token
     assert store.pool.num_free == store.pool.num_pages
 
 
-@pytest.mark.parametrize("pool", [1, 3])
-def test_prefill_scores_are_the_normalised_attention_of_the_last_window(pool: int) -> None:
+@pytest.mark.parametrize(
+    ("pool", "chunks", "ring"), [(1, [12], 0), (3, [12], 0), (1, [12], 3), (3, [9, 3], 3)]
+)
+def test_prefill_scores_are_the_normalised_attention_of_the_last_window(
+    pool: int, chunks: list[int], ring: int
+) -> None:
+    """Scores after the prompt: what its last ``sw`` queries gave each token, over the
+    quantized keys and, with a residual ring of ``r``, each query's newest ``r`` positions
+    uncompressed (a chunk boundary inside the scoring window included)."""
     store = _store()
-    policy = KVPolicy.parse(f"k8v8/k4v4:ah=0,al=0,sw=5,pk={pool}")  # keep every token high
+    policy = KVPolicy.parse(f"k8v8/k4v4:ah=0,al=0,sw=5,pk={pool},r={ring}")  # all kept high
     gen = torch.Generator().manual_seed(1)
-    n = 12
+    n = sum(chunks)
     slot = store.acquire_slot(policy, n)
     k = torch.randn(n, HEADS, HEAD_DIM, generator=gen)
     q = torch.randn(n, 2 * HEADS, HEAD_DIM, generator=gen)
     store.reserve(torch.tensor([slot]), torch.tensor([n]))
-    PagedAttention(store, [None, None])(0, q, k, k, AttentionBatch.build([slot], [0], [n]))
+    attention, done = PagedAttention(store, [None, None]), 0
+    for size in chunks:
+        part = slice(done, done + size)
+        attention(0, q[part], k[part], k[part], AttentionBatch.build([slot], [done], [size]))
+        done += size
     pos, score = _held(store, slot, 0, HIGH)
     kq = _requant(k, 8, None)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    exact = causal & ~torch.ones(n, n, dtype=torch.bool).tril(-ring)  # within the ring
     for head in range(HEADS):
-        logits = q[:, 2 * head : 2 * head + 2].transpose(0, 1) @ kq[:, head].T / math.sqrt(32)
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        qh = q[:, 2 * head : 2 * head + 2].transpose(0, 1) / math.sqrt(32)
+        logits = torch.where(exact, qh @ k[:, head].T, qh @ kq[:, head].T)
         probs = logits.masked_fill(~causal, -torch.inf).softmax(-1)  # [2, n, n]
-        received = probs[:, n - 5 :].sum(1).amax(0)  # the last 5 queries, max over the group
-        # Pooling: each token also takes the largest score of its pool // 2 neighbours per side.
-        padded = torch.nn.functional.pad(received, (pool // 2, pool // 2))
-        received = padded.unfold(0, pool, 1).amax(-1)
+        # Per chunk: what its queries among the last 5 gave, max over the group, pooled (each
+        # token also takes the largest of its pool // 2 neighbours per side); chunks add up,
+        # each to the tokens written so far.
+        received, start = torch.zeros(n), 0
+        for size in chunks:
+            end = start + size
+            part = probs[:, max(start, n - 5) : end, :end].sum(1).amax(0)
+            padded = torch.nn.functional.pad(part, (pool // 2, pool // 2))
+            received[:end] += padded.unfold(0, pool, 1).amax(-1)
+            start = end
         seen_by = n - torch.clamp(torch.arange(n), min=n - 5)
         assert pos[head][pos[head] >= 0].tolist() == list(range(n))
         torch.testing.assert_close(score[head, :n] / seen_by, received / seen_by)

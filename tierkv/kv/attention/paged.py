@@ -343,7 +343,7 @@ class PagedAttention:
             # min(context, ring) positions, then the chunk's own n.
             live = min(context, pre.ring)
             host = (window_r, residual.pos.shape[1] - live - n, context - live)
-            out = residual_prefill(queries, keys, values, context, residual, window, host)
+            out = residual_prefill(queries, keys, values, context, residual, window, host)[0]
             return out[0].transpose(0, 1)
         # Each block of queries sees the quantized keys older than its residual windows and,
         # uncompressed, the ring's entries and the chunk's own tokens within those windows: a

@@ -58,7 +58,7 @@ def attend_prefill(
     else:
         kept = (keys[:, :, :total], values[:, :, :total])
         live = None if host is None else _live_entries(store, host, residual, context, n)
-        out = residual_prefill(queries, *kept, context, residual, window, live)
+        out, lse = residual_prefill(queries, *kept, context, residual, window, live)
     if host is None:
         counting = int((query_pos[0] >= store.tiers.score_start[slots[0]]).sum())
     else:
@@ -74,16 +74,18 @@ def attend_prefill(
     if residual is None:
         probs = logits.masked_fill_(~visible, -torch.inf).softmax(-1)
         return TieredAttention(out[0].transpose(0, 1)[None], probs), query_pos[:, first:]
-    # Column c holds position c: the ring's entries fold back onto their columns.
     scored_pos = query_pos[:, first:]
-    pos = columns.expand(1, heads, width)
-    visible = tiered_ring.hide_recent(visible[None, None], pos, scored_pos, residual.window)
-    logits = logits.masked_fill_(~visible, -torch.inf)
-    ring = tiered_ring.ring_logits(scoring, residual, scored_pos, window)
-    probs, ring_probs = torch.cat([logits, ring], -1).softmax(-1).split([width, ring.shape[-1]], -1)
-    valid = columns[None, None] < total
-    last = None if host is None else host.last_pos
-    probs = tiered_ring.fold(probs, ring_probs, pos, valid.expand(1, heads, width), residual, last)
+    # The scoring queries see uncompressed from ``scored_pos[0] - R + 1`` on: the chunk's own
+    # entries before that position are left out of the ring part.
+    if host is None:
+        first_scored, recent = int(scored_pos[0, 0]), int(residual.window[0])
+    else:
+        first_scored, recent = host.last_pos - counting + 1, host.recent
+    skip = max(0, first_scored - recent + 1 - context)
+    lse = lse[:, :, first:].reshape(1, heads, group, n - first, 1)
+    probs = tiered_ring.prefill_probs(
+        logits, visible, scoring, residual, scored_pos, n, skip, window, lse
+    )
     return TieredAttention(out[0].transpose(0, 1)[None], probs), scored_pos
 
 

@@ -78,3 +78,43 @@ def fold(
     shape = (*ring_probs.shape[:-1], target.shape[-1])
     index = target.clamp(min=0)[:, :, None, None].expand(shape)
     return tier_probs.scatter_add(-1, index, torch.where(found, ring_probs, 0.0))
+
+
+def prefill_probs(
+    logits: torch.Tensor,
+    visible: torch.Tensor,
+    qg: torch.Tensor,
+    residual: Residual,
+    query_pos: torch.Tensor,
+    own: int,
+    skip: int,
+    sliding: int | None,
+    lse: torch.Tensor,
+) -> torch.Tensor:
+    """Probabilities ``[1, H, G, nq, W]`` of a prefill chunk's scoring queries ``qg`` [1, H,
+    G, nq, D] (float32, not yet scaled, at ``query_pos`` [1, nq]) over a slot whose tier
+    column ``c`` holds position ``c`` (a prompt before its first decision): the tier logits
+    ``logits`` [1, H, G, nq, W] (scaled), seen where ``visible`` [nq, W] and older than the
+    ring, and the ring's probability of each position added onto its column.
+
+    ``residual`` ends with the chunk's ``own`` entries in position order (``Residual.append``),
+    of which the first ``skip`` are older than any scoring query's ring: they are left out,
+    so the ring part costs the ring and the scoring queries' band, not the whole chunk.
+    ``lse`` [1, H, G, nq, 1] is each query's log-sum-exp over both parts, which the attention
+    itself computed (``residual_prefill``): it normalises them as a softmax over their union
+    would, without a second reduction over the logits.
+    """
+    last = query_pos - residual.window[:, None]
+    columns = torch.arange(logits.shape[-1])
+    logits = logits.masked_fill_(~(visible & (columns <= last[0, :, None])), -torch.inf)
+    ring = residual.pos.shape[1] - own
+    band = Residual(
+        torch.cat([residual.keys[:, :, :ring], residual.keys[:, :, ring + skip :]], 2),
+        residual.values[:, :, :0],
+        torch.cat([residual.pos[:, :ring], residual.pos[:, ring + skip :]], 1),
+        residual.window,
+    )
+    band_logits = ring_logits(qg, band, query_pos, sliding)
+    probs = logits.sub_(lse).exp_()
+    # Empty entries (position -1) add exp(-inf) = 0 to column 0.
+    return probs.index_add_(-1, band.pos[0].clamp(min=0), band_logits.sub_(lse).exp_())

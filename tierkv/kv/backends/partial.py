@@ -100,7 +100,7 @@ def residual_prefill(
     residual: Residual,
     sliding: int | None = None,
     host: tuple[int, int, int] | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a prefill chunk of a slot with a residual window: ``queries`` [1, Hq, n, D]
     at positions ``context .. context + n - 1`` see the dequantized ``keys``/``values``
     [1, H, context + n, D] at least ``R`` positions older than themselves (``R =
@@ -116,6 +116,9 @@ def residual_prefill(
     to position ``context + i - R``) and the uncompressed entries in another (a band of ``R``
     over them in position order), and then also under a ``sliding`` window wider than ``R``
     (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
+
+    Returns the output in the queries' dtype and each query's log-sum-exp over everything it
+    saw (float32 [1, Hq, n]), from which a tiered slot's scores are normalised.
 
     ``host`` is ``(R, empty entries, first live position)`` when the caller knows them on the
     host (``PagedAttention.plan``); else they are read from ``residual``.
@@ -139,7 +142,8 @@ def residual_prefill(
         live = order[empty:]
         band_keys, band_values = residual.keys[:, :, live], residual.values[:, :, live]
         band_out, band_lse = flash(queries, band_keys, band_values, context - first, recent)
-        return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
+        out, lse = merge(out, lse, band_out, band_lse)
+        return out.to(queries.dtype), lse
     if sliding is not None:
         raise ValueError("a sliding window in residual_prefill needs the native flash kernel")
     group = queries.shape[1] // keys.shape[1]
@@ -166,7 +170,8 @@ def residual_prefill(
         tail_out, tail_lse = merge(out[:, :, first:], lse[:, :, first:], part, part_lse)
         out[:, :, first:], lse[:, :, first:] = tail_out, tail_lse
     band_out, band_lse = _residual_band(queries, residual, context, recent)
-    return merge(out, lse, band_out, band_lse)[0].to(queries.dtype)
+    out, lse = merge(out, lse, band_out, band_lse)
+    return out.to(queries.dtype), lse
 
 
 def _residual_band(
