@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv.formats.rotation import rotate, rotation
+from tierkv.kv.formats.rotation import rotate, rotate_qkv, rotation
 from tierkv.kv.policy.spec import KVPolicy
 
 
@@ -59,3 +59,21 @@ def test_rotation_is_on_for_quantized_policies_unless_h_0() -> None:
     assert KVPolicy.parse("k8v4:r=16,h=0").name == "k8v4:r=16,h=0"
     with pytest.raises(ValueError, match="h is 1"):
         KVPolicy.parse("k4v4:h=2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("some", [False, True])
+def test_one_product_for_queries_keys_and_values_gives_the_same_bits(
+    dtype: torch.dtype, head_dim: int, some: bool
+) -> None:
+    """``rotate_qkv`` (one product, the queries' 1/b after it) against one ``rotate`` each,
+    for every row or only some (the others left as they were)."""
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (torch.randn(7, h, head_dim, generator=gen).to(dtype) for h in (9, 3, 3))
+    rows = torch.tensor([0, 3, 5]) if some else slice(None)
+    got = rotate_qkv(q, k, v, rows)
+    for x, kind, y in zip((q, k, v), ("query", "in", "in"), got, strict=True):
+        want = x.clone()
+        want[rows] = rotate(x[rows], kind)
+        assert torch.equal(y, want) and y.is_contiguous()

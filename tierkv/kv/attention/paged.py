@@ -38,7 +38,7 @@ from tierkv.kv.attention.tiered_step import Unit, step_units
 from tierkv.kv.backends import DecodeGroup, DecodeStep, KVBackend, chain
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
-from tierkv.kv.formats.rotation import rotate_rows
+from tierkv.kv.formats.rotation import rotate_qkv, rotate_rows
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.views import Residual, causal_visibility
 
@@ -134,11 +134,7 @@ class PagedAttention:
             return self._attend(layer, q, k, v, batch)
         # Queries, keys and values of rotating requests into the stored basis, their output
         # back (``tierkv.kv.formats.rotation``); the attention in between is unchanged.
-        q, k, v = (
-            rotate_rows(q, rows, "query"),
-            rotate_rows(k, rows, "in"),
-            rotate_rows(v, rows, "in"),
-        )
+        q, k, v = rotate_qkv(q, k, v, rows)
         return rotate_rows(self._attend(layer, q, k, v, batch), rows, "out")
 
     def _attend(

@@ -74,6 +74,25 @@ def rotate(x: torch.Tensor, kind: str) -> torch.Tensor:
     return _apply(x, _weights(x.shape[-1], x.dtype, x.device)[kind])
 
 
+def rotate_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | slice
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values [N, heads, D] with rows ``rows`` in the rotated basis, in one
+    product: the queries' ``1 / b`` is applied after it, which gives the same bits as
+    ``rotate(q, "query")`` (scaling by a power of two commutes with rounding)."""
+    heads = (q.shape[1], k.shape[1], v.shape[1])
+    both = torch.cat([q, k, v], 1)
+    if isinstance(rows, slice):
+        both = rotate(both, "in")
+        both[:, : heads[0]].mul_(1.0 / rotation(q.shape[-1])[1])
+    else:
+        rotated = rotate(both[rows], "in")
+        rotated[:, : heads[0]].mul_(1.0 / rotation(q.shape[-1])[1])
+        both[rows] = rotated
+    # The kernels take each of them with rows one after the other.
+    return tuple(x.contiguous() for x in both.split(heads, 1))
+
+
 def rotate_rows(x: torch.Tensor, rows: torch.Tensor | slice, kind: str) -> torch.Tensor:
     """``rotate`` applied to the rows ``rows`` of ``x`` [N, ...] (a slice: all of them, no
     copy of the others); the other rows unchanged."""
