@@ -12,7 +12,10 @@ the uncompressed cache's. This isolates mechanisms before the engine implements 
     python scripts/kv_fakequant_sim.py "kb=8,vb=4" "kb=8,vb=4,sinks=4" "kb=8,vb=4,rot=True"
 
 Each argument is one configuration: ``kb``/``vb`` key/value bits (16 = unquantized), ``g``,
-``r``, ``sinks``, ``rot``. Measured results are in docs/fidelity.md.
+``r``, ``sinks``, ``rot``; ``w``/``hk``/``hv`` put the newest ``w`` tokens at other bits (a
+tiered policy's high window), ``kc`` quantizes keys per channel over blocks of tokens (KIVI),
+``fl=0+1`` keeps layers exact. ``--prompts dev --min-tokens 300`` takes the long prompts of the
+shipped dev set instead of the short questions. Measured results are in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tierkv.eval.prompts import load_prompts, render
 from tierkv.model.source import load_transformers_model, resolve_model
 from tierkv.tokenizer import Tokenizer
 
@@ -54,6 +58,16 @@ class SimConfig:
     r: int = 32
     sinks: int = 0
     rot: bool = False
+    # Tokens among the newest ``w`` (before the ring) use ``hk``/``hv`` bits: a tiered
+    # policy's recent window in its high tier; ``w=0`` quantizes all of them with kb/vb.
+    w: int = 0
+    hk: int = 8
+    hv: int = 8
+    # Keys quantized per channel over aligned blocks of ``kc`` tokens (KIVI) instead of per
+    # token; 0 = per token. A partial last block is quantized per token.
+    kc: int = 0
+    # Layers whose cache stays exact (per-layer precision, e.g. ``fl=(0,)``).
+    fl: tuple[int, ...] = ()
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -80,27 +94,40 @@ def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 class FakeQuantLayer(DynamicLayer):
     """A cache layer holding exact and fake-quantized K/V; attention reads the mix."""
 
-    def __init__(self, cfg: SimConfig, rotation: torch.Tensor) -> None:
+    def __init__(self, cfg: SimConfig, rotation: torch.Tensor, layer: int) -> None:
         super().__init__()
-        self.cfg, self.rotation = cfg, rotation
+        self.cfg, self.rotation, self.layer = cfg, rotation, layer
         self.parts: list[torch.Tensor] | None = None
 
     def _quant(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        if self.layer in self.cfg.fl:
+            return x
         if not self.cfg.rot:
             return fake_quant(x, bits, self.cfg.g)
         return fake_quant(x @ self.rotation, bits, self.cfg.g) @ self.rotation.T
 
     def update(self, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object):
-        new = [k, v, self._quant(k, self.cfg.kb), self._quant(v, self.cfg.vb)]
+        c = self.cfg
+        new = [k, v, self._quant(k, c.kb), self._quant(v, c.vb)]
+        new += [self._quant(k, c.hk), self._quant(v, c.hv)]
         if self.parts is None:
             self.parts = new
         else:
             self.parts = [torch.cat([a, b], -2) for a, b in zip(self.parts, new, strict=True)]
-        fk, fv, qk, qv = self.parts
+        fk, fv, qk, qv, hk, hv = self.parts
         n = fk.shape[-2]
+        if c.kc and self.layer not in c.fl:
+            qk = qk.clone()
+            full = n // c.kc * c.kc
+            blocks = fk[:, :, :full].unflatten(2, (full // c.kc, c.kc)).transpose(-1, -2)
+            qk[:, :, :full] = fake_quant(blocks, c.kb, c.kc).transpose(-1, -2).flatten(2, 3)
+        high = torch.zeros(n, dtype=torch.bool)
+        high[max(0, n - c.w) :] = True
+        qk = torch.where(high.view(1, 1, n, 1), hk, qk)
+        qv = torch.where(high.view(1, 1, n, 1), hv, qv)
         exact = torch.zeros(n, dtype=torch.bool)
-        exact[max(0, n - self.cfg.r) :] = True
-        exact[: self.cfg.sinks] = True
+        exact[max(0, n - c.r) :] = True
+        exact[: c.sinks] = True
         mask = exact.view(1, 1, n, 1)
         self.keys, self.values = torch.where(mask, fk, qk), torch.where(mask, fv, qv)
         self.is_initialized = True
@@ -117,7 +144,7 @@ def greedy(model, ids: list[int], cfg: SimConfig | None, eos: set[int], n: int =
     if cfg is not None:
         rotation = hadamard(model.config.head_dim)
         cache.layers = [
-            FakeQuantLayer(cfg, rotation) for _ in range(model.config.num_hidden_layers)
+            FakeQuantLayer(cfg, rotation, i) for i in range(model.config.num_hidden_layers)
         ]
     logits = model(torch.tensor([ids]), past_key_values=cache).logits[0, -1]
     out: list[int] = []
@@ -134,16 +161,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help='e.g. "kb=8,vb=4,sinks=4"')
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument(
+        "--prompts",
+        default="questions",
+        help="questions (the 24 above), or a split of the shipped prompt set (dev) whose "
+        "prompts have at least --min-tokens tokens",
+    )
+    parser.add_argument("--min-tokens", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="at most this many prompts")
     args = parser.parse_args()
     torch.manual_seed(0)
     source = resolve_model(args.model)
     model = load_transformers_model(args.model, torch.float32).eval()
     tok = Tokenizer(source.folder)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    if args.prompts == "questions":
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    else:
+        shipped = [render(tok.hf, p.messages) for p in load_prompts(args.prompts)]
+        prompts = [p for p in shipped if len(p) >= args.min_tokens][: args.limit or None]
+    print(f"{len(prompts)} prompts", flush=True)
     eos = tok.eos_token_ids
     ref = [greedy(model, p, None, eos) for p in prompts]
     for spec in args.configs:
-        values = {k: ast.literal_eval(v) for k, v in (i.split("=") for i in spec.split(","))}
+        pairs = (i.split("=") for i in spec.split(","))
+        # ``fl=0+1``: layers joined by "+" (a comma separates the configuration's keys).
+        values = {
+            k: tuple(int(x) for x in v.split("+")) if k == "fl" else ast.literal_eval(v)
+            for k, v in pairs
+        }
         cfg = replace(SimConfig(), **values)
         outs = [greedy(model, p, cfg, eos) for p in prompts]
         same = sum(a == b for a, b in zip(ref, outs, strict=True))
