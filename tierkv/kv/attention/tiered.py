@@ -295,6 +295,10 @@ def _attend_native(
     """``attend`` for one decode query per slot (``q`` [B, Hq, D] at ``query_pos`` [B]), by
     the native kernel reading both tiers in place, which then adds the probabilities to the
     stored scores (a decode query always counts: it is past the prompt)."""
-    known = {} if host is None else {"formats": host.formats, "has_ring": host.recent > 0}
+    known = (
+        {}
+        if host is None
+        else {"formats": host.formats, "has_ring": host.recent > 0, "prepared": host.kernel}
+    )
     out, _ = native.tiered_decode(store, layer, q, slots, query_pos, window, score=True, **known)
     return TieredAttention(out[:, None], None, scored=True)

@@ -4,7 +4,7 @@ the result type of attending a unit (``TieredAttention``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +61,8 @@ class UnitHost:
     the step's tokens are written; ``last_pos`` its largest query position; ``counting`` how
     many of a prefill chunk's queries score (every decode query does); ``recent`` the largest
     residual window of its slots (0: none) and ``ring_pages`` the pages of the largest ring;
-    ``pool`` the largest prefill pooling kernel."""
+    ``pool`` the largest prefill pooling kernel; ``kernel``: the native decode's arguments
+    that are the same at every layer, filled by its first layer (``native.tiered_decode``)."""
 
     formats: tuple[int, int]
     pages: list[tuple[int, int]]
@@ -70,6 +71,7 @@ class UnitHost:
     recent: int
     ring_pages: int
     pool: int
+    kernel: dict = field(default_factory=dict)
 
     def tier(self, layer: int, tier: int) -> tuple[int, int]:
         """``(format index, pages)`` of one tier at ``layer``, for ``KVStore.read_tier``."""

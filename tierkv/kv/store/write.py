@@ -27,8 +27,8 @@ class _WritePlan:
     ``parts`` holds, per high-tier format, the rows of the step's tokens in that format (None:
     all of them) with their page ids and rows in the page, ``[N, layers, heads]``; ``added``
     [max_seqs] is the tokens each slot gains per layer. The ring fields say which tokens are
-    copied into residual rings (``ring_keep`` [K], None without rings), to which FULL pages
-    ``[K, layers, heads]`` and rows ``[K, 1]``.
+    copied into residual rings (``ring_keep`` [K], a slice when all are, None without rings),
+    to which FULL pages ``[K, layers, heads]`` and rows ``[K, 1]``.
     """
 
     index: torch.Tensor
@@ -37,7 +37,7 @@ class _WritePlan:
     written: set[int]
     parts: list[tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]]
     added: torch.Tensor
-    ring_keep: torch.Tensor | None
+    ring_keep: torch.Tensor | slice | None
     ring_pages: torch.Tensor | None
     ring_offset: torch.Tensor | None
 
@@ -68,10 +68,10 @@ class TokenWriter(TokenIO, ResidualRing):
         for f, rows, pages, offset in plan.parts:
             part = (k, v, index) if rows is None else (k[rows], v[rows], index[rows])
             self._encode_into(f, pages[:, layer], offset[:, layer], *part)
-        if plan.ring_keep is not None and plan.ring_keep.numel():
+        keep = plan.ring_keep
+        if keep is not None and (isinstance(keep, slice) or keep.numel()):
             # Only a slot's newest ``ring`` tokens of the call are written: older ones would be
             # overwritten within the same scatter, whose order is undefined.
-            keep = plan.ring_keep
             pages = plan.ring_pages[:, layer]
             offset = plan.ring_offset.expand_as(pages)
             self._encode_into(0, pages, offset, k[keep], v[keep], index[keep])
@@ -119,6 +119,9 @@ class TokenWriter(TokenIO, ResidualRing):
         ring_keep = ring_pages = ring_offset = None
         if self.num_residual:
             ring_keep, ring_pages, ring_offset = self._ring_targets(slots, index)
+            if ring_keep.numel() == index.numel():
+                # Every token (a decode step's): the rows as they are, no copy per layer.
+                ring_keep = slice(None)
         plan = self._plan = _WritePlan(
             index, slots, self._version, set(), parts, added, ring_keep, ring_pages, ring_offset
         )

@@ -24,6 +24,7 @@ def tiered_decode(
     score: bool = False,
     formats: tuple[int, int] | None = None,
     has_ring: bool | None = None,
+    prepared: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention of tiered slots, the kernel reading both tiers in place, in one call.
 
@@ -43,7 +44,9 @@ def tiered_decode(
     tier's ``T_high = store.read_tier(layer, slots, HIGH)`` columns, then the low tier's; 0 for
     columns past a head's count and for tokens it does not see. ``formats`` (the slots' high and
     low format indices) and ``has_ring`` (whether some slot has a residual window) are read
-    from the tables unless the caller knows them on the host.
+    from the tables unless the caller knows them on the host. ``prepared``: a dict the caller
+    keeps for one step and one group of ``slots``, where the first layer leaves the arguments
+    that are the same at every layer (formats, field offsets, ring sizes) for the others.
 
     With ``score``, the probabilities are instead added to the tokens' stored scores, in place
     (each token the largest any query head of its group gave it: the float32 sum
@@ -54,30 +57,18 @@ def tiered_decode(
     if window is not None and window < 1:
         raise ValueError(f"a sliding window must be positive, got {window}")
     b, hq, dim = q.shape
-    if formats is None:
-        slot = int(slots[0])
-        formats = (int(store.slot_format[slot, HIGH]), int(store.slot_format[slot, LOW]))
-    tier_formats = tuple(store.formats[f] for f in formats)
-    if not all(supports(fmt, store.head_dim) for fmt in tier_formats):
-        raise ValueError(f"the native kernel does not serve {tier_formats} at head dim {dim}")
-    fmt_args, offsets, strides = tier_args(tier_formats, tuple(store.layouts[f] for f in formats))
+    if prepared:
+        fmt_args, offsets, strides, options = prepared["args"]
+    else:
+        fmt_args, offsets, strides, options = _layer_invariant(store, slots, formats, has_ring)
+        if prepared is not None:
+            prepared["args"] = (fmt_args, offsets, strides, options)
     probs, split = None, 0
     if not score:
         # One column per token slot of the pages ``read_tier`` would gather, per tier.
         tiers = [store.tier_pages(layer, slots, tier) for tier in (HIGH, LOW)]
         widths = [pages.shape[-1] * store.layouts[f].tokens_per_page for f, _, pages in tiers]
         probs, split = torch.empty(b, hq, sum(widths)), widths[0]
-    options: dict = {}
-    residual = store.residual[slots]
-    if bool((residual > 0).any()) if has_ring is None else has_ring:
-        ring_fields, ring_per_page, ring_dtype = ring_layout(store.layouts[0])
-        options.update(
-            ring_size=store.ring[slots],
-            residual=residual,
-            ring_fields=ring_fields,
-            ring_tokens_per_page=ring_per_page,
-            ring_dtype=ring_dtype,
-        )
     out = torch.ops.tierkv.tiered_decode(
         q,
         store.pool.arena,
@@ -100,6 +91,34 @@ def tiered_decode(
         return out, None
     heads = store.num_kv_heads
     return out, probs.view(b, heads, hq // heads, -1)
+
+
+def _layer_invariant(
+    store: KVStore, slots: torch.Tensor, formats: tuple[int, int] | None, has_ring: bool | None
+) -> tuple[list, list, list, dict]:
+    """``tiered_decode``'s arguments that depend on the slots and their formats, not on the
+    layer: format arguments, field offsets and strides, and the ring's options."""
+    if formats is None:
+        slot = int(slots[0])
+        formats = (int(store.slot_format[slot, HIGH]), int(store.slot_format[slot, LOW]))
+    tier_formats = tuple(store.formats[f] for f in formats)
+    if not all(supports(fmt, store.head_dim) for fmt in tier_formats):
+        raise ValueError(
+            f"the native kernel does not serve {tier_formats} at head dim {store.head_dim}"
+        )
+    fmt_args, offsets, strides = tier_args(tier_formats, tuple(store.layouts[f] for f in formats))
+    options: dict = {}
+    residual = store.residual[slots]
+    if bool((residual > 0).any()) if has_ring is None else has_ring:
+        ring_fields, ring_per_page, ring_dtype = ring_layout(store.layouts[0])
+        options.update(
+            ring_size=store.ring[slots],
+            residual=residual,
+            ring_fields=ring_fields,
+            ring_tokens_per_page=ring_per_page,
+            ring_dtype=ring_dtype,
+        )
+    return fmt_args, offsets, strides, options
 
 
 def compact_tiers(
