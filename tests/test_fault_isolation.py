@@ -18,7 +18,7 @@ import pytest
 import torch
 from server_harness import MODEL_NAME, LiveServer, live_server
 
-import tierkv.engine.engine as engine_module
+import tierkv.engine.outputs as outputs_module
 import tierkv.sampling as sampling
 from tierkv.config import EngineConfig
 from tierkv.engine.async_engine import MAX_CONSECUTIVE_FAILURES
@@ -65,7 +65,7 @@ def _poisoned_find_stop(real: Callable[..., Any]) -> Callable[..., Any]:
 def poisoned(monkeypatch: pytest.MonkeyPatch) -> Iterator[PoisonedSampler]:
     sampler = PoisonedSampler(sampling.sample)
     monkeypatch.setattr(sampling, "sample", sampler)
-    monkeypatch.setattr(engine_module, "find_stop", _poisoned_find_stop(engine_module.find_stop))
+    monkeypatch.setattr(outputs_module, "find_stop", _poisoned_find_stop(outputs_module.find_stop))
     yield sampler
 
 

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from tierkv.config import EngineConfig
-from tierkv.engine import stats
-from tierkv.engine.request import CompletionOutput, Request, RequestOutput
+from tierkv.engine import admission, stats
+from tierkv.engine.outputs import append_token, group_output
+from tierkv.engine.request import Request, RequestOutput
 from tierkv.engine.runner import ModelRunner
 from tierkv.engine.scheduler import Scheduler, SchedulerOutput
 from tierkv.engine.stats import StepTimes
@@ -29,7 +30,7 @@ from tierkv.model.loader import ModelSpec, load_weights, read_spec
 from tierkv.model.source import resolve_model
 from tierkv.sampling import Logprob, SampleRow, SamplingParams, sample_isolated
 from tierkv.structured.matcher import StructuredOutputs
-from tierkv.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+from tierkv.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = ["Engine", "StepTimes", "resolve_dtype"]
 
@@ -156,18 +157,18 @@ class Engine:
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(ids)
+        admission.check_prompt(ids, self.max_model_len, self.spec.vocab_size)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if forced_output is not None:
-            self._validate_forced(forced_output, room)
+            admission.check_forced(forced_output, room, self.max_model_len, self.spec.vocab_size)
             max_tokens = len(forced_output)
             if params.structured_outputs is not None:
                 raise ValueError("forced_output cannot be combined with structured_outputs")
-        policy = self._request_policy(params, len(ids) + max_tokens)
+        policy = admission.request_policy(params, len(ids) + max_tokens, self.policy, self.store)
         children = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._draw_seed()
@@ -209,51 +210,6 @@ class Engine:
     def running_request_ids(self) -> set[str]:
         """Ids of the request groups that have a request in the running batch."""
         return {r.group_id for r in self.scheduler.running}
-
-    def _validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(prompt plus at least one generated token must fit)"
-            )
-        self._check_vocab(ids, "token")
-
-    def _validate_forced(self, forced: list[int], room: int) -> None:
-        if not forced:
-            raise ValueError("forced_output is empty")
-        if len(forced) > room:
-            raise ValueError(
-                f"forced_output has {len(forced)} tokens, but only {room} fit after the prompt "
-                f"(max_model_len {self.max_model_len})"
-            )
-        self._check_vocab(forced, "forced token")
-
-    def _check_vocab(self, ids: list[int], what: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(
-                f"{what} id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
-            )
-
-    def _request_policy(self, params: SamplingParams, num_tokens: int) -> KVPolicy:
-        """The request's KV policy: its own if it names one, else the engine's.
-
-        A policy of its own must suit the model and, for ``num_tokens`` tokens, fit the pool
-        (a request the whole pool cannot hold would wait forever).
-        """
-        if params.kv_policy is None:
-            return self.policy
-        policy = KVPolicy.parse(params.kv_policy)
-        self.store.register_policy(policy)
-        needed = self.store.pages_to_admit(num_tokens, policy)
-        if needed > self.store.pool.num_pages:
-            raise ValueError(
-                f"under kv_policy {policy.name!r} a request of {num_tokens} tokens needs "
-                f"{needed} KV pages, but the pool has {self.store.pool.num_pages}"
-            )
-        return policy
 
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
@@ -318,40 +274,7 @@ class Engine:
                 self.scheduler.finish(r)
 
     def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
-        req.output_token_ids.append(token)
-        if req.grammar is not None:
-            req.grammar.accept(token)
-        if logprobs is not None:
-            req.logprobs.append(
-                {
-                    t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t], False))
-                    for t, lp in logprobs.items()
-                }
-            )
-        params = req.params
-        # A teacher-forced request runs its whole forced output: nothing in it stops it early.
-        stops = req.forced_output is None
-        if stops and (
-            token in params.stop_token_ids
-            or (token in self.tokenizer.eos_token_ids and not params.ignore_eos)
-        ):
-            req.finish_reason = "stop"
-        else:
-            delta = req.detokenizer.add(token)
-            req.text += delta
-            cut = find_stop(req.text, params.stop_strings, len(delta)) if delta and stops else None
-            if cut is not None:
-                req.text = req.text[:cut]
-                req.finish_reason = "stop"
-        if req.finish_reason is None and req.grammar is not None and req.grammar.finished:
-            # The output is complete by its grammar (the closing brace, or the EOS it
-            # allows): stop now, ignore_eos or not, rather than run on to max_tokens.
-            req.finish_reason = "stop"
-        if req.finish_reason is None and len(req.output_token_ids) >= req.max_tokens:
-            req.finish_reason = "length"
-        if req.finish_reason is not None:
+        if append_token(req, token, logprobs, self.tokenizer):
             self.scheduler.finish(req)
 
     def _output(self, group_id: str) -> RequestOutput:
@@ -359,26 +282,7 @@ class Engine:
         finished = all(r.finished for r in children)
         if finished:
             del self._groups[group_id]
-        return RequestOutput(
-            request_id=group_id,
-            prompt=text,
-            prompt_token_ids=children[0].prompt_token_ids,
-            outputs=[
-                CompletionOutput(
-                    index=i,
-                    text=r.text,
-                    token_ids=list(r.output_token_ids),
-                    finish_reason=r.finish_reason,
-                    logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
-                    error=r.error,
-                    forced_logprobs=(
-                        torch.stack(r.forced_logprobs) if finished and r.forced_logprobs else None
-                    ),
-                )
-                for i, r in enumerate(children)
-            ],
-            finished=finished,
-        )
+        return group_output(group_id, text, children, finished)
 
     # -- introspection -------------------------------------------------------------------------
 
