@@ -15,9 +15,21 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
+from tierkv.engine.async_protocol import (
+    Abort,
+    Add,
+    Command,
+    EngineDeadError,
+    RequestError,
+    RequestStats,
+    RequestStream,
+    ResetPrefixCache,
+    StatsSink,
+    StepError,
+    Tracked,
+    settle_future,
+)
 from tierkv.engine.engine import Engine
 from tierkv.engine.request import RequestOutput
 from tierkv.sampling import SamplingParams
@@ -27,132 +39,6 @@ logger = logging.getLogger(__name__)
 # A step can fail for reasons tied to its batch; failing this many steps in a row means the
 # engine itself is broken, and pretending otherwise would only fail every request slowly.
 MAX_CONSECUTIVE_FAILURES = 3
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped: no request can be served any more."""
-
-
-class StepError(RuntimeError):
-    """An engine step failed while this request was in it; the request was aborted."""
-
-
-class RequestError(StepError):
-    """The engine ended this request alone with an error (its sampling or post-processing
-    raised); the other requests of its step went on."""
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    """What one request cost; ``finish_reasons`` has one entry per completion."""
-
-    prompt_tokens: int
-    generation_tokens: int
-    finish_reasons: tuple[str, ...]
-    ttft: float | None
-    tpot: float | None
-    e2e: float
-
-
-class StatsSink(Protocol):
-    """Receives statistics on the loop thread (implementations must be thread-safe)."""
-
-    def record_request(self, stats: RequestStats) -> None: ...
-
-    def record_engine(self, kv_stats: dict[str, Any]) -> None: ...
-
-
-Item = RequestOutput | BaseException
-
-
-@dataclass
-class _Tracked:
-    """Loop-side state of one accepted request, and the way back to its coroutine."""
-
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue[Item]
-    prompt_tokens: int
-    arrival: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    last: RequestOutput | None = None
-
-    def push(self, item: Item) -> None:
-        # A closed event loop means nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    tracked: _Tracked
-    accepted: asyncio.Future[None]
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _ResetPrefixCache:
-    done: asyncio.Future[None]
-
-
-_Command = _Add | _Abort | _ResetPrefixCache | None  # None wakes the loop up to stop
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    """Resolve an asyncio future from the loop thread (unless its waiter gave up)."""
-
-    def settle() -> None:
-        if future.done():
-            return
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-    with contextlib.suppress(RuntimeError):
-        future.get_loop().call_soon_threadsafe(settle)
-
-
-class RequestStream:
-    """The outputs of one accepted request, as an async iterator.
-
-    Each item is the request's cumulative state; a slow reader skips intermediate states
-    rather than queueing them. Iteration ends after the finished output. ``abort()`` stops
-    the request and returns its KV pages to the pool; it is a no-op once finished.
-    """
-
-    def __init__(self, request_id: str, owner: AsyncEngine, outputs: asyncio.Queue[Item]) -> None:
-        self.request_id = request_id
-        self._owner = owner
-        self._outputs = outputs
-        self._done = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._outputs.get()
-        while not isinstance(item, BaseException) and not self._outputs.empty():
-            item = self._outputs.get_nowait()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        self._done = item.finished
-        return item
-
-    def abort(self) -> None:
-        """Stop the request now (safe to call from ``finally`` blocks and more than once)."""
-        if not self._done:
-            self._done = True
-            self._owner._submit(_Abort(self.request_id))
 
 
 class AsyncEngine:
@@ -166,14 +52,14 @@ class AsyncEngine:
     def __init__(self, engine: Engine, stats: StatsSink | None = None) -> None:
         self.engine = engine
         self._stats = stats
-        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # Guards the inbox against the loop's death, so no command is queued after the
         # final drain and left unanswered.
         self._lock = threading.Lock()
         self._error: EngineDeadError | None = None
         self._stopping = False
         self._failures = 0
-        self._tracked: dict[str, _Tracked] = {}  # loop thread only
+        self._tracked: dict[str, Tracked] = {}  # loop thread only
         self._thread = threading.Thread(target=self._run, name="tierkv-engine-loop", daemon=True)
 
     # -- asyncio side ----------------------------------------------------------------------------
@@ -203,24 +89,24 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
-        tracked = _Tracked(loop, asyncio.Queue(), prompt_tokens)
+        tracked = Tracked(loop, asyncio.Queue(), prompt_tokens)
         accepted: asyncio.Future[None] = loop.create_future()
-        if not self._submit(_Add(request_id, prompt, params, tracked, accepted)):
+        if not self._submit(Add(request_id, prompt, params, tracked, accepted)):
             raise EngineDeadError("the engine loop has stopped") from self._error
         try:
             await accepted
         except asyncio.CancelledError:
             # The caller gave up; the add may still be accepted, so abort right behind it.
-            self._submit(_Abort(request_id))
+            self._submit(Abort(request_id))
             raise
-        return RequestStream(request_id, self, tracked.outputs)
+        return RequestStream(request_id, self._submit, tracked.outputs)
 
     async def reset_prefix_cache(self) -> None:
         """Evict every cached prefix page no running request uses, on the engine's thread
         between two steps (vLLM's ``reset_prefix_cache``). Raises ``EngineDeadError`` when
         the loop has stopped."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._submit(_ResetPrefixCache(done)):
+        if not self._submit(ResetPrefixCache(done)):
             raise EngineDeadError("the engine loop has stopped") from self._error
         await done
 
@@ -239,7 +125,7 @@ class AsyncEngine:
         finally:
             stream.abort()
 
-    def _submit(self, command: _Command) -> bool:
+    def _submit(self, command: Command) -> bool:
         with self._lock:
             if self._error is not None:
                 return False
@@ -269,24 +155,24 @@ class AsyncEngine:
             except queue.Empty:
                 return
             block = False
-            if isinstance(command, _Add):
+            if isinstance(command, Add):
                 self._add(command)
-            elif isinstance(command, _Abort):
+            elif isinstance(command, Abort):
                 self._abort(command.request_id)
-            elif isinstance(command, _ResetPrefixCache):
+            elif isinstance(command, ResetPrefixCache):
                 self.engine.reset_prefix_cache()
-                _settle(command.done, None)
+                settle_future(command.done, None)
             else:
                 return
 
-    def _add(self, command: _Add) -> None:
+    def _add(self, command: Add) -> None:
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id)
         except Exception as exc:  # a bad request is its caller's problem, not the loop's
-            _settle(command.accepted, exc)
+            settle_future(command.accepted, exc)
             return
         self._tracked[command.request_id] = command.tracked
-        _settle(command.accepted, None)
+        settle_future(command.accepted, None)
 
     def _abort(self, request_id: str) -> None:
         tracked = self._tracked.pop(request_id, None)
@@ -350,10 +236,10 @@ class AsyncEngine:
                     command = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(command, _Add):
-                    _settle(command.accepted, error)
-                elif isinstance(command, _ResetPrefixCache):
-                    _settle(command.done, error)
+                if isinstance(command, Add):
+                    settle_future(command.accepted, error)
+                elif isinstance(command, ResetPrefixCache):
+                    settle_future(command.done, error)
         for request_id, tracked in self._tracked.items():
             # Free the pages too, so the pool counters stay true after the loop has died
             # (best effort: the engine may be what broke).
@@ -362,7 +248,7 @@ class AsyncEngine:
             tracked.push(error)
         self._tracked.clear()
 
-    def _record(self, tracked: _Tracked, reason: str | None) -> None:
+    def _record(self, tracked: Tracked, reason: str | None) -> None:
         """Report a request that ended; ``reason`` overrides the completions' own."""
         if self._stats is None:
             return

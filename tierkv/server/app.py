@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException
 
 from tierkv import __version__
 from tierkv.config import EngineConfig
-from tierkv.engine.async_engine import AsyncEngine, EngineDeadError, StepError
+from tierkv.engine.async_engine import AsyncEngine
+from tierkv.engine.async_protocol import EngineDeadError, StepError
 from tierkv.engine.engine import Engine
 from tierkv.server.errors import APIError, describe_error
 from tierkv.server.guard import RequestGuard, ServerLimits

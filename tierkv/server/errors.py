@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tierkv.engine.async_engine import EngineDeadError, StepError
+from tierkv.engine.async_protocol import EngineDeadError, StepError
 from tierkv.server.protocol import ErrorResponse
 
 

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
-from tierkv.engine.async_engine import AsyncEngine, RequestStream
+from tierkv.engine.async_engine import AsyncEngine
+from tierkv.engine.async_protocol import RequestStream
 from tierkv.engine.request import CompletionOutput, RequestOutput
 from tierkv.sampling import SamplingParams
 from tierkv.server.errors import APIError

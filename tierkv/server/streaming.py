@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from tierkv.engine.async_engine import EngineDeadError, RequestStream, StepError
+from tierkv.engine.async_protocol import EngineDeadError, RequestStream, StepError
 from tierkv.engine.request import CompletionOutput, RequestOutput
 from tierkv.server.errors import APIError, describe_error
 
