@@ -119,8 +119,11 @@ class FakeQuantLayer(DynamicLayer):
         if c.kc and self.layer not in c.fl:
             qk = qk.clone()
             full = n // c.kc * c.kc
-            blocks = fk[:, :, :full].unflatten(2, (full // c.kc, c.kc)).transpose(-1, -2)
-            qk[:, :, :full] = fake_quant(blocks, c.kb, c.kc).transpose(-1, -2).flatten(2, 3)
+            # In the rotated basis when ``rot`` is set, as the per-token path is.
+            basis = fk[:, :, :full] @ self.rotation if c.rot else fk[:, :, :full]
+            blocks = basis.unflatten(2, (full // c.kc, c.kc)).transpose(-1, -2)
+            keys = fake_quant(blocks, c.kb, c.kc).transpose(-1, -2).flatten(2, 3)
+            qk[:, :, :full] = keys @ self.rotation.T if c.rot else keys
         high = torch.zeros(n, dtype=torch.bool)
         high[max(0, n - c.w) :] = True
         qk = torch.where(high.view(1, 1, n, 1), hk, qk)

@@ -108,6 +108,7 @@ def prefill_probs(
     columns = torch.arange(logits.shape[-1])
     logits = logits.masked_fill_(~(visible & (columns <= last[0, :, None])), -torch.inf)
     ring = residual.pos.shape[1] - own
+    # Only keys and positions are read (``ring_logits``): the values stay out of the copy.
     band = Residual(
         torch.cat([residual.keys[:, :, :ring], residual.keys[:, :, ring + skip :]], 2),
         residual.values[:, :, :0],

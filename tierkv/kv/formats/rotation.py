@@ -82,12 +82,11 @@ def rotate_qkv(
     ``rotate(q, "query")`` (scaling by a power of two commutes with rounding)."""
     heads = (q.shape[1], k.shape[1], v.shape[1])
     both = torch.cat([q, k, v], 1)
+    rotated = rotate(both[rows], "in")
+    rotated[:, : heads[0]].mul_(1.0 / rotation(q.shape[-1])[1])
     if isinstance(rows, slice):
-        both = rotate(both, "in")
-        both[:, : heads[0]].mul_(1.0 / rotation(q.shape[-1])[1])
+        both = rotated
     else:
-        rotated = rotate(both[rows], "in")
-        rotated[:, : heads[0]].mul_(1.0 / rotation(q.shape[-1])[1])
         both[rows] = rotated
     # The kernels take each of them with rows one after the other.
     return tuple(x.contiguous() for x in both.split(heads, 1))
