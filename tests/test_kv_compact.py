@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierkv.kv.backends import REGISTRY
 from tierkv.kv.backends.cpu import ops as native
 from tierkv.kv.formats.quant import default_page_bytes
 from tierkv.kv.policy.compact import apply_decisions
@@ -54,7 +55,8 @@ def _decide(
     fate = torch.randint(0, 3, valid.shape, generator=gen)
     is_low = torch.arange(valid.shape[-1]) >= width
     to_high, to_low = valid & ~is_low & (fate == 0), valid & (fate == 1)
-    apply_decisions(store, layer, slots, to_high, to_low, width, native)
+    compactor = REGISTRY["cpu"] if native else None
+    apply_decisions(store, layer, slots, to_high, to_low, width, compactor)
     return to_high, to_low, width
 
 

@@ -31,7 +31,7 @@ def _arena_after(
     pool = PagePool(64, default_page_bytes(head_dim))
     pool.arena.fill_(0xAB)  # stale bytes: only what the write sets may differ from them
     store = KVStore(pool, LAYERS, HEADS, head_dim, k.dtype, 2, 256)
-    store.token_writer = native.store_tokens if writer else None
+    store.writer_for = (lambda f: native.store_tokens) if writer else None
     slot = store.acquire_slot(fmt)
     n = k.shape[0]
     store.reserve(torch.tensor([slot]), torch.tensor([start + n]))

@@ -1,4 +1,4 @@
-"""The residual ring of tiered slots (``tierkv.kv.attention.tiered_ring``): each query's newest
+"""The residual ring of tiered slots (``tierkv.kv.backends.tiered_ring``): each query's newest
 ``r``
 positions at full precision, on every path (reference, fused torch, native kernel)."""
 

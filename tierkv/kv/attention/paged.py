@@ -9,11 +9,13 @@ rows to the first backend of the configured chain that serves the format (``fast
 default: the C++ kernels of ``cpu``, then ``torch``'s fused ops, then ``reference``, which
 gathers, dequantizes and attends densely and is what the others are tested against).
 
-Requests under a differentiated policy (tiered slots) take ``tiered``, an explicit softmax over
-both tiers that also returns the attention probabilities their scores need (the ``cpu``
-kernel's ``tiered_decode`` where the chain has it, ``torch``'s fused ops where it has those);
-after the step's last layer (``finish_step``) the policy decides and compacts their tiers.
-Uniform requests pay nothing for tiers.
+Requests under a differentiated policy (tiered slots) take ``tiered``: their decodes go to the
+first backend of the chain whose ``tiered_decode`` serves their tier formats (attention over
+both tiers that also adds to their tokens' scores), their prefill chunks to SDPA; after the
+step's last layer (``finish_step``) the policy decides and compacts their tiers (by the first
+backend whose ``compact`` serves them). New tokens are written by the first backend whose
+``write`` serves their format, else encoded by the store. Uniform requests pay nothing for
+tiers.
 
 Uniform slots with a residual window (``KVPolicy.residual``) attend to the newest tokens
 uncompressed: for backends that do not read rings in place their ring is read before the
@@ -26,7 +28,6 @@ native flash kernel in bfloat16, ``tierkv.kv.backends.partial``).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,11 @@ from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
 from tierkv.kv.attention.tiered_step import Unit, step_units
 from tierkv.kv.attention.uniform_prefill import PrefillRow, attend_prefill
-from tierkv.kv.backends import DecodeGroup, DecodeStep, KVBackend, chain
-from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends import DecodeGroup, DecodeStep, chain
+from tierkv.kv.backends.routing import BackendChain
 from tierkv.kv.formats.rotation import rotate_qkv, rotate_rows
 from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.views import Residual
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,7 +82,7 @@ class PagedAttention:
         backend: str = "reference",
     ) -> None:
         # Built (or loaded from the build cache) here, not at the first request's decode.
-        self.chain = chain(backend)
+        self.chain = BackendChain(backend, chain(backend), store)
         self.store = store
         self.sliding_windows = sliding_windows
         self.backend = backend
@@ -92,13 +91,9 @@ class PagedAttention:
         self._plan: _StepPlan | None = None
         self._workspace: dict = {}
         self._decode_step = DecodeStep(store, self._step_cache, self._workspace)
-        self._by_format: dict[tuple[int, torch.dtype], KVBackend] = {}
-        names = {b.name for b in self.chain}
-        # The cpu backend's other kernels (quantizing writes, tiered decode, compaction) and
-        # the torch backend's fused tiered path follow the chain too.
-        self._native = "cpu" in names
-        self._fused = "torch" in names or self._native
-        store.token_writer = native.store_tokens if self._native else None
+        # Tiered prefill chunks take the fast dense paths where the chain has fast backends.
+        self._fused = any(b.name in ("cpu", "torch") for b in self.chain.backends)
+        store.writer_for = self.chain.writer
 
     def __call__(
         self,
@@ -148,10 +143,9 @@ class PagedAttention:
                 return decoded
             out[tokens] = decoded
         if plan.units:
-            workspace = self._workspace if self._fused else None
             fresh = (k, v, rings)
             tiered.attend_rows(
-                store, layer, q, plan.units, window, out, workspace, fresh, self._native
+                self._decode_step, layer, q, plan.units, window, out, self._fused, fresh
             )
         for pre in plan.prefill:
             own = slice(pre.start, pre.start + pre.n)
@@ -174,7 +168,9 @@ class PagedAttention:
             return
         is_tiered = plan.is_tiered
         seen = torch.tensor(batch.context_lens) + torch.tensor(batch.query_lens)
-        tiered.decide_step(self.store, batch.slots[is_tiered], seen[is_tiered], self._native)
+        tiered.decide_step(
+            self.store, batch.slots[is_tiered], seen[is_tiered], self.chain.compactor
+        )
 
     def plan(self, batch: AttentionBatch) -> _StepPlan:
         """Work out, once per step (the runner calls it before the first layer; a layer calls
@@ -190,6 +186,9 @@ class PagedAttention:
         if store.num_tiered:
             is_tiered = store.slot_format[batch.slots, 1] >= 0
             units = step_units(store, batch, is_tiered)
+            for unit in units:
+                if unit.tokens.shape[1] == 1 and unit.host is not None:
+                    unit.backend = self.chain.tiered(unit.host.formats)
             tiered_rows = is_tiered.tolist()
             decode = decode[~is_tiered[decode]]
             prefill = [r for r in prefill if not tiered_rows[r]]
@@ -225,7 +224,9 @@ class PagedAttention:
         if store.num_residual:
             # A prefill chunk reads them (its later tokens may overwrite ring entries its first
             # queries need), and so does a decode whose backend does not read rings in place.
-            in_place = all(self._backend(g.f, store.dtype).reads_rings_in_place for g in groups)
+            in_place = all(
+                self.chain.decoder(g.f, store.dtype).reads_rings_in_place for g in groups
+            )
             reads = bool(batch.prefill_rows) or not in_place
             per_page = store.layouts[0].tokens_per_page
             ring_pages = max(max(ring) // per_page, 1)
@@ -252,28 +253,6 @@ class PagedAttention:
         )
         return self._plan
 
-    def _backend(self, f: int, dtype: torch.dtype) -> KVBackend:
-        """The first backend of the chain that serves format index ``f`` in ``dtype``."""
-        key = (f, dtype)
-        backend = self._by_format.get(key)
-        if backend is None:
-            store = self.store
-            fmt, dim, device = store.formats[f], store.head_dim, store.pool.arena.device
-            backend = next(b for b in self.chain if b.serves(fmt, dim, dtype, device))
-            self._by_format[key] = backend
-            first = self.chain[0]
-            if backend is not first and first.name == self.backend:
-                # The backend the user named does not serve this format here: say why once.
-                why = first.unavailable() or first.refusal(fmt, dim, dtype, device)
-                logger.warning(
-                    "attention backend %s does not serve %s (%s); using %s",
-                    first.name,
-                    fmt.name,
-                    why,
-                    backend.name,
-                )
-        return backend
-
     def _decode(
         self,
         layer: int,
@@ -286,7 +265,7 @@ class PagedAttention:
         out = torch.empty_like(q)
         for group in groups:
             rows = group.rows
-            backend = self._backend(group.f, q.dtype)
+            backend = self.chain.decoder(group.f, q.dtype)
             part_residual = None
             if residual is not None and not backend.reads_rings_in_place:
                 part_residual = residual.select(rows)

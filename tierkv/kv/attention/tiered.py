@@ -1,193 +1,44 @@
-"""Reference attention over both tiers of differentiated (tiered) slots, and its bookkeeping.
+"""Tiered (differentiated) slots at one layer: routing each unit to what attends it, and the
+decisions after a step.
 
-Tiered heads hold different numbers of tokens in two formats, with gaps in their positions, so
-attention is an explicit masked softmax: keys and values of both tiers are gathered and
-dequantized, masked by each head's counts and by the stored positions (causality and sliding
-windows), and the attention probabilities come out of the same pass. They are added to the
-tokens' scores layer by layer; after the step's last layer the policy decides every token's
-tier (``SlotTiers.decide``) for all layers at once and the tiers are compacted
-(``compact.apply_decisions``). It equals dense attention over the dequantized kept tokens; the
-fast paths must match it: decodes go to the native kernel (``native.tiered_decode``, reading
-both tiers in place and adding the probabilities to the scores in place; the decision
-gathers only scores and positions) where it is built, else to the fused torch path
-(``workspace``); prefill chunks take SDPA (``attend_prefill``).
+Tiered heads hold different numbers of tokens in two formats, with gaps in their positions;
+attending them also yields each token's attention probability, which is added to its score
+layer by layer (``tierkv.kv.backends.tiered_attend``, the torch oracle). A unit of decodes goes
+to the backend of the chain that serves its tier formats (``KVBackend.tiered_decode``: the
+``cpu`` kernel reading both tiers in place and adding to the scores in place, the ``torch``
+backend's fused ops, or ``reference``); a prefill chunk takes SDPA (``attend_prefill``) where
+it can, else ``attend``. After the step's last layer the policy decides every token's tier
+(``SlotTiers.decide``) for all layers at once and the tiers are compacted
+(``compact.apply_decisions``, by a backend's compaction kernel where one serves the formats).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from tierkv.kv.attention import tiered_ring
 from tierkv.kv.attention.tiered_prefill import attend_prefill, dense_serves
-from tierkv.kv.attention.tiered_step import (
-    TieredAttention,
-    Unit,
-    UnitHost,
-    native_serves,
-    same_formats,
-)
-from tierkv.kv.backends.cpu import ops as native
-from tierkv.kv.backends.torch import ops as fast
-from tierkv.kv.formats.quant import KVFormat
+from tierkv.kv.attention.tiered_step import Unit, same_formats
+from tierkv.kv.backends.base import DecodeStep, KVBackend, TieredAttention
+from tierkv.kv.backends.tiered_attend import add_received, attend, tier_columns
 from tierkv.kv.policy.compact import apply_decisions
 from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
-from tierkv.kv.store.views import Residual, TierRead, causal_visibility
+from tierkv.kv.store.views import Residual
 
+# The backend that compacts slots stored in a (high, low) pair of format indices, or None
+# for the torch ops of ``apply_decisions``.
+Compactor = Callable[[tuple[int, int]], KVBackend | None]
 
-def _columns(high: TierRead, low: TierRead) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions [B, H, T] and validity of the columns of ``high`` then ``low``."""
-    pos = torch.cat([high.fields["pos"], low.fields["pos"]], 2)[..., 0].long()
-    return pos, torch.cat([high.valid, low.valid], -1)
-
-
-def attend(
-    store: KVStore,
-    layer: int,
-    q: torch.Tensor,
-    slots: torch.Tensor,
-    query_pos: torch.Tensor,
-    window: int | None,
-    workspace: dict | None = None,
-    residual: Residual | None = None,
-    host: UnitHost | None = None,
-) -> TieredAttention:
-    """Attention of ``q`` [B, nq, Hq, D] at positions ``query_pos`` [B, nq] over what ``slots``
-    keep at ``layer``; the slots must share their tier formats. Output in ``q``'s dtype.
-
-    Given a ``workspace`` (the fast backend's buffers) and tier formats
-    ``tierkv.kv.backends.torch.ops``
-    serves, keys and values are never decoded: the dequantization is folded into the two
-    matmuls of each tier (``fast.key_scores``, ``fast.value_mix``), with one softmax over both.
-    With ``residual`` (slots with a ring, the step's own tokens appended), each query's newest
-    positions come from it uncompressed (``tierkv.kv.attention.tiered_ring``). ``host``: the
-    unit's host-side facts (``step_units``), read from the tables when None.
-    """
-    high = store.read_tier(layer, slots, HIGH, host=host and host.tier(layer, HIGH))
-    low = store.read_tier(layer, slots, LOW, host=host and host.tier(layer, LOW))
-    if host is None:
-        slot = int(slots[0])
-        formats = (store.format_of(slot, HIGH), store.format_of(slot, LOW))
-    else:
-        formats = (store.formats[host.formats[HIGH]], store.formats[host.formats[LOW]])
-    pos, valid = _columns(high, low)
-    b, nq, hq, dim = q.shape
-    heads = store.num_kv_heads
-    qg = q.float().view(b, nq, heads, hq // heads, dim).permute(0, 2, 3, 1, 4)
-    visible = valid[:, :, None, None, :] & causal_visibility(
-        query_pos[:, None, None, :], pos[:, :, None, None, :], window
-    )
-    if residual is not None:
-        visible = tiered_ring.hide_recent(visible, pos, query_pos, residual.window)
-    fused = workspace is not None and all(fast.supports(f, dim) for f in formats)
-    if fused:
-        logits, mix = _fused(qg, (high, low), formats, valid, workspace)
-    else:
-        kh, vh = formats[0].decode(high.fields, torch.float32)
-        kl, vl = formats[1].decode(low.fields, torch.float32)
-        keys = torch.cat([kh, kl], 2)
-        # Stale bytes past a head's count may decode to NaN: the logits' mask removes it from
-        # the keys, but in the values a zero probability would keep it.
-        values = torch.cat([vh, vl], 2).masked_fill(~valid[..., None], 0.0)
-        logits = qg @ keys[:, :, None].transpose(-1, -2) / math.sqrt(dim)
-    logits = logits.masked_fill(~visible, -torch.inf)
-    if residual is not None:
-        logits = torch.cat([logits, tiered_ring.ring_logits(qg, residual, query_pos, window)], -1)
-    probs = logits.softmax(-1)
-    ring_probs = None
-    if residual is not None:
-        probs, ring_probs = probs.split([pos.shape[2], probs.shape[-1] - pos.shape[2]], -1)
-    out = mix(probs) if fused else probs @ values[:, :, None]
-    if ring_probs is not None:
-        out = out + tiered_ring.ring_mix(ring_probs, residual)
-        last = None if host is None else host.last_pos
-        probs = tiered_ring.fold(probs, ring_probs, pos, valid, residual, last)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, nq, hq, dim)
-    return TieredAttention(out.to(q.dtype), probs)
-
-
-def _fused(
-    qg: torch.Tensor,
-    reads: tuple[TierRead, TierRead],
-    formats: tuple[KVFormat, KVFormat],
-    valid: torch.Tensor,
-    workspace: dict,
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """Logits ``[B, H, G, nq, T]`` of both tiers straight from their codes (see
-    ``tierkv.kv.backends.torch.ops``), and the function that mixes their values by probabilities of
-    that
-    shape into the output ``[B, H, G, nq, D]``."""
-    b, heads, group, nq, dim = qg.shape
-    rows = qg.reshape(b, heads, group * nq, dim) * (1.0 / math.sqrt(dim))
-    # Each non-empty tier with its name (for its workspace buffers) and its first column.
-    tiers, start = [], 0
-    for read, fmt, name in zip(reads, formats, ("high", "low"), strict=True):
-        width = read.fields["pos"].shape[2]
-        if width:
-            tiers.append((read.fields, fmt, name, slice(start, start + width)))
-        start += width
-    scores = []
-    for f, fmt, name, _ in tiers:
-        keys = fast.unpack(f["k_codes"], fmt.key_bits, workspace, f"{name}_k")
-        # Stale scales past a head's count may be NaN; the caller's mask removes them.
-        scale, zero = (f[n].float().transpose(-1, -2) for n in ("k_scale", "k_zero"))
-        scores.append(fast.key_scores(rows, keys, scale, zero, fmt.key_bits))
-    logits = torch.cat(scores, -1).view(b, heads, group, nq, -1)
-
-    def mix(probs: torch.Tensor) -> torch.Tensor:
-        flat = probs.reshape(b, heads, group * nq, -1)
-        out = torch.zeros(b, heads, group * nq, dim)
-        for f, fmt, name, cols in tiers:
-            # A zero probability would not remove a stale NaN scale from the values.
-            keep = valid[:, :, None, cols]
-            scale, zero = (
-                torch.where(keep, f[n].float().transpose(-1, -2), 0.0)
-                for n in ("v_scale", "v_zero")
-            )
-            values = fast.unpack(f["v_codes"], fmt.value_bits, workspace, f"{name}_v")
-            out += fast.value_mix(flat[..., cols], values, scale, zero, fmt.value_bits)
-        return out.view(b, heads, group, nq, dim)
-
-    return logits, mix
-
-
-def add_received(
-    store: KVStore,
-    layer: int,
-    slots: torch.Tensor,
-    query_pos: torch.Tensor,
-    att: TieredAttention,
-    host: UnitHost | None = None,
-) -> None:
-    """Add the attention the tokens of ``slots`` received at ``layer`` to their stored scores
-    (the native decode already did). ``host``: as ``attend``'s."""
-    if att.scored:
-        return
-    if host is None:
-        if not bool((query_pos >= store.tiers.score_start[slots][:, None]).any()):
-            return
-    elif not host.counting:
-        return
-    tiers = [None, None] if host is None else [host.tier(layer, HIGH), host.tier(layer, LOW)]
-    high = store.read_tier(layer, slots, HIGH, ("score",), tiers[HIGH])
-    low = store.read_tier(layer, slots, LOW, ("score",), tiers[LOW])
-    width = high.fields["score"].shape[2]
-    stored = torch.cat([high.fields["score"], low.fields["score"]], 2)[..., 0]
-    pool = None if host is None else host.pool
-    scores = stored + store.tiers.received(att.probs, slots, query_pos, pool)
-    formats = (None, None) if host is None else host.formats
-    store.write_scores(layer, slots, HIGH, scores[..., :width], formats[HIGH])
-    store.write_scores(layer, slots, LOW, scores[..., width:], formats[LOW])
+__all__ = ["TieredAttention", "add_received", "attend", "attend_rows", "decide_step"]
 
 
 def decide_step(
-    store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: bool = False
+    store: KVStore, slots: torch.Tensor, seen: torch.Tensor, compactor: Compactor | None = None
 ) -> None:
     """After a step's last layer: decide the tiers of the ``slots`` [B] (tiered, having seen
-    ``seen`` [B] tokens) whose decision step this is, and compact them (by the native kernel
-    with ``native``, where it serves the slots' formats).
+    ``seen`` [B] tokens) whose decision step this is, and compact them (by the backend
+    ``compactor`` picks for their formats, else by torch ops).
 
     Every layer at once: a slot's layers and KV heads are independent units of the decision
     (``read_tier(None, ...)``), so the decision's few dozen tensor ops run once per step rather
@@ -199,61 +50,67 @@ def decide_step(
         return
     slots, seen = slots[deciding], seen[deciding]
     for rows in same_formats(store, slots):
-        _decide(store, slots[rows], seen[rows], native and native_serves(store, slots[rows]))
+        part = slots[rows]
+        slot = int(part[0])
+        formats = (int(store.slot_format[slot, HIGH]), int(store.slot_format[slot, LOW]))
+        backend = None if compactor is None else compactor(formats)
+        _decide(store, part, seen[rows], backend)
 
 
-def _decide(store: KVStore, slots: torch.Tensor, seen: torch.Tensor, native: bool) -> None:
+def _decide(
+    store: KVStore, slots: torch.Tensor, seen: torch.Tensor, compactor: KVBackend | None
+) -> None:
     """``decide_step`` for slots sharing their tier formats."""
     high = store.read_tier(None, slots, HIGH, ("score", "pos"))
     low = store.read_tier(None, slots, LOW, ("score", "pos"))
-    pos, valid = _columns(high, low)
+    pos, valid = tier_columns(high, low)
     scores = torch.cat([high.fields["score"], low.fields["score"]], 2)[..., 0]
     width = high.fields["pos"].shape[2]
     is_low = torch.arange(pos.shape[2]) >= width
     costs = store.costs(int(slots[0]))
     to_high, to_low = store.tiers.decide(slots, seen, scores, pos, valid, is_low, costs)
-    apply_decisions(store, None, slots, to_high, to_low, width, native)
+    apply_decisions(store, None, slots, to_high, to_low, width, compactor)
 
 
 def attend_rows(
-    store: KVStore,
+    step: DecodeStep,
     layer: int,
     q: torch.Tensor,
     units: list[Unit],
     window: int | None,
     out: torch.Tensor,
-    workspace: dict | None = None,
-    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None] | None = None,
-    native: bool = False,
+    fused: bool,
+    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None],
 ) -> None:
     """Attend and score for the tiered requests of a step (``step_units``) at one layer,
-    writing their rows of ``out`` (``decide_step`` decides after the last layer). Decodes
-    sharing tier formats form one batched call; prefill chunks go alone. ``workspace`` selects
-    the fused torch paths, ``native`` the cpu backend's ``tiered_decode`` where it serves.
-    ``fresh`` is the step's keys and values [N, H, D] and, when slots have residual rings,
-    their entries read before the step's write (``KVStore.read_residual``;
-    None if the step did not read them: then only the native decode needs them).
+    writing their rows of ``out`` (``decide_step`` decides after the last layer). A unit of
+    decodes sharing tier formats is one call to its backend (``Unit.backend``); a prefill
+    chunk goes alone, by SDPA where ``fused`` (the chain has fast backends) and it can
+    (``dense_serves``), else by ``attend`` (fused over the codes where ``fused``). ``fresh``
+    is the step's keys and values [N, H, D] and, when slots have residual rings, their entries
+    read before the step's write (``KVStore.read_residual``; None if the step did not read
+    them).
     """
+    store = step.store
     for unit in units:
-        tokens, query_pos, slots = unit.tokens, unit.query_pos, unit.slots
-        host = unit.host
-        if native and unit.native:
-            att = _attend_native(
-                store, layer, q[tokens[:, 0]], slots, query_pos[:, 0], window, host
+        tokens, query_pos, slots, host = unit.tokens, unit.query_pos, unit.slots, unit.host
+        backend = unit.backend
+        if backend is not None:
+            residual = None
+            if not backend.reads_rings_in_place:
+                residual = _residual(store, layer, unit, fresh)
+            rows = tokens[:, 0]
+            out[rows] = backend.tiered_decode(
+                step, layer, q[rows], slots, query_pos[:, 0], window, host, residual
             )
-            out[tokens] = att.out
-            add_received(store, layer, slots, query_pos, att, host)
             continue
         residual = _residual(store, layer, unit, fresh)
-        if (
-            workspace is not None
-            and tokens.shape[1] > 1
-            and dense_serves(q, residual, window, host)
-        ):
+        if fused and dense_serves(q, residual, window, host):
             att, query_pos = attend_prefill(
                 store, layer, q[tokens], slots, query_pos, window, residual, host
             )
         else:
+            workspace = step.workspace if fused else None
             att = attend(
                 store, layer, q[tokens], slots, query_pos, window, workspace, residual, host
             )
@@ -265,13 +122,13 @@ def _residual(
     store: KVStore,
     layer: int,
     unit: Unit,
-    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None] | None,
+    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None],
 ) -> Residual | None:
     """The ring entries a unit's queries see uncompressed (None when its slots have none)."""
     host = unit.host
     if host is not None and not host.recent:
         return None
-    if fresh is None or (host is None and not bool((store.residual[unit.slots] > 0).any())):
+    if host is None and not bool((store.residual[unit.slots] > 0).any()):
         return None
     k, v, rings = fresh
     if rings is None:
@@ -281,24 +138,3 @@ def _residual(
     own_k = k[unit.tokens].permute(0, 2, 1, 3)
     own_v = v[unit.tokens].permute(0, 2, 1, 3)
     return rings.select(unit.rows).append(own_k, own_v, unit.query_pos)
-
-
-def _attend_native(
-    store: KVStore,
-    layer: int,
-    q: torch.Tensor,
-    slots: torch.Tensor,
-    query_pos: torch.Tensor,
-    window: int | None,
-    host: UnitHost | None = None,
-) -> TieredAttention:
-    """``attend`` for one decode query per slot (``q`` [B, Hq, D] at ``query_pos`` [B]), by
-    the native kernel reading both tiers in place, which then adds the probabilities to the
-    stored scores (a decode query always counts: it is past the prompt)."""
-    known = (
-        {}
-        if host is None
-        else {"formats": host.formats, "has_ring": host.recent > 0, "prepared": host.kernel}
-    )
-    out, _ = native.tiered_decode(store, layer, q, slots, query_pos, window, score=True, **known)
-    return TieredAttention(out[:, None], None, scored=True)

@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from tierkv.kv.attention import tiered_ring
-from tierkv.kv.attention.tiered_step import TieredAttention, UnitHost
+from tierkv.kv.backends import tiered_ring
+from tierkv.kv.backends.base import TieredAttention, UnitHost
 from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
 from tierkv.kv.store.kv_store import HIGH, KVStore
 from tierkv.kv.store.views import Residual, causal_visibility

@@ -1,33 +1,19 @@
 """What tiered attention works out once per step: how the tiered requests are grouped into
-units (``step_units``), what each unit's layers need to know on the host (``UnitHost``), and
-the result type of attending a unit (``TieredAttention``)."""
+units (``step_units``) and what each unit's layers need to know on the host
+(``tierkv.kv.backends.base.UnitHost``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.base import KVBackend, UnitHost
 from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
 
 if TYPE_CHECKING:
     from tierkv.batch import AttentionBatch
-
-
-@dataclass
-class TieredAttention:
-    """The result of ``attend``: the output and the probabilities of every token.
-
-    Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
-    ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), or None when ``scored``:
-    the native decode already added them to the stored scores, or no query counts.
-    """
-
-    out: torch.Tensor
-    probs: torch.Tensor | None
-    scored: bool = False
 
 
 def same_formats(store: KVStore, slots: torch.Tensor) -> list[torch.Tensor]:
@@ -42,40 +28,16 @@ class Unit:
     """Tiered requests of a step attended in one call: decodes sharing their tier formats, or
     one prefill chunk. ``tokens`` [R, n] are their tokens' indices in the step, ``query_pos``
     [R, n] their positions, ``slots`` [R] their store slots, ``rows`` [R] their rows of the
-    step's batch; ``native``: decodes whose tier formats the native kernel serves. ``host``:
-    what the layers need to know about them on the host, read once per step."""
+    step's batch; ``host``: what the layers need to know about them on the host, read once
+    per step; ``backend``: for decodes, the backend of the chain that serves their tier formats
+    (``PagedAttention.plan`` picks it; None for a prefill chunk)."""
 
     tokens: torch.Tensor
     query_pos: torch.Tensor
     slots: torch.Tensor
-    native: bool
     rows: torch.Tensor
     host: UnitHost | None = None
-
-
-@dataclass
-class UnitHost:
-    """A unit's host-side facts for one step (``step_units``), so that no layer reads them
-    back from tensors: ``formats`` the store format indices of its high and low tiers;
-    ``pages[layer]`` the pages covering the largest count of each tier at that layer once
-    the step's tokens are written; ``last_pos`` its largest query position; ``counting`` how
-    many of a prefill chunk's queries score (every decode query does); ``recent`` the largest
-    residual window of its slots (0: none) and ``ring_pages`` the pages of the largest ring;
-    ``pool`` the largest prefill pooling kernel; ``kernel``: the native decode's arguments
-    that are the same at every layer, filled by its first layer (``native.tiered_decode``)."""
-
-    formats: tuple[int, int]
-    pages: list[tuple[int, int]]
-    last_pos: int
-    counting: int
-    recent: int
-    ring_pages: int
-    pool: int
-    kernel: dict = field(default_factory=dict)
-
-    def tier(self, layer: int, tier: int) -> tuple[int, int]:
-        """``(format index, pages)`` of one tier at ``layer``, for ``KVStore.read_tier``."""
-        return self.formats[tier], self.pages[layer][tier]
+    backend: KVBackend | None = None
 
 
 def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -> list[Unit]:
@@ -93,10 +55,8 @@ def step_units(store: KVStore, batch: AttentionBatch, is_tiered: torch.Tensor) -
         n = batch.query_lens[int(rows[0])]
         tokens = starts[rows][:, None] + torch.arange(n)
         slots = batch.slots[rows]
-        native_decode = n == 1 and native_serves(store, slots)
         query_pos = batch.token_index[tokens]
-        host = _unit_host(store, slots, query_pos, n)
-        units.append(Unit(tokens, query_pos, slots, native_decode, rows, host))
+        units.append(Unit(tokens, query_pos, slots, rows, _unit_host(store, slots, query_pos, n)))
     return units
 
 
@@ -122,9 +82,3 @@ def _unit_host(store: KVStore, slots: torch.Tensor, query_pos: torch.Tensor, n: 
         max(ring // store.layouts[0].tokens_per_page, 1),
         int(store.tiers.pool[slots].max()),
     )
-
-
-def native_serves(store: KVStore, slots: torch.Tensor) -> bool:
-    """Whether the native kernel serves both tier formats of ``slots`` (which share them)."""
-    formats = (store.format_of(int(slots[0]), HIGH), store.format_of(int(slots[0]), LOW))
-    return native.available() and all(native.supports(f, store.head_dim) for f in formats)

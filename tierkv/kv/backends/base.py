@@ -3,7 +3,7 @@
 A backend declares what it serves from its own kernel table (``refusal``: ``None`` when it
 serves a format at a head dim, dtype and device, else the reason, naming what it lacks), so a
 caller never sends a kernel a format it cannot read. ``PagedAttention`` asks the backends of
-its chain in order (``tierkv.kv.backends.chain``) and decodes each format's rows with the
+its chain in order (``tierkv.kv.backends.routing``) and decodes each format's rows with the
 first that serves it; ``reference`` serves everything and ends every chain.
 
 The contract of ``decode``: one query token per slot of a ``DecodeGroup``, ``q``
@@ -47,6 +47,45 @@ class DecodeGroup:
     lens: torch.Tensor
     max_len: int
     ring_pages: int = 0
+
+
+@dataclass
+class UnitHost:
+    """Host-side facts of a unit of tiered slots for one step, so that no layer reads them
+    back from tensors: ``formats`` the store format indices of its high and low tiers;
+    ``pages[layer]`` the pages covering the largest count of each tier at that layer once
+    the step's tokens are written; ``last_pos`` its largest query position; ``counting`` how
+    many of a prefill chunk's queries score (every decode query does); ``recent`` the largest
+    residual window of its slots (0: none) and ``ring_pages`` the pages of the largest ring;
+    ``pool`` the largest prefill pooling kernel; ``kernel``: a backend's tiered-decode
+    arguments that are the same at every layer, left there by the step's first layer."""
+
+    formats: tuple[int, int]
+    pages: list[tuple[int, int]]
+    last_pos: int
+    counting: int
+    recent: int
+    ring_pages: int
+    pool: int
+    kernel: dict = field(default_factory=dict)
+
+    def tier(self, layer: int, tier: int) -> tuple[int, int]:
+        """``(format index, pages)`` of one tier at ``layer``, for ``KVStore.read_tier``."""
+        return self.formats[tier], self.pages[layer][tier]
+
+
+@dataclass
+class TieredAttention:
+    """The result of attending tiered slots: the output and the probabilities of every token.
+
+    Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
+    ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), or None when ``scored``:
+    they were already added to the stored scores, or no query counts.
+    """
+
+    out: torch.Tensor
+    probs: torch.Tensor | None
+    scored: bool = False
 
 
 @dataclass
@@ -94,6 +133,85 @@ class KVBackend(ABC):
     ) -> bool:
         """``refusal`` is None, and the backend can run here."""
         return self.unavailable() is None and self.refusal(fmt, head_dim, dtype, device) is None
+
+    # Kernels besides uniform decode are optional: a backend without one refuses it (the
+    # defaults below) and the next backend of the chain that serves it is asked.
+
+    def tiered_refusal(
+        self,
+        formats: tuple[KVFormat, KVFormat],
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> str | None:
+        """None when ``tiered_decode`` serves tiered slots whose high and low tiers are stored
+        in ``formats``; else why not."""
+        return f"the {self.name} backend has no tiered decode"
+
+    def tiered_decode(
+        self,
+        step: DecodeStep,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        query_pos: torch.Tensor,
+        window: int | None,
+        host: UnitHost,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        """Decode attention of tiered ``slots`` [B] sharing their tier formats, one query
+        ``q`` [B, Hq, D] per slot at ``query_pos`` [B], after the step's write: each (slot,
+        KV head) attends the tokens it keeps in both tiers (under a sliding ``window``, those
+        newer than ``query_pos - window``), and a slot with a residual ring its newest
+        positions from the ring instead (``tierkv.kv.backends.tiered_ring``). Returns the
+        output [B, Hq, D] in ``q``'s dtype, and adds to each token's stored score the largest
+        probability any query head of its group gave it (a ring entry's goes to the tier token
+        of its position): what ``tiered_attend.add_received`` adds. ``residual``: the ring
+        entries, the step's own token included, for a backend that does not read rings in
+        place (None when no slot has a ring)."""
+        raise NotImplementedError(f"the {self.name} backend has no tiered decode")
+
+    def write_refusal(
+        self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> str | None:
+        """None when ``write`` stores new tokens in ``fmt``; else why not (the store then
+        encodes them with ``KVFormat.encode``, the reference)."""
+        return f"the {self.name} backend has no write kernel"
+
+    def write(
+        self,
+        store: KVStore,
+        f: int,
+        pages: torch.Tensor,
+        rows: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Encode ``k``/``v`` [N, H, D] in the store's format index ``f`` and write every
+        field of token ``n``, head ``h`` (a zero score, ``positions`` [N]) at row
+        ``rows[n, h]`` of page ``pages[n, h]``: the bytes ``KVFormat.encode`` gives."""
+        raise NotImplementedError(f"the {self.name} backend has no write kernel")
+
+    def compact_refusal(
+        self, formats: tuple[KVFormat, KVFormat], head_dim: int, device: torch.device
+    ) -> str | None:
+        """None when ``compact`` serves slots whose tiers are stored in ``formats``; else why
+        not (``tierkv.kv.policy.compact`` then moves the bytes with torch ops)."""
+        return f"the {self.name} backend has no compaction kernel"
+
+    def compact(
+        self,
+        store: KVStore,
+        layer: int | None,
+        slots: torch.Tensor,
+        keep_high: torch.Tensor,
+        demote: torch.Tensor,
+        keep_low: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The byte-moving half of ``compact.apply_decisions`` (its contract:
+        ``tierkv.kv.backends.cpu.tiers.compact_tiers``)."""
+        raise NotImplementedError(f"the {self.name} backend has no compaction kernel")
 
     @abstractmethod
     def decode(

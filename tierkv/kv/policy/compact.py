@@ -13,17 +13,22 @@ the tokens that move or are demoted are read from their pages (the only full-fie
 decision needs, so its caller reads just scores and positions), the pages are resized
 (surplus freed, then missing ones allocated, so demotion can use the pages the high tier
 leaves), and the moved and demoted tokens are written, all of it vectorised over slots, heads
-and tokens. On the fast backend the moves and the decoding of the demoted tokens are one
-native call instead (``native.compact_tiers``, the same bytes), before the same resize and
+and tokens. Where a backend of the chain has a compaction kernel for the slots' formats
+(``KVBackend.compact``: the cpu backend's ``compact_tiers``), the moves and the decoding of the
+demoted tokens are one call to it instead (the same bytes), before the same resize and
 re-quantizing store.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from tierkv.kv.backends.cpu import ops as native_ops
 from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+
+if TYPE_CHECKING:
+    from tierkv.kv.backends.base import KVBackend
 
 # Where some tokens move: (slots [M], heads [M], destination indices [M], their fields).
 _Writes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -36,23 +41,24 @@ def apply_decisions(
     to_high: torch.Tensor,
     to_low: torch.Tensor,
     width: int,
-    native: bool = False,
+    compactor: KVBackend | None = None,
 ) -> None:
     """Rewrite both tiers of ``slots`` at ``layer``: tokens of ``to_high`` stay high, those of
     ``to_low`` go (or stay) low, the rest are pruned.
 
     The masks [B, H, T] cover the columns ``read_tier`` gave for both tiers, the ``width``
     high-tier columns first; the tokens' scores are already stored. Low-tier tokens must not be
-    in ``to_high`` (no promotion). With ``native``, the holes are filled and the demoted tokens
-    decoded by one C++ call (``native.compact_tiers``, the same bytes) instead of torch ops.
+    in ``to_high`` (no promotion). With a ``compactor`` (a backend whose ``compact`` serves the
+    slots' formats), the holes are filled and the demoted tokens decoded by one call to it (the
+    same bytes) instead of torch ops.
     """
     keep_high, demote, keep_low = to_high[..., :width], to_low[..., :width], to_low[..., width:]
     kept_low = keep_low.sum(-1)
-    # Everything that moves is read (and, natively, moved) before ``resize`` frees the pages it
-    # sits in.
-    if native:
+    # Everything that moves is read (and, by a compactor, moved) before ``resize`` frees the
+    # pages it sits in.
+    if compactor is not None:
         moves = []
-        demoted = native_ops.compact_tiers(store, layer, slots, keep_high, demote, keep_low)
+        demoted = compactor.compact(store, layer, slots, keep_high, demote, keep_low)
     else:
         moves = [
             (tier, w)

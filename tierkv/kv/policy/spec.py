@@ -23,7 +23,7 @@ request):
   format may not have more key or value bits than the high one. The full syntax is
   ``HIGH[-gN]/LOW[-gN][@BUDGET][:key=value,...]`` (a group size after HIGH sets the high
   tier's alone) with keys ``r`` (full-precision residual window, 0; at most ``w``, see
-  ``tierkv.kv.attention.tiered_ring``), ``ah`` (alpha_high, default 2.0),
+  ``tierkv.kv.backends.tiered_ring``), ``ah`` (alpha_high, default 2.0),
   ``al`` (alpha_low, 0.2), ``w`` (protected recent window, 64 tokens), ``sw`` (prefill
   scoring window, 64 queries), ``pk`` (prefill score pooling kernel, odd, 1 = none; 7) and
   ``di`` (decision interval in decode steps; 8, and 1 in budget mode),

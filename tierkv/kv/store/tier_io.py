@@ -4,7 +4,8 @@ Reads hand attention a tier's pages: ``gather`` decodes the high tier densely, `
 returns any tier's raw fields (``TierRead``) and ``tier_pages`` its page ids. Decisions move
 single tokens with ``take``/``put``/``put_tokens`` and store scores with ``write_scores``. Every
 encode of new tokens, the step's own (``KVStore.write``) and a decision's, goes through
-``_encode_into``: the native writer when the fast backend set one, else ``KVFormat.encode``.
+``_encode_into``: the writer a backend has for the format (``writer_for``), else
+``KVFormat.encode``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ _METADATA = ("score", "pos")
 class TokenIO(PageTables):
     """Reads and writes of the bytes of tokens in the store's tiers (a mixin of ``KVStore``)."""
 
-    # Encodes (quantizes, or copies uncompressed rows) and writes new tokens in one call when
-    # set (``native.store_tokens``, set by the fast attention backend); else
-    # ``KVFormat.encode`` and one store per field. A class default: a store starts without.
-    token_writer: Callable[..., None] | None = None
+    # Format index -> what encodes (quantizes, or copies uncompressed rows) and writes new
+    # tokens of that format in one call (``KVBackend.write``; set by ``PagedAttention`` from
+    # its chain), or None: then ``KVFormat.encode`` and one store per field. A function, not a
+    # table: formats register as requests arrive. A class default: a store starts without.
+    writer_for: Callable[[int], Callable[..., None] | None] | None = None
 
     def gather(
         self,
@@ -144,7 +146,7 @@ class TokenIO(PageTables):
         scores: torch.Tensor,
     ) -> None:
         """Encode keys and values ``k``/``v`` [M, D] (with their ``positions`` and ``scores``
-        [M]) in the tier's format and store them like ``put``: by the native writer when it
+        [M]) in the tier's format and store them like ``put``: by a backend's writer when one
         serves the format (the same bytes), else by ``KVFormat.encode``."""
         if not index.numel():
             return
@@ -209,11 +211,12 @@ class TokenIO(PageTables):
     ) -> None:
         """Encode ``k``/``v`` [N, H, D] in format index ``f`` and store token ``n``, head ``h``
         at row ``offset[n, h]`` of page ``pages[n, h]``, with ``positions`` [N] and ``scores``
-        [N] (0 when None): by the native writer when it serves the format (the same bytes),
+        [N] (0 when None): by a backend's writer when one serves the format (the same bytes),
         else by ``KVFormat.encode``."""
         views = self._views[f]
-        if self.token_writer is not None:
-            self.token_writer(self, f, pages, offset, k, v, positions)
+        writer = None if self.writer_for is None else self.writer_for(f)
+        if writer is not None:
+            writer(self, f, pages, offset, k, v, positions)
             if scores is not None and self.formats[f].quantized:
                 views["score"][pages, offset] = scores[:, None, None].to(torch.float32)
             return

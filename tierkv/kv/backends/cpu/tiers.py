@@ -36,7 +36,7 @@ def tiered_decode(
     only a window masks anything, and without one the kernel reads no position); the kernel
     merges the two tiers' parts by their log-sum-exps. Slots with a residual ring
     (``store.residual``) read their newest positions from it instead, in place, as a third part
-    (``tierkv.kv.attention.tiered_ring``); a ring position's probability is its tier token's.
+    (``tierkv.kv.backends.tiered_ring``); a ring position's probability is its tier token's.
 
     Returns ``(out, probs)``: ``out`` [B, Hq, D] in ``q``'s dtype and ``probs`` float32
     [B, H, G, T_high + T_low] (G = Hq // H), each query head's probability of every token,

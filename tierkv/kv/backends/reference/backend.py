@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend, UnitHost
+from tierkv.kv.backends.tiered_attend import decode_and_score
 from tierkv.kv.formats.quant import KVFormat
 
 if TYPE_CHECKING:
@@ -26,6 +27,30 @@ class ReferenceBackend(KVBackend):
         self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
     ) -> str | None:
         return None
+
+    def tiered_refusal(
+        self,
+        formats: tuple[KVFormat, KVFormat],
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> str | None:
+        return None
+
+    def tiered_decode(
+        self,
+        step: DecodeStep,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        query_pos: torch.Tensor,
+        window: int | None,
+        host: UnitHost,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        # Both tiers gathered and dequantized, one masked softmax (``tiered_attend.attend``).
+        store = step.store
+        return decode_and_score(store, layer, q, slots, query_pos, window, host, residual)
 
     def decode(
         self,
