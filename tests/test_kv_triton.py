@@ -102,7 +102,9 @@ def test_refuses_what_it_cannot_serve_by_name() -> None:
 
 
 @on_cpu
-def test_the_engine_on_the_triton_chain_gives_the_reference_greedy_output() -> None:
+@pytest.mark.parametrize("policy", ["k8v4", "default"])
+def test_the_engine_on_the_triton_chain_gives_the_reference_greedy_output(policy: str) -> None:
+    # ``default`` is tiered: its decodes, writes and scores go through the triton kernels too.
     prompts = [[5 + i * 7 % 3000 for i in range(n)] for n in (40, 9)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outputs = {}
@@ -110,7 +112,7 @@ def test_the_engine_on_the_triton_chain_gives_the_reference_greedy_output() -> N
         llm = LLM(
             str(DEMO),
             dtype="float32",
-            kv_policy="k8v4",
+            kv_policy=policy,
             attention_backend=backend,
             max_model_len=128,
             kv_cache_memory="16MiB",

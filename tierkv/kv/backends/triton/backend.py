@@ -1,4 +1,6 @@
-"""The ``triton`` backend: uniform decode over quantized pages by ``kernels.paged_decode``.
+"""The ``triton`` backend: uniform decode over quantized pages (``kernels.paged_decode``),
+tiered decode over both tiers in place (``tiered.tiered_decode``) and quantizing writes
+(``writes.store_tokens``).
 
 It runs where Triton can: on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, how the tests run it without a GPU). It is asked only by the
@@ -16,13 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend
+from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend, TieredAttention, UnitHost
 from tierkv.kv.backends.partial import merge, residual_part
 from tierkv.kv.formats.layout import PageLayout
 from tierkv.kv.formats.quant import KVFormat
 from tierkv.kv.store.kv_store import HIGH
 
 if TYPE_CHECKING:
+    from tierkv.kv.store.kv_store import KVStore
     from tierkv.kv.store.views import Residual
 
 
@@ -61,6 +64,74 @@ class TritonBackend(KVBackend):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"the triton backend computes in float32, bfloat16 or float16, not {dtype}"
         return None
+
+    def tiered_refusal(
+        self,
+        formats: tuple[KVFormat, KVFormat],
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> str | None:
+        for fmt in formats:
+            why = self.refusal(fmt, head_dim, dtype, device)
+            if why is not None:
+                return why
+        return None
+
+    def tiered_decode(
+        self,
+        step: DecodeStep,
+        layer: int,
+        q: torch.Tensor,
+        slots: torch.Tensor,
+        query_pos: torch.Tensor,
+        window: int | None,
+        host: UnitHost,
+        residual: Residual | None,
+    ) -> torch.Tensor:
+        # The kernel reads the rings after the write itself (``residual`` is not needed); the
+        # probabilities it returns are added to the scores as the torch path adds them.
+        from tierkv.kv.backends.tiered_attend import add_received
+        from tierkv.kv.backends.triton.tiered import tiered_decode
+
+        store = step.store
+        out, probs = tiered_decode(
+            store,
+            layer,
+            q,
+            slots,
+            query_pos,
+            window,
+            formats=host.formats,
+            pages=host.pages[layer],
+            cache=host.kernel,
+        )
+        att = TieredAttention(out[:, None], probs[:, :, :, None])
+        add_received(store, layer, slots, query_pos[:, None], att, host)
+        return out
+
+    def write_refusal(
+        self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> str | None:
+        if device.type == "cpu" and not interpreting():
+            return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend runs on cuda, not {device.type}"
+        return None
+
+    def write(
+        self,
+        store: KVStore,
+        f: int,
+        pages: torch.Tensor,
+        rows: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        from tierkv.kv.backends.triton.writes import store_tokens
+
+        store_tokens(store, f, pages, rows, k, v, positions)
 
     def decode(
         self,

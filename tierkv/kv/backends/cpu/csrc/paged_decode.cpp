@@ -998,7 +998,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(
 // tables ([S, L, H, 3, P], [S, L, H, 2]), read at `slots` [B] and `layer` here, so the call
 // needs no per-layer gathers. `formats` holds each tier's key bits, value bits, group size and
 // tokens per page; `offsets` and `strides` each tier's seven kernel fields then its score.
-// With `residual` [B] (tiered slots with a residual ring, tierkv/kv/attention/tiered_ring.py), the
+// With `residual` [B] (tiered slots with a residual ring, tierkv/kv/backends/tiered_ring.py), the
 // newest `residual` positions up to the query are read from the slot's ring (the tables'
 // third row, `ring_size` [B] tokens, FULL pages as paged_decode reads them) as a third part,
 // and hidden in the tiers; each ring position's probability is folded onto its tier token.
