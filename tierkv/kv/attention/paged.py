@@ -56,7 +56,8 @@ class _StepPlan:
     ``reads_rings``: whether residual entries are read before the step's write, and
     ``ring_pages`` the ring pages of the largest ring to read; ``rotate``: the step's tokens
     whose requests store keys and values in the rotated basis (``KVPolicy.rotate``), all of
-    them (a slice) or their indices, or None.
+    them (a slice) or their indices, or None; ``only_tiered``: the one unit of tiered decodes
+    when it is the whole step, its tokens in order (else None).
     """
 
     decode: torch.Tensor
@@ -70,6 +71,7 @@ class _StepPlan:
     reads_rings: bool
     ring_pages: int
     rotate: torch.Tensor | slice | None
+    only_tiered: Unit | None = None
 
 
 class PagedAttention:
@@ -129,6 +131,10 @@ class PagedAttention:
             rings = store.read_residual(layer, batch.slots, plan.ring_pages)
         store.write(layer, batch.token_slots, batch.token_index, k, v)
         window = self.sliding_windows[layer]
+        if plan.only_tiered is not None:
+            # A step of one unit of tiered decodes, the step's tokens in order: no scatter.
+            unit = plan.only_tiered
+            return tiered.decode_unit(self._decode_step, layer, q, unit, window, (k, v, rings))
         # A step of uniform decodes only (tokens None): their output is the step's, no gather.
         out = None if plan.tokens is None else torch.empty_like(q)
         if plan.groups:
@@ -251,6 +257,11 @@ class PagedAttention:
             ring_pages,
             rotate,
         )
+        # Decode rows come in batch order, one token each: such a unit of all of the step's
+        # tokens is the step, in order.
+        whole = len(units) == 1 and units[0].tokens.shape[0] == batch.token_slots.numel()
+        if whole and units[0].backend is not None and not decode.numel() and not prefill_rows:
+            self._plan.only_tiered = units[0]
         return self._plan
 
     def _decode(

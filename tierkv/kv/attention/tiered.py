@@ -30,7 +30,14 @@ from tierkv.kv.store.views import Residual
 # for the torch ops of ``apply_decisions``.
 Compactor = Callable[[tuple[int, int]], KVBackend | None]
 
-__all__ = ["TieredAttention", "add_received", "attend", "attend_rows", "decide_step"]
+__all__ = [
+    "TieredAttention",
+    "add_received",
+    "attend",
+    "attend_rows",
+    "decide_step",
+    "decode_unit",
+]
 
 
 def decide_step(
@@ -94,15 +101,9 @@ def attend_rows(
     store = step.store
     for unit in units:
         tokens, query_pos, slots, host = unit.tokens, unit.query_pos, unit.slots, unit.host
-        backend = unit.backend
-        if backend is not None:
-            residual = None
-            if not backend.reads_rings_in_place:
-                residual = _residual(store, layer, unit, fresh)
+        if unit.backend is not None:
             rows = tokens[:, 0]
-            out[rows] = backend.tiered_decode(
-                step, layer, q[rows], slots, query_pos[:, 0], window, host, residual
-            )
+            out[rows] = decode_unit(step, layer, q[rows], unit, window, fresh)
             continue
         residual = _residual(store, layer, unit, fresh)
         if fused and dense_serves(q, residual, window, host):
@@ -116,6 +117,26 @@ def attend_rows(
             )
         out[tokens] = att.out
         add_received(store, layer, slots, query_pos, att, host)
+
+
+def decode_unit(
+    step: DecodeStep,
+    layer: int,
+    q: torch.Tensor,
+    unit: Unit,
+    window: int | None,
+    fresh: tuple[torch.Tensor, torch.Tensor, Residual | None],
+) -> torch.Tensor:
+    """The output [B, Hq, D] of a unit of tiered decodes, ``q`` [B, Hq, D] its queries, by its
+    backend (``Unit.backend``), which also adds to its tokens' scores."""
+    backend = unit.backend
+    assert backend is not None and unit.host is not None, "a unit of decodes has a backend"
+    residual = None
+    if not backend.reads_rings_in_place:
+        residual = _residual(step.store, layer, unit, fresh)
+    return backend.tiered_decode(
+        step, layer, q, unit.slots, unit.query_pos[:, 0], window, unit.host, residual
+    )
 
 
 def _residual(
