@@ -1,5 +1,6 @@
 """The native bfloat16 flash prefill kernel (``partial.flash``) against attention computed in
-float64 from the same bfloat16 inputs, and beside torch's own bfloat16 kernel."""
+float64 from the same bfloat16 inputs, and beside torch's own bfloat16 kernel; its scoring
+companion (``partial.flash_scores``, each key's probability summed over queries) likewise."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.kv.backends.partial import flash, flash_serves
+from tierkv.kv.backends.partial import flash, flash_scores, flash_serves
 from tierkv.kv.store.views import causal_visibility
 
 pytestmark = pytest.mark.skipif(
@@ -75,6 +76,48 @@ def test_flash_equals_float64_attention(
     seen_lse, want_seen = lse[0][:, ~blind].double(), want_lse[0][:, ~blind]
     torch.testing.assert_close(seen_lse, want_seen, rtol=0, atol=1e-4)
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 3, 4]),
+    dim=st.sampled_from([16, 64, 96]),
+    n=st.integers(1, 70),
+    before=st.integers(0, 200),
+    shift_delta=st.integers(-20, 20),
+    window=st.one_of(st.none(), st.integers(1, 90)),
+    extra=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_flash_scores_sum_the_float64_probabilities(
+    kv_heads: int,
+    group: int,
+    dim: int,
+    n: int,
+    before: int,
+    shift_delta: int,
+    window: int | None,
+    extra: float,
+    seed: int,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    keys, shift = before + n, before + shift_delta
+    q = torch.randn(1, kv_heads * group, n, dim, generator=gen).bfloat16()
+    k = (torch.randn(1, kv_heads, keys, dim, generator=gen) * 2).bfloat16()
+    v = torch.zeros(1, kv_heads, keys, dim).bfloat16()
+    _, want_lse, visible = reference(q, k, v, shift, window)
+    # The rows also attend elsewhere (another part, ``extra`` more log-mass): their lse is
+    # larger than this part's, and the sums are this part's share of the probabilities.
+    lse = torch.logaddexp(want_lse, torch.full_like(want_lse, extra)).float()
+    sums = flash_scores(q, k, lse, shift, window)
+    assert sums.shape == (1, kv_heads * group, keys) and sums.dtype == torch.float32
+    logits = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)
+    probs = torch.exp(logits / math.sqrt(dim) - lse.double()[..., None]) * visible
+    want = probs.sum(2)
+    torch.testing.assert_close(sums.double(), want, rtol=1e-4, atol=1e-5)
+    # A key no query sees gets nothing.
+    assert (sums[0][:, ~visible.any(0)] == 0).all()
 
 
 @pytest.mark.parametrize("window", [None, 100])

@@ -1,6 +1,5 @@
 """The residual ring of tiered slots (``tierkv.kv.backends.tiered_ring``): each query's newest
-``r``
-positions at full precision, on every path (reference, fused torch, native kernel)."""
+``r`` positions at full precision, on every path (reference, fused torch, native kernel)."""
 
 from __future__ import annotations
 
@@ -13,10 +12,15 @@ from kv_stores import LAYER, tiered_store
 from test_kv_residual import _drive
 
 from tierkv import LLM, SamplingParams
+from tierkv.batch import AttentionBatch
 from tierkv.kv.attention import tiered
+from tierkv.kv.attention.paged import PagedAttention
 from tierkv.kv.backends.cpu import ops as native
+from tierkv.kv.backends.partial import flash_serves
+from tierkv.kv.formats.quant import default_page_bytes
 from tierkv.kv.policy.spec import KVPolicy
-from tierkv.kv.store.kv_store import LOW, RESIDUAL
+from tierkv.kv.store.kv_store import HIGH, LOW, RESIDUAL, KVStore
+from tierkv.kv.store.pool import PagePool
 
 needs_native = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"
@@ -149,3 +153,43 @@ def test_the_tiered_ring_is_admitted_counted_and_returned(checkpoints: dict[str,
     assert llm.kv_stats()["tiers"]["residual"]["pages"] == heads * ring
     engine.abort(rid)
     assert llm.kv_stats()["free_pages"] == llm.kv_stats()["total_pages"]
+
+
+@pytest.mark.skipif(
+    not flash_serves(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)),
+    reason="the extension is not built with AVX512-BF16 here",
+)
+@pytest.mark.parametrize("window", [None, 70])
+@pytest.mark.parametrize("policy", ["k8v4/k4v2:r=16,sw=40,w=16", "k8v8/k4v2:sw=24,w=8,pk=1"])
+def test_native_prefill_scores_equal_the_torch_scores(
+    policy: str, window: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In bfloat16 a tiered prefill chunk's scores come from ``flash_scores`` (each token's
+    probability summed over the scoring queries by the native kernel): the same scores as the
+    float32 softmax of the torch path, chunk by chunk, with and without a ring."""
+    import tierkv.kv.attention.tiered_prefill as tiered_prefill
+
+    def scores(native: bool) -> torch.Tensor:
+        if not native:
+            monkeypatch.setattr(tiered_prefill, "flash_serves", lambda q: False)
+        pool = PagePool(400, default_page_bytes(64))
+        store = KVStore(pool, 2, 3, 64, torch.bfloat16, 1, 512)
+        slot = store.acquire_slot(KVPolicy.parse(policy), 150)
+        attention = PagedAttention(store, [window, None], backend="fast")
+        gen = torch.Generator().manual_seed(5)
+        context = 0
+        for n in (90, 60):  # two chunks: the second sees the first's tokens and ring
+            batch = AttentionBatch.build([slot], [context], [n])
+            store.reserve(torch.tensor([slot]), torch.tensor([context + n]))
+            q = torch.randn(n, 9, 64, generator=gen).bfloat16()
+            k = (torch.randn(n, 3, 64, generator=gen) * 2).bfloat16()
+            v = torch.randn(n, 3, 64, generator=gen).bfloat16()
+            for layer in range(2):
+                attention(layer, q, k, v, batch)
+            context += n
+        monkeypatch.undo()
+        return store.read_tier(None, torch.tensor([slot]), HIGH, ("score",)).fields["score"]
+
+    native, torch_path = scores(True), scores(False)
+    assert native.abs().sum() > 0
+    torch.testing.assert_close(native, torch_path, rtol=1e-4, atol=1e-6)

@@ -10,7 +10,8 @@
 //   tierkv/kv/backends/cpu/csrc/paged_decode.cpp    kernel_bit_pairs, paged_decode, tiered_decode
 //   tierkv/kv/backends/cpu/csrc/quantize_store.cpp  quantize_store, store_rows
 //   tierkv/kv/backends/cpu/csrc/compact_tiers.cpp   compact_tiers
-//   tierkv/kv/backends/cpu/csrc/flash_prefill.cpp   flash_prefill_supported, flash_prefill
+//   tierkv/kv/backends/cpu/csrc/flash_prefill.cpp   flash_prefill_supported, flash_prefill,
+//                                                   flash_scores
 //   tierkv/model/csrc/small_batch_linear.cpp        small_batch_linear, invariant_linear
 //   tierkv/model/csrc/fused_elementwise.cpp         rms_norm, silu_and_mul, rotary
 // (the Python contracts: tierkv/kv/backends/cpu/ops.py, tiers.py, layout.py and writes.py,
@@ -61,6 +62,9 @@ TORCH_LIBRARY(tierkv, m) {
   m.def(
       "flash_prefill(Tensor q, Tensor k, Tensor v, int shift, int window, float sm_scale) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "flash_scores(Tensor q, Tensor k, Tensor lse, int shift, int window, float sm_scale) "
+      "-> Tensor");
 
   // --- Model layers (small_batch_linear.cpp, fused_elementwise.cpp) ---
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -10,7 +10,14 @@ import torch
 
 from tierkv.kv.backends import tiered_ring
 from tierkv.kv.backends.base import TieredAttention, UnitHost
-from tierkv.kv.backends.partial import causal_attention, flash_serves, residual_prefill
+from tierkv.kv.backends.partial import (
+    band_entries,
+    causal_attention,
+    flash,
+    flash_scores,
+    flash_serves,
+    residual_prefill,
+)
 from tierkv.kv.store.kv_store import HIGH, KVStore
 from tierkv.kv.store.views import Residual, causal_visibility
 
@@ -53,10 +60,15 @@ def attend_prefill(
     _, heads, width, dim = keys.shape
     queries = q[0].transpose(0, 1)[None]
     context = total - n
+    native = flash_serves(queries)
+    kept = (keys[:, :, :total], values[:, :, :total])
+    live = None
     if residual is None:
-        out = causal_attention(queries, keys[:, :, :total], values[:, :, :total], context, window)
+        if native:
+            out, lse = flash(queries, *kept, context, window)
+        else:
+            out = causal_attention(queries, *kept, context, window)
     else:
-        kept = (keys[:, :, :total], values[:, :, :total])
         live = None if host is None else _live_entries(store, host, residual, context, n)
         out, lse = residual_prefill(queries, *kept, context, residual, window, live)
     if host is None:
@@ -66,6 +78,12 @@ def attend_prefill(
     if not counting:
         return TieredAttention(out[0].transpose(0, 1)[None], None, scored=True), query_pos
     first = n - counting
+    if native:
+        # The native kernel sums each token's probabilities over the scoring queries from the
+        # same logits the attention used: no float32 logits of their own, no softmax.
+        sums = _native_scores(queries, keys, lse, first, context, window, residual, live)
+        att = TieredAttention(out[0].transpose(0, 1)[None], sums, summed=True)
+        return att, query_pos[:, first:]
     columns = torch.arange(width)
     visible = causal_visibility(query_pos[0, first:], columns, window)
     group = q.shape[2] // heads
@@ -87,6 +105,39 @@ def attend_prefill(
         logits, visible, scoring, residual, scored_pos, n, skip, window, lse
     )
     return TieredAttention(out[0].transpose(0, 1)[None], probs), scored_pos
+
+
+def _native_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    lse: torch.Tensor,
+    first: int,
+    context: int,
+    window: int | None,
+    residual: Residual | None,
+    live: tuple[int, int, int] | None,
+) -> torch.Tensor:
+    """``attend_prefill``'s probabilities of the scoring queries (``queries`` [1, Hq, n, D]
+    from ``first`` on, ``lse`` [1, Hq, n] their log-sum-exps), summed over them by
+    ``flash_scores``: ``[1, H, G, 1, W]`` over the ``W`` columns of ``keys`` [1, H, W, D]
+    (column ``c`` holding position ``c``). Tier columns are seen ``R`` positions behind each
+    query (``R`` the residual window, 0 without a ring); the ring's entries, the newest ``R``
+    positions, add their probabilities onto their positions' columns."""
+    _, hq, n, _ = queries.shape
+    heads, width = keys.shape[1], keys.shape[2]
+    scoring, scoring_lse = queries[:, :, first:], lse[:, :, first:]
+    recent = 0 if residual is None else (int(residual.window[0]) if live is None else live[0])
+    stop = context + n - recent
+    quantized = None if window is None else window - recent
+    sums = torch.zeros(1, hq, width)
+    sums[..., :stop] = flash_scores(
+        scoring, keys[:, :, :stop], scoring_lse, context - recent + first, quantized
+    )
+    if residual is not None:
+        band_keys, _, start = band_entries(residual, live)
+        band = flash_scores(scoring, band_keys, scoring_lse, context - start + first, recent)
+        sums[..., start : start + band.shape[-1]] += band
+    return sums.view(1, heads, hq // heads, 1, width)
 
 
 def _live_entries(

@@ -80,12 +80,14 @@ class TieredAttention:
 
     Token columns ``T`` are those ``read_tier`` gives for the high tier, then the low tier's;
     ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), or None when ``scored``:
-    they were already added to the stored scores, or no query counts.
+    they were already added to the stored scores, or no query counts. ``summed``: ``probs``
+    is ``[B, H, G, 1, T]``, already summed over the queries (which all count).
     """
 
     out: torch.Tensor
     probs: torch.Tensor | None
     scored: bool = False
+    summed: bool = False
 
 
 @dataclass

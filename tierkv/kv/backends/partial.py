@@ -51,6 +51,29 @@ def flash(
     return out.transpose(0, 1)[None], lse[None]
 
 
+def flash_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    lse: torch.Tensor,
+    shift: int,
+    window: int | None,
+) -> torch.Tensor:
+    """The probability mass each of ``keys`` [1, H, T, D] receives from ``queries`` [1, Hq, m,
+    D] that see them as ``flash`` would (query ``i`` keys ``j <= i + shift``, within a sliding
+    ``window``), normalised by ``lse`` [1, Hq, m], each query's log-sum-exp over everything it
+    attends: ``[1, Hq, T]`` float32 sums over the queries (``flash_serves``; the native
+    kernel's bf16 pair products, as the attention's own logits)."""
+    sums = torch.ops.tierkv.flash_scores(
+        queries[0],
+        keys[0],
+        lse[0].contiguous(),
+        shift,
+        window or 0,
+        1.0 / math.sqrt(queries.shape[-1]),
+    )
+    return sums[None]
+
+
 def causal_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -131,16 +154,7 @@ def residual_prefill(
         out, lse = flash(
             queries, keys[:, :, :stop], values[:, :, :stop], context - recent, quantized
         )
-        # The live entries sorted by position are consecutive positions from ``first`` on
-        # (empty ones, at -1, sort first): query i sees those within R of its position.
-        order = residual.pos[0].argsort()
-        if host is None:
-            empty = int((residual.pos[0] < 0).sum())
-            first = int(residual.pos[0, order[empty]])
-        else:
-            empty, first = host[1], host[2]
-        live = order[empty:]
-        band_keys, band_values = residual.keys[:, :, live], residual.values[:, :, live]
+        band_keys, band_values, first = band_entries(residual, host)
         band_out, band_lse = flash(queries, band_keys, band_values, context - first, recent)
         out, lse = merge(out, lse, band_out, band_lse)
         return out.to(queries.dtype), lse
@@ -172,6 +186,23 @@ def residual_prefill(
     band_out, band_lse = _residual_band(queries, residual, context, recent)
     out, lse = merge(out, lse, band_out, band_lse)
     return out.to(queries.dtype), lse
+
+
+def band_entries(
+    residual: Residual, host: tuple[int, int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A one-slot ``residual``'s live entries in position order, keys and values [1, H, E, D],
+    and the position of the first: consecutive positions from it on (empty ones, at -1, sort
+    first and are left out), so query ``p`` sees those within ``R`` of it as a band. ``host``:
+    as ``residual_prefill``'s."""
+    order = residual.pos[0].argsort()
+    if host is None:
+        empty = int((residual.pos[0] < 0).sum())
+        first = int(residual.pos[0, order[empty]])
+    else:
+        empty, first = host[1], host[2]
+    live = order[empty:]
+    return residual.keys[:, :, live], residual.values[:, :, live], first
 
 
 def _residual_band(

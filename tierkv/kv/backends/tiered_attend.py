@@ -164,7 +164,7 @@ def add_received(
     width = high.fields["score"].shape[2]
     stored = torch.cat([high.fields["score"], low.fields["score"]], 2)[..., 0]
     pool = None if host is None else host.pool
-    scores = stored + store.tiers.received(att.probs, slots, query_pos, pool)
+    scores = stored + store.tiers.received(att.probs, slots, query_pos, pool, att.summed)
     formats = (None, None) if host is None else host.formats
     store.write_scores(layer, slots, HIGH, scores[..., :width], formats[HIGH])
     store.write_scores(layer, slots, LOW, scores[..., width:], formats[LOW])

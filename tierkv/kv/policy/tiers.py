@@ -70,14 +70,20 @@ class SlotTiers:
         slots: torch.Tensor,
         query_pos: torch.Tensor,
         pool: int | None = None,
+        summed: bool = False,
     ) -> torch.Tensor:
         """Attention each token received from the counting queries: ``[B, H, T]``.
 
         ``probs`` is ``[B, H, G, nq, T]`` (G query heads per KV head), ``query_pos`` ``[B, nq]``;
-        ``pool`` the slots' pooling kernel when the caller knows it on the host.
+        ``pool`` the slots' pooling kernel when the caller knows it on the host. ``summed``:
+        ``probs`` is ``[B, H, G, 1, T]``, already summed over the queries at ``query_pos``,
+        all of which count (``partial.flash_scores``).
         """
-        counts = query_pos >= self.score_start[slots][:, None]
-        summed = (probs * counts[:, None, None, :, None]).sum(3).amax(2)
+        if summed:
+            summed = probs.sum(3).amax(2)
+        else:
+            counts = query_pos >= self.score_start[slots][:, None]
+            summed = (probs * counts[:, None, None, :, None]).sum(3).amax(2)
         if query_pos.shape[1] == 1:
             return summed  # a decode step: never pooled
         kernel = int(self.pool[slots].max()) if pool is None else pool

@@ -60,12 +60,19 @@ inline uint32_t word(const at::BFloat16* p) {
 // Keys of one KV head as [block][channel pair][64 keys] words, values as [key pair][channel]
 // words (the two keys' bf16 in the low and high half), into zeroed buffers (zero past the last
 // key).
-void pack_head(const at::BFloat16* k, const at::BFloat16* v, int64_t key_stride,
-               int64_t value_stride, int64_t keys, int64_t dim, uint32_t* kp, uint32_t* vp) {
+void pack_keys(const at::BFloat16* k, int64_t key_stride, int64_t keys, int64_t dim,
+               uint32_t* kp) {
   const int64_t pairs = dim / 2;
   for (int64_t j = 0; j < keys; ++j) {
     uint32_t* block = kp + (j / kBlock) * pairs * kBlock + j % kBlock;
     for (int64_t p = 0; p < pairs; ++p) block[p * kBlock] = word(k + j * key_stride + 2 * p);
+  }
+}
+
+void pack_head(const at::BFloat16* k, const at::BFloat16* v, int64_t key_stride,
+               int64_t value_stride, int64_t keys, int64_t dim, uint32_t* kp, uint32_t* vp) {
+  pack_keys(k, key_stride, keys, dim, kp);
+  for (int64_t j = 0; j < keys; ++j) {
     uint16_t* row = reinterpret_cast<uint16_t*>(vp + (j / 2) * dim) + j % 2;
     const uint16_t* src = reinterpret_cast<const uint16_t*>(v + j * value_stride);
     for (int64_t d = 0; d < dim; ++d) row[2 * d] = src[d];
@@ -275,6 +282,93 @@ std::tuple<at::Tensor, at::Tensor> flash_prefill(const at::Tensor& q, const at::
   return {out, lse};
 }
 
+// Column sums of a few query rows' attention probabilities over one part of what they see:
+// sums[h][j] = sum over rows i of exp(q[h][i] . k[j] * sm_scale - lse[h][i]) for the keys j row
+// i sees (flash_prefill's band: j <= i + shift and, with a window W, j > i + shift - W), where
+// lse[h][i] is the row's log-sum-exp over everything it attends (this part and any other): the
+// probability mass each key receives from the rows, which a tiered slot's prefill scores
+// tokens by. The logits are flash_prefill's (bf16 pair products, float32 sums), so the
+// probabilities agree with the attention's own. q [Hq, m, D], k [H, T, D] bfloat16 (channels
+// contiguous, H dividing Hq), lse [Hq, m] float32. Returns [Hq, T] float32.
+at::Tensor flash_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                        int64_t shift, int64_t window, double sm_scale) {
+  TORCH_CHECK(flash_prefill_supported(), "flash_scores needs a build with AVX512-BF16");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-d");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
+              "flash_scores takes bfloat16 q and k");
+  const int64_t heads = q.size(0), m = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(0), keys = k.size(1);
+  TORCH_CHECK(k.size(2) == dim && kv_heads > 0 && heads % kv_heads == 0,
+              "k must be [H, T, ", dim, "] with H dividing the query heads");
+  TORCH_CHECK(dim > 0 && dim % 16 == 0, "head dim must be a multiple of 16, got ", dim);
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "channels must be contiguous");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({heads, m}),
+              "lse must be float32 [Hq, m]");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  const int64_t blocks = std::max<int64_t>(1, (keys + kBlock - 1) / kBlock);
+  at::Tensor sums = at::zeros({heads, blocks * kBlock}, q.options().dtype(at::kFloat));
+#ifdef __AVX512BF16__
+  if (m == 0 || keys == 0) return sums.narrow(1, 0, keys);
+  const int64_t pairs = dim / 2, kwords = blocks * pairs * kBlock;
+  std::vector<uint32_t> kp(kv_heads * kwords, 0);
+  const at::BFloat16* kbase = k.data_ptr<at::BFloat16>();
+  at::parallel_for(0, kv_heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < last; ++g)
+      pack_keys(kbase + g * k.stride(0), k.stride(1), keys, dim, kp.data() + g * kwords);
+  });
+  const at::Tensor lse_c = lse.contiguous();
+  const float* lsep = lse_c.data_ptr<float>();
+  const at::BFloat16* qbase = q.data_ptr<at::BFloat16>();
+  float* sump = sums.data_ptr<float>();
+  const Band band{shift, window};
+  const int64_t group = heads / kv_heads, padded = (m + kRows - 1) / kRows * kRows;
+  const float scale = static_cast<float>(sm_scale);
+  at::parallel_for(0, heads, 1, [&](int64_t first_head, int64_t last_head) {
+    std::vector<uint32_t> qw(padded * pairs, 0);
+    std::vector<float> logits(kRows * kBlock);
+    for (int64_t h = first_head; h < last_head; ++h) {
+      const uint32_t* kh = kp.data() + (h / group) * kwords;
+      for (int64_t r = 0; r < m; ++r) {
+        const at::BFloat16* src = qbase + h * q.stride(0) + r * q.stride(1);
+        for (int64_t p = 0; p < pairs; ++p) qw[r * pairs + p] = word(src + 2 * p);
+      }
+      float* out = sump + h * blocks * kBlock;
+      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+        const int64_t rows = std::min(kRows, m - r0);
+        const int64_t lo = band.first(r0), hi = band.last(r0 + rows - 1, keys);
+        for (int64_t b0 = lo / kBlock * kBlock; b0 <= hi; b0 += kBlock) {
+          logits_step(qw.data() + r0 * pairs, pairs, kh + (b0 / kBlock) * pairs * kBlock,
+                      logits.data());
+          for (int64_t r = r0; r < r0 + rows; ++r) {
+            const int64_t first = band.first(r) - b0, last = band.last(r, keys) - b0;
+            if (last < std::max<int64_t>(first, 0) || first >= kBlock) continue;
+            const float row_lse = lsep[h * m + r];
+            if (!std::isfinite(row_lse)) continue;  // a row that saw nothing adds nothing
+            const __m512 scale_v = _mm512_set1_ps(scale), lse_v = _mm512_set1_ps(row_lse);
+            for (int c = 0; c < 4; ++c) {
+              const __m512 j = _mm512_add_ps(
+                  _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                  _mm512_set1_ps(static_cast<float>(c * 16)));
+              const __mmask16 seen =
+                  _mm512_cmp_ps_mask(j, _mm512_set1_ps(static_cast<float>(first)), _CMP_GE_OQ) &
+                  _mm512_cmp_ps_mask(j, _mm512_set1_ps(static_cast<float>(last)), _CMP_LE_OQ);
+              const __m512 s = _mm512_sub_ps(
+                  _mm512_mul_ps(_mm512_loadu_ps(logits.data() + (r - r0) * kBlock + c * 16),
+                                scale_v),
+                  lse_v);
+              const __m512 p = _mm512_maskz_mov_ps(seen, exp_nonpositive(s));
+              float* dst = out + b0 + c * 16;
+              _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), p));
+            }
+          }
+        }
+      }
+    }
+  });
+#endif
+  return sums.narrow(1, 0, keys);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tierkv, CatchAll, m) {
@@ -283,4 +377,5 @@ TORCH_LIBRARY_IMPL(tierkv, CatchAll, m) {
 
 TORCH_LIBRARY_IMPL(tierkv, CPU, m) {
   m.impl("flash_prefill", &flash_prefill);
+  m.impl("flash_scores", &flash_scores);
 }
