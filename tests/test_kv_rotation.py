@@ -64,13 +64,14 @@ def test_rotation_is_on_for_quantized_policies_unless_h_0() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 80])
 @pytest.mark.parametrize("some", [False, True])
-def test_one_product_for_queries_keys_and_values_gives_the_same_bits(
+def test_rotate_qkv_rotates_the_rows_asked_into_contiguous_tensors(
     dtype: torch.dtype, head_dim: int, some: bool
 ) -> None:
-    """``rotate_qkv`` (one product, the queries' 1/b after it) against one ``rotate`` each,
-    for every row or only some (the others left as they were)."""
+    """``rotate_qkv`` against one ``rotate`` each, for every row or only some (the others left
+    as they were), from views of one fused projection as the decoder passes them."""
     gen = torch.Generator().manual_seed(head_dim)
-    q, k, v = (torch.randn(7, h, head_dim, generator=gen).to(dtype) for h in (9, 3, 3))
+    fused = torch.randn(7, 15, head_dim, generator=gen).to(dtype)
+    q, k, v = fused.split((9, 3, 3), 1)
     rows = torch.tensor([0, 3, 5]) if some else slice(None)
     got = rotate_qkv(q, k, v, rows)
     for x, kind, y in zip((q, k, v), ("query", "in", "in"), got, strict=True):
