@@ -234,3 +234,53 @@ def test_store_tokens_matches_encode_at_any_scale(
     if not (k.isfinite().all() and v.isfinite().all()):
         return  # fp16 overflow: the engine never stores infinities
     _assert_same_bytes(fmt, k, v, seed)
+
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh)"
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("formats", "q_heads", "window", "head_dim"), [d[:4] for d in DECODES])
+def test_on_cuda_the_tiered_decode_equals_attend_on_cpu(
+    formats: str, q_heads: int, window: int | None, head_dim: int
+) -> None:
+    """The store built on CPU, its arena copied to the GPU: the kernel reads the pages there
+    (tables and counts travel with the call). Without a ring, which is read through the
+    store's CPU views."""
+    spec = f"{formats}:ah=10,al=4,w=8,sw=16"
+    store, slots, q, query_pos = tiered_store(spec, q_heads, window, head_dim=head_dim)
+    want = attend(store, LAYER, q[:, None], slots, query_pos[:, None], window)
+    cpu_arena = store.pool.arena
+    store.pool.arena = cpu_arena.cuda()
+    try:
+        out, probs = tiered_decode(store, LAYER, q.cuda(), slots, query_pos, window)
+    finally:
+        store.pool.arena = cpu_arena
+    _close(out.cpu(), want.out[:, 0], "out")
+    _close(probs.cpu(), want.probs[:, :, :, 0], "probs")
+
+
+@needs_cuda
+@pytest.mark.parametrize("fmt", QUANTIZED, ids=lambda f: f.name)
+def test_on_cuda_store_tokens_writes_the_encode_bytes(fmt: KVFormat) -> None:
+    store = _store(fmt, 128)
+    f = store.register(fmt)
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(5, HEADS, 128, generator=gen) * 3
+    v = torch.randn(5, HEADS, 128, generator=gen)
+    pages, rows = _targets(store, f, 5, 7)
+    positions = torch.arange(5) + 100
+    views = store.pool.fields(store.layouts[f])
+    for name, value in store.formats[f].encode(k, v, positions=positions).items():
+        views[name][pages, rows] = value
+    want = _unsigned_zero_points(store.pool.arena, store.layouts[f])
+    cpu_arena = store.pool.arena
+    store.pool.arena = cpu_arena.clone().fill_(0xAB).cuda()
+    try:
+        store_tokens(store, f, pages.cuda(), rows.cuda(), k.cuda(), v.cuda(), positions.cuda())
+        got = store.pool.arena.cpu()
+    finally:
+        store.pool.arena = cpu_arena
+    assert torch.equal(_unsigned_zero_points(got, store.layouts[f]), want)
