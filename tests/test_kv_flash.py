@@ -120,6 +120,56 @@ def test_flash_scores_sum_the_float64_probabilities(
     assert (sums[0][:, ~visible.any(0)] == 0).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    group=st.sampled_from([1, 3]),
+    dim=st.sampled_from([16, 64]),
+    n=st.integers(1, 140),
+    first=st.tuples(
+        st.integers(0, 150), st.integers(-10, 10), st.one_of(st.none(), st.integers(1, 60))
+    ),
+    second=st.tuples(
+        st.integers(1, 150), st.integers(-10, 10), st.one_of(st.none(), st.integers(1, 60))
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_flash_going_on_from_a_state_attends_both_key_sets(
+    group: int,
+    dim: int,
+    n: int,
+    first: tuple[int, int, int | None],
+    second: tuple[int, int, int | None],
+    seed: int,
+) -> None:
+    """``flash(..., state)`` over a second key set continues the first call's softmax: the
+    float64 attention over both sets, each seen through its own band (shift, window)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2 * group, n, dim, generator=gen).bfloat16()
+    parts, visible = [], []
+    for keys, delta, window in (first, second):
+        k = torch.randn(1, 2, keys, dim, generator=gen).bfloat16()
+        v = torch.randn(1, 2, keys, dim, generator=gen).bfloat16()
+        shift = keys - n + delta
+        parts.append((k, v, shift, window))
+        visible.append(
+            causal_visibility(torch.arange(shift, shift + n), torch.arange(keys), window)
+        )
+    (k1, v1, s1, w1), (k2, v2, s2, w2) = parts
+    out, lse = flash(q, k2, v2, s2, w2, flash(q, k1, v1, s1, w1))
+    k64 = torch.cat([k1, k2], 2).double().repeat_interleave(group, 1)
+    v64 = torch.cat([v1, v2], 2).double().repeat_interleave(group, 1)
+    seen = torch.cat(visible, 1)
+    logits = (q.double() @ k64.transpose(-1, -2) / math.sqrt(dim)).masked_fill(~seen, -math.inf)
+    want_lse = torch.logsumexp(logits, -1)
+    blind = ~seen.any(-1)
+    probs = torch.exp(logits - torch.where(torch.isinf(want_lse), 0.0, want_lse)[..., None])
+    assert torch.isinf(lse[0][:, blind]).all() and (out[0][:, blind] == 0).all()
+    torch.testing.assert_close(
+        lse[0][:, ~blind].double(), want_lse[0][:, ~blind], rtol=0, atol=1e-4
+    )
+    torch.testing.assert_close(out.double(), probs @ v64, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("window", [None, 100])
 def test_flash_error_is_no_larger_than_torch_bfloat16_kernel(window: int | None) -> None:
     """On a long causal prompt, the kernel's error against float64 stays within torch's own

@@ -60,8 +60,8 @@ TORCH_LIBRARY(tierkv, m) {
   // --- Prefill attention (flash_prefill.cpp) ---
   m.def("flash_prefill_supported() -> bool");
   m.def(
-      "flash_prefill(Tensor q, Tensor k, Tensor v, int shift, int window, float sm_scale) "
-      "-> (Tensor, Tensor)");
+      "flash_prefill(Tensor q, Tensor k, Tensor v, int shift, int window, float sm_scale, "
+      "Tensor? init_out=None, Tensor? init_lse=None) -> (Tensor, Tensor)");
   m.def(
       "flash_scores(Tensor q, Tensor k, Tensor lse, int shift, int window, float sm_scale) "
       "-> Tensor");

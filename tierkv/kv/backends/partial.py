@@ -40,13 +40,29 @@ def flash(
     values: torch.Tensor,
     shift: int,
     window: int | None,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``queries`` [1, Hq, n, D] over ``keys``/``values`` [1, H, T, D] (H divides
     Hq) by the native kernel (``flash_serves``), query ``i`` seeing keys ``j <= i + shift``
     and, under a sliding ``window``, ``j > i + shift - window``. Returns ``(out [1, Hq, n, D]
-    bfloat16, lse [1, Hq, n] float32)``; a query seeing no key gets zeros and lse -inf."""
+    bfloat16, lse [1, Hq, n] float32)``; a query seeing no key gets zeros and lse -inf.
+
+    ``state``: an earlier call's ``(out, lse)`` for the same queries over other keys; the
+    softmax goes on from it, so the result is attention over both (``merge``'s, in one pass
+    and one rounding)."""
+    init_out = init_lse = None
+    if state is not None:
+        # The kernel's own layouts, [n, Hq, D] and [Hq, n]: views of what it returned.
+        init_out, init_lse = state[0][0].transpose(0, 1).contiguous(), state[1][0].contiguous()
     out, lse = torch.ops.tierkv.flash_prefill(
-        queries[0], keys[0], values[0], shift, window or 0, 1.0 / math.sqrt(queries.shape[-1])
+        queries[0],
+        keys[0],
+        values[0],
+        shift,
+        window or 0,
+        1.0 / math.sqrt(queries.shape[-1]),
+        init_out,
+        init_lse,
     )
     return out.transpose(0, 1)[None], lse[None]
 
@@ -138,7 +154,8 @@ def residual_prefill(
     kernel, where it serves, attends the quantized keys in one call (query ``i`` sees those up
     to position ``context + i - R``) and the uncompressed entries in another (a band of ``R``
     over them in position order), and then also under a ``sliding`` window wider than ``R``
-    (the band is inside it; the quantized keys seen shrink to ``sliding - R``).
+    (the band is inside it; the quantized keys seen shrink to ``sliding - R``), the second call
+    going on from the first's softmax.
 
     Returns the output in the queries' dtype and each query's log-sum-exp over everything it
     saw (float32 [1, Hq, n]), from which a tiered slot's scores are normalised.
@@ -155,9 +172,8 @@ def residual_prefill(
             queries, keys[:, :, :stop], values[:, :, :stop], context - recent, quantized
         )
         band_keys, band_values, first = band_entries(residual, host)
-        band_out, band_lse = flash(queries, band_keys, band_values, context - first, recent)
-        out, lse = merge(out, lse, band_out, band_lse)
-        return out.to(queries.dtype), lse
+        # The band continues the quantized part's softmax: no merge of two outputs.
+        return flash(queries, band_keys, band_values, context - first, recent, (out, lse))
     if sliding is not None:
         raise ValueError("a sliding window in residual_prefill needs the native flash kernel")
     group = queries.shape[1] // keys.shape[1]

@@ -140,7 +140,7 @@ struct Band {
 // One tile: queries [i0, i0 + rows) of query head `h` over its KV head's packed keys/values.
 void tile(const at::Tensor& q, int64_t h, int64_t i0, int64_t rows, const uint32_t* kp,
           const uint32_t* vp, int64_t keys, const Band& band, float scale, at::BFloat16* out,
-          float* lse) {
+          float* lse, const at::BFloat16* init_out, const float* init_lse) {
   const int64_t dim = q.size(2), pairs = dim / 2, heads = q.size(0);
   const int64_t padded = (rows + kRows - 1) / kRows * kRows;
   std::vector<uint32_t> qw(padded * pairs, 0);
@@ -152,6 +152,18 @@ void tile(const at::Tensor& q, int64_t h, int64_t i0, int64_t rows, const uint32
   for (int64_t r = 0; r < rows; ++r) {
     const at::BFloat16* src = qbase + h * q.stride(0) + (i0 + r) * q.stride(1);
     for (int64_t p = 0; p < pairs; ++p) qw[r * pairs + p] = word(src + 2 * p);
+  }
+  if (init_lse != nullptr) {
+    // Continue a softmax over other keys: its normalised output with sum 1 at its
+    // log-sum-exp is the same running state as its unnormalised one.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float l = init_lse[h * q.size(1) + i0 + r];
+      if (!std::isfinite(l)) continue;  // it saw nothing: start empty
+      row_max[r] = l;
+      row_sum[r] = 1.0f;
+      const at::BFloat16* src = init_out + ((i0 + r) * heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] = static_cast<float>(src[d]);
+    }
   }
   const int64_t lo = band.first(i0), hi = band.last(i0 + rows - 1, keys);
   const __m512 scale_v = _mm512_set1_ps(scale);
@@ -236,9 +248,14 @@ bool flash_prefill_supported() {
 
 // q [Hq, n, D], k/v [H, T, D] bfloat16 (channels contiguous, H dividing Hq), D a multiple of
 // 16. Returns out [n, Hq, D] bfloat16 and lse [Hq, n] float32 (-inf for a query seeing no key).
+// With init_out [n, Hq, D] bfloat16 and init_lse [Hq, n] (a previous call's results over other
+// keys), the softmax continues from them: the result is attention over both sets of keys, as
+// merging the two calls' results by their log-sum-exps would give, without the merge.
 std::tuple<at::Tensor, at::Tensor> flash_prefill(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, int64_t shift,
-                                                 int64_t window, double sm_scale) {
+                                                 int64_t window, double sm_scale,
+                                                 const std::optional<at::Tensor>& init_out,
+                                                 const std::optional<at::Tensor>& init_lse) {
   TORCH_CHECK(flash_prefill_supported(), "flash_prefill needs a build with AVX512-BF16");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k and v must be 3-d");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
@@ -252,6 +269,19 @@ std::tuple<at::Tensor, at::Tensor> flash_prefill(const at::Tensor& q, const at::
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
               "channels must be contiguous");
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  TORCH_CHECK(init_out.has_value() == init_lse.has_value(), "init_out and init_lse go together");
+  const at::BFloat16* init_outp = nullptr;
+  const float* init_lsep = nullptr;
+  if (init_lse.has_value()) {
+    TORCH_CHECK(init_out->scalar_type() == at::kBFloat16 && init_out->is_contiguous() &&
+                    init_out->sizes() == at::IntArrayRef({n, heads, dim}),
+                "init_out must be a contiguous bfloat16 [n, Hq, D]");
+    TORCH_CHECK(init_lse->scalar_type() == at::kFloat && init_lse->is_contiguous() &&
+                    init_lse->sizes() == at::IntArrayRef({heads, n}),
+                "init_lse must be a contiguous float32 [Hq, n]");
+    init_outp = init_out->data_ptr<at::BFloat16>();
+    init_lsep = init_lse->data_ptr<float>();
+  }
   at::Tensor out = at::empty({n, heads, dim}, q.options());
   at::Tensor lse = at::empty({heads, n}, q.options().dtype(at::kFloat));
 #ifdef __AVX512BF16__
@@ -275,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> flash_prefill(const at::Tensor& q, const at::
     for (int64_t item = first; item < last; ++item) {
       const int64_t h = item / tiles, i0 = (item % tiles) * kTile, g = h / group;
       tile(q, h, i0, std::min(kTile, n - i0), kp.data() + g * kwords, vp.data() + g * vwords,
-           keys, band, scale, outp, lsep);
+           keys, band, scale, outp, lsep, init_outp, init_lsep);
     }
   });
 #endif
