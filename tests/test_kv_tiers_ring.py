@@ -159,14 +159,16 @@ def test_the_tiered_ring_is_admitted_counted_and_returned(checkpoints: dict[str,
     not flash_serves(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)),
     reason="the extension is not built with AVX512-BF16 here",
 )
+@pytest.mark.parametrize("chunks", [(90, 60), (10, 5, 30)])
 @pytest.mark.parametrize("window", [None, 70])
 @pytest.mark.parametrize("policy", ["k8v4/k4v2:r=16,sw=40,w=16", "k8v8/k4v2:sw=24,w=8,pk=1"])
 def test_native_prefill_scores_equal_the_torch_scores(
-    policy: str, window: int | None, monkeypatch: pytest.MonkeyPatch
+    policy: str, window: int | None, chunks: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In bfloat16 a tiered prefill chunk's scores come from ``flash_scores`` (each token's
     probability summed over the scoring queries by the native kernel): the same scores as the
-    float32 softmax of the torch path, chunk by chunk, with and without a ring."""
+    float32 softmax of the torch path, chunk by chunk, with and without a ring, and for
+    chunks shorter than the ring (whose queries see no quantized token)."""
     import tierkv.kv.attention.tiered_prefill as tiered_prefill
 
     def scores(native: bool) -> torch.Tensor:
@@ -174,11 +176,11 @@ def test_native_prefill_scores_equal_the_torch_scores(
             monkeypatch.setattr(tiered_prefill, "flash_serves", lambda q: False)
         pool = PagePool(400, default_page_bytes(64))
         store = KVStore(pool, 2, 3, 64, torch.bfloat16, 1, 512)
-        slot = store.acquire_slot(KVPolicy.parse(policy), 150)
+        slot = store.acquire_slot(KVPolicy.parse(policy), sum(chunks))
         attention = PagedAttention(store, [window, None], backend="fast")
         gen = torch.Generator().manual_seed(5)
         context = 0
-        for n in (90, 60):  # two chunks: the second sees the first's tokens and ring
+        for n in chunks:  # later chunks see the earlier ones' tokens and ring
             batch = AttentionBatch.build([slot], [context], [n])
             store.reserve(torch.tensor([slot]), torch.tensor([context + n]))
             q = torch.randn(n, 9, 64, generator=gen).bfloat16()

@@ -127,7 +127,7 @@ def _native_scores(
     heads, width = keys.shape[1], keys.shape[2]
     scoring, scoring_lse = queries[:, :, first:], lse[:, :, first:]
     recent = 0 if residual is None else (int(residual.window[0]) if live is None else live[0])
-    stop = context + n - recent
+    stop = max(0, context + n - recent)  # a prompt shorter than the ring has no tier part
     quantized = None if window is None else window - recent
     sums = torch.zeros(1, hq, width)
     sums[..., :stop] = flash_scores(
