@@ -210,6 +210,7 @@ class PagedAttention:
                 per_page = store.layouts[0].tokens_per_page
                 ring_pages = int(store.ring[part[0]].max()) // per_page
             groups.append(DecodeGroup(f, rows, *part, int(part[1].max()), ring_pages))
+            self.chain.decoder(f, store.dtype).plan(self._decode_step, groups[-1])
         high = store.slot_format[batch.slots, 0].tolist()
         recent = store.residual[batch.slots].tolist() if store.num_residual else None
         ring = store.ring[batch.slots].tolist() if store.num_residual else None

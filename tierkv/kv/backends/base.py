@@ -136,6 +136,13 @@ class KVBackend(ABC):
         """``refusal`` is None, and the backend can run here."""
         return self.unavailable() is None and self.refusal(fmt, head_dim, dtype, device) is None
 
+    def plan(self, step: DecodeStep, group: DecodeGroup) -> None:
+        """Once per engine step, before its first layer, for each group of uniform decodes
+        this backend will serve: where host work and copies to the device that every layer
+        shares belong (kept in ``step.cache``). ``decode`` must still work without it (for
+        callers that do not plan). Nothing by default."""
+        return None
+
     # Kernels besides uniform decode are optional: a backend without one refuses it (the
     # defaults below) and the next backend of the chain that serves it is asked.
 

@@ -133,6 +133,18 @@ class TritonBackend(KVBackend):
 
         store_tokens(store, f, pages, rows, k, v, positions)
 
+    def plan(self, step: DecodeStep, group: DecodeGroup) -> None:
+        # Every layer's page table of the group [L, B, H, pages], moved to the arena's device
+        # once per step, not once per layer. Columns past a head's own pages hold stale ids:
+        # they point at its first page (never read: those positions are masked).
+        store, f = step.store, group.f
+        num = -(-group.max_len // store.layouts[f].tokens_per_page)
+        pages = store.tables[group.slots, :, :, HIGH, :num]
+        held = store.held[group.slots, :, :, HIGH][..., None]
+        pages = torch.where(torch.arange(num) < held, pages, pages[..., :1])
+        device = store.pool.arena.device
+        step.cache[("triton_pages", f)] = pages.transpose(0, 1).contiguous().to(device)
+
     def decode(
         self,
         step: DecodeStep,
@@ -144,20 +156,9 @@ class TritonBackend(KVBackend):
     ) -> torch.Tensor:
         store, f, lens = step.store, group.f, group.lens
         fmt, layout = store.formats[f], store.layouts[f]
-        per_page = layout.tokens_per_page
-        num = -(-group.max_len // per_page)
-        key = ("triton_pages", f)
-        pages = step.cache.get(key)
-        if pages is None:
-            # [L, B, H, num]; columns past a head's own pages hold stale ids: point them at
-            # the first page (never read: those positions are masked).
-            pages = store.tables[group.slots, :, :, HIGH, :num]
-            held = store.held[group.slots, :, :, HIGH][..., None]
-            pages = torch.where(torch.arange(num) < held, pages, pages[..., :1])
-            # Moved to the arena's device once per step, not once per layer.
-            device = store.pool.arena.device
-            pages = step.cache[key] = pages.transpose(0, 1).contiguous().to(device)
-        table = pages[layer]
+        if ("triton_pages", f) not in step.cache:
+            self.plan(step, group)
+        table = step.cache[("triton_pages", f)][layer]
         starts = torch.zeros_like(lens) if window is None else (lens - window).clamp(min=0)
         # The newest ``R`` positions of a slot with a residual window come from its ring.
         ends = lens if residual is None else lens - residual.window
