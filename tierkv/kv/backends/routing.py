@@ -62,42 +62,38 @@ class BackendChain:
     def tiered(self, formats: tuple[int, int]) -> KVBackend:
         """The backend that decodes tiered slots whose (high, low) tiers are stored in the
         format indices ``formats``, in the store's compute dtype."""
-        store = self.store
-        backend = self._first(
-            ("tiered", formats),
-            lambda b: b.tiered_refusal(
-                self._pair(formats), store.head_dim, store.dtype, store.pool.arena.device
-            ),
-        )
+        key = ("tiered", formats)
+        if key not in self._found:
+            store = self.store
+            args = (self._pair(formats), store.head_dim, store.dtype, store.pool.arena.device)
+            self._found[key] = self._first(lambda b: b.tiered_refusal(*args))
+        backend = self._found[key]
         assert backend is not None, "reference serves every tiered decode"
         return backend
 
     def compactor(self, formats: tuple[int, int]) -> KVBackend | None:
         """The backend that compacts tiered slots stored in ``formats``, or None."""
-        store = self.store
-        return self._first(
-            ("compact", formats),
-            lambda b: b.compact_refusal(
-                self._pair(formats), store.head_dim, store.pool.arena.device
-            ),
-        )
+        key = ("compact", formats)
+        if key not in self._found:
+            store = self.store
+            args = (self._pair(formats), store.head_dim, store.pool.arena.device)
+            self._found[key] = self._first(lambda b: b.compact_refusal(*args))
+        return self._found[key]
 
     def writer(self, f: int) -> Callable[..., None] | None:
         """The ``write`` of the backend that writes new tokens in format index ``f``, or None
-        (the store encodes them itself): what ``KVStore.writer_for`` is set to."""
-        store = self.store
-        backend = self._first(
-            ("write", f),
-            lambda b: b.write_refusal(
-                store.formats[f], store.head_dim, store.dtype, store.pool.arena.device
-            ),
-        )
+        (the store encodes them itself): what ``KVStore.writer_for`` is set to. Asked at every
+        layer's write: the cached answer comes first."""
+        key = ("write", f)
+        if key not in self._found:
+            store = self.store
+            args = (store.formats[f], store.head_dim, store.dtype, store.pool.arena.device)
+            self._found[key] = self._first(lambda b: b.write_refusal(*args))
+        backend = self._found[key]
         return None if backend is None else backend.write
 
     def _pair(self, formats: tuple[int, int]) -> tuple[KVFormat, KVFormat]:
         return self.store.formats[formats[0]], self.store.formats[formats[1]]
 
-    def _first(self, key: tuple, refusal: Callable[[KVBackend], str | None]) -> KVBackend | None:
-        if key not in self._found:
-            self._found[key] = next((b for b in self.backends if refusal(b) is None), None)
-        return self._found[key]
+    def _first(self, refusal: Callable[[KVBackend], str | None]) -> KVBackend | None:
+        return next((b for b in self.backends if refusal(b) is None), None)

@@ -79,23 +79,22 @@ class SlotTiers:
         ``probs`` is ``[B, H, G, 1, T]``, already summed over the queries at ``query_pos``,
         all of which count (``partial.flash_scores``).
         """
-        if summed:
-            summed = probs.sum(3).amax(2)
-        else:
+        if not summed:
             counts = query_pos >= self.score_start[slots][:, None]
-            summed = (probs * counts[:, None, None, :, None]).sum(3).amax(2)
+            probs = probs * counts[:, None, None, :, None]
+        total = probs.sum(3).amax(2)
         if query_pos.shape[1] == 1:
-            return summed  # a decode step: never pooled
+            return total  # a decode step: never pooled
         kernel = int(self.pool[slots].max()) if pool is None else pool
         if kernel == 1:
-            return summed
+            return total
         # A prefill chunk (tiered chunks run one request at a time, whose tokens are still in
         # position order): a token also gets the largest score among its kernel // 2
         # neighbours on each side, so the tokens around an attended one (the value after a
         # key, the rest of a name) survive with it, as SnapKV's pooling does.
-        flat = summed.reshape(-1, 1, summed.shape[-1])
+        flat = total.reshape(-1, 1, total.shape[-1])
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-        return pooled.view_as(summed)
+        return pooled.view_as(total)
 
     def decide(
         self,

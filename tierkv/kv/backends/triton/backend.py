@@ -89,8 +89,8 @@ class TritonBackend(KVBackend):
         host: UnitHost,
         residual: Residual | None,
     ) -> torch.Tensor:
-        # The kernel reads the rings after the write itself (``residual`` is not needed); the
-        # probabilities it returns are added to the scores as the torch path adds them.
+        # The ring's part and the merge are torch ops over ``residual``; the probabilities
+        # the kernel returns are added to the scores as the torch path adds them.
         from tierkv.kv.backends.tiered_attend import add_received
         from tierkv.kv.backends.triton.tiered import tiered_decode
 
@@ -105,6 +105,7 @@ class TritonBackend(KVBackend):
             formats=host.formats,
             pages=host.pages[layer],
             cache=host.kernel,
+            residual=residual,
         )
         att = TieredAttention(out[:, None], probs[:, :, :, None])
         add_received(store, layer, slots, query_pos[:, None], att, host)
@@ -198,6 +199,8 @@ def decode_pages(
     The pages are cut into ``splits`` runs, each its own program, merged by log-sum-exp
     afterwards (default: enough splits that B x heads x splits programs fill a GPU's
     multiprocessors at long contexts; one in the interpreter or with few pages)."""
+    from triton import next_power_of_2
+
     b, hq, dim = q.shape
     q = q.contiguous()
     num_pages = table.shape[-1]
@@ -234,11 +237,11 @@ def decode_pages(
         table.stride(1),
         HEADS=heads,
         G=hq // heads,
-        GP=_pow2(hq // heads),
+        GP=next_power_of_2(hq // heads),
         D=dim,
-        DP=_pow2(dim),
+        DP=next_power_of_2(dim),
         TPP=per_page,
-        BLOCK_T=_pow2(per_page),
+        BLOCK_T=next_power_of_2(per_page),
         KEY_BITS=fmt.key_bits,
         VALUE_BITS=fmt.value_bits,
         GROUP_W=dim // fields["k_scale"].numel,
@@ -258,7 +261,3 @@ def _splits(programs: int, num_pages: int, device: torch.device) -> int:
         return 1
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(-(-target // programs), num_pages // 8 or 1, 64))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

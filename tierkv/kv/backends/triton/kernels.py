@@ -48,6 +48,30 @@ def _dequantize(
 
 
 @triton.jit
+def softmax_step(m, denom, acc, logits, value):
+    """Fold one block into an online softmax: ``logits`` [G, T] (-inf where a token is not
+    seen) and ``value`` [T, D] into the running maximum ``m`` and sum ``denom`` [G] and the
+    unnormalised output ``acc`` [G, D]."""
+    new_m = tl.maximum(m, tl.max(logits, axis=1))
+    # Before a seen token the running maximum is -inf: keep the arithmetic finite.
+    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    alpha = tl.exp(m - safe)
+    probs = tl.exp(logits - safe[:, None])
+    denom = denom * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * value[None, :, :], axis=1)
+    return new_m, denom, acc
+
+
+@triton.jit
+def softmax_finish(m, denom, acc):
+    """The output [G, D] and log-sum-exp [G] of an online softmax (zeros and -inf where
+    nothing was seen)."""
+    empty = denom == 0.0
+    safe = tl.where(empty, 1.0, denom)
+    return acc / safe[:, None], tl.where(empty, float("-inf"), m + tl.log(safe))
+
+
+@triton.jit
 def paged_decode(
     Q,
     ARENA,
@@ -129,12 +153,6 @@ def paged_decode(
         )
         logits = tl.sum(q[:, None, :] * key[None, :, :], axis=2) * sm_scale
         logits = tl.where(valid[None, :], logits, float("-inf"))
-        new_m = tl.maximum(m, tl.max(logits, axis=1))
-        # Before a visible token the running maximum is -inf: keep the arithmetic finite.
-        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-        alpha = tl.exp(m - safe)
-        probs = tl.exp(logits - safe[:, None])
-        denom = denom * alpha + tl.sum(probs, axis=1)
         value = _dequantize(
             base,
             v_codes,
@@ -148,17 +166,8 @@ def paged_decode(
             groups,
             GROUP_W,
         )
-        acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * value[None, :, :], axis=1)
-        m = new_m
-    empty = denom == 0.0
-    safe = tl.where(empty, 1.0, denom)
-    out = acc / safe[:, None]
-    lse = tl.where(empty, float("-inf"), m + tl.log(safe))
+        m, denom, acc = softmax_step(m, denom, acc, logits, value)
+    out, lse = softmax_finish(m, denom, acc)
     row = (b * HEADS * G + heads) * splits + split
     tl.store(OUT + row[:, None] * D + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
     tl.store(LSE + row, lse, mask=gmask)
-
-
-def next_power_of_2(n: int) -> int:
-    """Triton block sizes are powers of two."""
-    return triton.next_power_of_2(n)

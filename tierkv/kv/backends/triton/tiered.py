@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from triton import next_power_of_2
 
 from tierkv.kv.backends.tiered_ring import fold, ring_logits
 from tierkv.kv.store.kv_store import HIGH, LOW, KVStore
+from tierkv.kv.store.views import Residual
 
 # The key of this op's layer-invariant arguments in the caller's per-step ``cache``.
 _CACHE_KEY = "triton_tiered_decode"
@@ -46,6 +48,7 @@ def tiered_decode(
     formats: tuple[int, int] | None = None,
     pages: tuple[int, int] | None = None,
     cache: dict | None = None,
+    residual: Residual | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of tiered slots over both tiers, read in place (after the step's write).
 
@@ -63,7 +66,9 @@ def tiered_decode(
     the pages covering the largest count of each tier at ``layer`` (``UnitHost.pages``), read
     from the counts (a host sync) when None. ``cache``:
     a dict the caller keeps for one step and one group of ``slots``, where the first layer
-    leaves the arguments that are the same at every layer for the others. The results equal
+    leaves the arguments that are the same at every layer for the others. ``residual``: the
+    slots' ring entries, their own tokens included, when the caller has read them (else they
+    are read here, after the write). The results equal
     the cpu backend's ``tiered_decode`` (without ``score``) up to float32 summation order.
     """
     if window is not None and window < 1:
@@ -79,9 +84,8 @@ def tiered_decode(
         if cache is not None:
             cache[_CACHE_KEY] = inv
     # Columns per tier: the pages covering the largest count, whole (as ``read_tier`` reads).
-    counts = store.count[slots, layer, :, : LOW + 1]
     if pages is None:
-        most = counts.amax((0, 1)).tolist()
+        most = store.count[slots, layer, :, : LOW + 1].amax((0, 1)).tolist()
         pages = tuple(-(-c // p) for c, p in zip(most, inv.per_page, strict=True))
     widths = [n * p for n, p in zip(pages, inv.per_page, strict=True)]
     width = sum(widths)
@@ -92,7 +96,7 @@ def tiered_decode(
         # Tables kept on the host: this layer's rows of the slots travel instead.
         num = max(pages)
         tables = store.tables[slots, layer : layer + 1, :, : LOW + 1, :num].to(device)
-        count = counts[:, None].to(device)
+        count = store.count[slots, layer : layer + 1, :, : LOW + 1].to(device)
         rows, at = torch.arange(b, device=device), 0
     ring = inv.ring_pages > 0
     q = q.contiguous()
@@ -125,9 +129,9 @@ def tiered_decode(
         *count.stride()[:3],
         HEADS=heads,
         G=group,
-        GP=_pow2(group),
+        GP=next_power_of_2(group),
         D=dim,
-        DP=_pow2(dim),
+        DP=next_power_of_2(dim),
         RING=ring,
         **inv.constants,
     )
@@ -136,7 +140,8 @@ def tiered_decode(
     if not ring:
         probs = torch.exp(logits - _finite(lse)[..., None])
         return out.view(b, hq, dim).to(q.dtype), probs
-    residual = store.read_residual(layer, slots, inv.ring_pages)
+    if residual is None:
+        residual = store.read_residual(layer, slots, inv.ring_pages)
     qg = q.float().view(b, heads, group, 1, dim)
     ring_lg = ring_logits(qg, residual, query_pos[:, None], window)[:, :, :, 0]
     total = torch.logaddexp(lse, torch.logsumexp(ring_lg, -1))
@@ -170,7 +175,7 @@ def _layer_invariant(
         constants.update(
             {
                 f"TPP_{name}": per_page,
-                f"BLOCK_{name}": _pow2(per_page),
+                f"BLOCK_{name}": next_power_of_2(per_page),
                 f"KB_{name}": fmt.key_bits,
                 f"VB_{name}": fmt.value_bits,
                 f"GW_{name}": store.head_dim // fields["k_scale"].numel,
@@ -203,7 +208,3 @@ def _kernels():  # type: ignore[no-untyped-def]
     from tierkv.kv.backends.triton import tiered_kernels
 
     return tiered_kernels
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

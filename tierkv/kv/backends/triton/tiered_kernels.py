@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tierkv.kv.backends.triton.kernels import _dequantize
+from tierkv.kv.backends.triton.kernels import _dequantize, softmax_finish, softmax_step
 
 # Offsets per tier in the ``FIELDS`` table ``tiered_decode`` reads, in this order.
 FIELD_ORDER = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos")
@@ -99,12 +99,6 @@ def _tier(
         )
         if RING:
             tl.store(POS + pos_row + col, pos, mask=in_page)
-        new_m = tl.maximum(m, tl.max(logits, axis=1))
-        # Before a seen token the running maximum is -inf: keep the arithmetic finite.
-        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-        alpha = tl.exp(m - safe)
-        probs = tl.exp(logits - safe[:, None])
-        denom = denom * alpha + tl.sum(probs, axis=1)
         value = _dequantize(
             base,
             v_codes,
@@ -118,8 +112,7 @@ def _tier(
             groups,
             GROUP_W,
         )
-        acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * value[None, :, :], axis=1)
-        m = new_m
+        m, denom, acc = softmax_step(m, denom, acc, logits, value)
     return m, denom, acc
 
 
@@ -209,12 +202,7 @@ def tiered_decode(
         logit_row, pos_row, width_high, width, last, lo, page_bytes, sm_scale, g, gmask, d,
         dmask, 1, D, TPP_LOW, BLOCK_LOW, KB_LOW, VB_LOW, GW_LOW, RING,
     )  # fmt: skip
-    empty = denom == 0.0
-    safe = tl.where(empty, 1.0, denom)
+    out, lse = softmax_finish(m, denom, acc)
     row = b * HEADS * G + heads
-    tl.store(
-        OUT + row[:, None] * D + d[None, :],
-        acc / safe[:, None],
-        mask=gmask[:, None] & dmask[None, :],
-    )
-    tl.store(LSE + row, tl.where(empty, float("-inf"), m + tl.log(safe)), mask=gmask)
+    tl.store(OUT + row[:, None] * D + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
+    tl.store(LSE + row, lse, mask=gmask)

@@ -87,9 +87,9 @@ def store_tokens(
         KEY_BITS=fmt.key_bits,
         VALUE_BITS=fmt.value_bits,
         GROUP_W=group_w,
-        GROUPS_P=_pow2(groups),
-        K_BYTES_P=_pow2(dim * fmt.key_bits // 8),
-        V_BYTES_P=_pow2(dim * fmt.value_bits // 8),
+        GROUPS_P=triton.next_power_of_2(groups),
+        K_BYTES_P=triton.next_power_of_2(dim * fmt.key_bits // 8),
+        V_BYTES_P=triton.next_power_of_2(dim * fmt.value_bits // 8),
     )
 
 
@@ -236,7 +236,3 @@ def quantize_store(
     tl.store(score + row, 0.0)
     pos = (base + tl.load(FIELDS + 7)).to(tl.pointer_type(tl.int32))
     tl.store(pos + row, tl.load(POSITIONS + n).to(tl.int32))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
