@@ -14,7 +14,12 @@ from tierkv.eval.answers import answer_agreement, score_answers
 from tierkv.eval.engines import engine_for
 from tierkv.eval.longgen import long_generation
 from tierkv.eval.metrics import answer_match
-from tierkv.eval.needle import build_needles, make_needle_example, needle_found
+from tierkv.eval.needle import (
+    ANSWER_TOKENS,
+    build_needles,
+    make_needle_example,
+    needle_found,
+)
 from tierkv.eval.prompts import ChatPrompt, load_prompts, plain_text, render
 from tierkv.eval.suites import suite_config
 from tierkv.model.source import ModelSource
@@ -78,9 +83,14 @@ def test_needle_lands_at_the_requested_depth_and_length(
 
 
 def test_needles_too_long_for_the_model_are_skipped_with_a_note(tokenizer: object) -> None:
-    needles, notes = build_needles(tokenizer, (512, 4096), 2, 2048)
-    assert list(needles) == [512] and "needle@4096" in notes[0]
+    needles, notes = build_needles(tokenizer, (512, 2048, 4096), 2, 2048)
+    assert list(needles) == [512, 2048]
     assert [round(e.requested_depth, 2) for e in needles[512]] == [0.25, 0.75]
+    # A length equal to the window is kept, shortened so that prompt and answer fit it.
+    assert all(
+        2048 - 64 - ANSWER_TOKENS <= len(e.ids) <= 2048 - ANSWER_TOKENS for e in needles[2048]
+    )
+    assert "needle@2048" in notes[0] and "needle@4096: skipped" in notes[1]
 
 
 def test_models_without_a_chat_template_get_plain_turns(tokenizer: object) -> None:

@@ -9,6 +9,7 @@ from tierkv.cli_args import DEMO_MODEL
 from tierkv.eval.fidelity import FidelityConfig, run_fidelity
 from tierkv.eval.report import format_categories, format_table, write_json
 from tierkv.eval.suites import SUITES, choose_suite, suite_config
+from tierkv.model.source import MODEL_HELP
 
 _DEFAULTS = FidelityConfig(model="")  # the demo suite's sizes
 _REAL = SUITES["real"]
@@ -44,7 +45,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
             "long generation; and KV bytes per token measured from the pool."
         ),
     )
-    p.add_argument("--model", default=str(DEMO_MODEL), help="local Hugging Face model folder")
+    p.add_argument(
+        "--model", default=str(DEMO_MODEL), help=f"{MODEL_HELP} (default: the demo model)"
+    )
     p.add_argument(
         "--kv-policy",
         action="append",

@@ -137,6 +137,13 @@ def make_needle_example(
         sentences.insert(slot(depths[i]), needles[i])
     haystack = " ".join(sentences)
     ids = render(tokenizer, _messages(haystack, key), answer_prefix(key))
+    # Sentences tokenized one by one can come to a token fewer than joined: drop filler from
+    # the end until the prompt is within its length (a window-filling prompt must leave the
+    # answer room).
+    while len(ids) > context_tokens and sentences[-1] not in needles:
+        sentences.pop()
+        haystack = " ".join(sentences)
+        ids = render(tokenizer, _messages(haystack, key), answer_prefix(key))
     before = haystack[: haystack.index(needles[0])]
     measured = _ntokens(tokenizer, before) / max(1, _ntokens(tokenizer, haystack))
     return NeedleExample(ids, numbers[0], key, measured, depth, context_tokens)
@@ -158,20 +165,28 @@ def build_needles(
 ) -> tuple[dict[int, list[NeedleExample]], list[str]]:
     """``examples`` prompts per context length at evenly spaced depths, and notes on skips.
 
-    Lengths whose prompt and answer do not fit ``max_model_len`` are skipped with a note.
+    A length equal to the model's window (8,192 for SmolLM2) is kept, its prompt shortened by
+    the answer's ``ANSWER_TOKENS`` so that prompt and answer fit, as RULER counts the tokens to
+    generate inside its lengths; the note says so. Longer lengths are skipped with a note.
     Splits draw different keys, numbers and haystack starts from different seeds.
     """
     out: dict[int, list[NeedleExample]] = {}
     notes = []
     for ctx in contexts:
-        if ctx + ANSWER_TOKENS > max_model_len:
+        if ctx > max_model_len:
             notes.append(
                 f"needle@{ctx}: skipped, the model's max_model_len is {max_model_len} tokens"
             )
             continue
+        prompt = min(ctx, max_model_len - ANSWER_TOKENS)
+        if prompt < ctx:
+            notes.append(
+                f"needle@{ctx}: prompts of up to {prompt} tokens, so that the {ANSWER_TOKENS}"
+                f" answer tokens fit max_model_len {max_model_len}"
+            )
         rng = random.Random(zlib.crc32(f"{split}/{seed}/{ctx}".encode()))
         out[ctx] = [
-            make_needle_example(rng, tokenizer, ctx, (i + 0.5) / examples, n_needles)
+            make_needle_example(rng, tokenizer, prompt, (i + 0.5) / examples, n_needles)
             for i in range(examples)
         ]
     return out, notes
