@@ -255,7 +255,9 @@ def test_tiered_decode_equals_tiered_attend(
     assert (counts.sum(-1) < (query_pos + 1)[:, None]).all()
     want = tiered.attend(store, LAYER, q[:, None], slots, query_pos[:, None], window)
     out, probs = native.tiered_decode(store, LAYER, q, slots, query_pos, window)
-    torch.testing.assert_close(out, want.out[:, 0], rtol=1e-5, atol=2e-5)
+    # Stored values are rotated (x M, M unnormalised: about 8x the model's at head dim 64), and
+    # an output element can be a small sum of them: float32 order differences reach 3e-5.
+    torch.testing.assert_close(out, want.out[:, 0], rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(probs, want.probs[:, :, :, 0], rtol=1e-5, atol=1e-6)
     # What the policy takes from them: each token's largest probability over its group.
     received = store.tiers.received(want.probs, slots, query_pos[:, None])

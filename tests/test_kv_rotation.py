@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierkv import extension
 from tierkv.kv.formats.rotation import rotate, rotate_qkv, rotation
 from tierkv.kv.policy.spec import KVPolicy
 
@@ -78,3 +79,25 @@ def test_rotate_qkv_rotates_the_rows_asked_into_contiguous_tensors(
         want = x.clone()
         want[rows] = rotate(x[rows], kind)
         assert torch.equal(y, want) and y.is_contiguous()
+
+
+@pytest.mark.skipif(not extension.available(), reason="no native kernels")
+@pytest.mark.parametrize("head_dim", [8, 24, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("kind", ["in", "query", "out"])
+def test_the_native_transform_is_the_matrix_product(head_dim: int, kind: str) -> None:
+    """``hadamard`` (csrc/hadamard.cpp) against ``x M``, ``x M / b`` and ``o M^T / b`` in
+    float64: block sizes 8 (scalar stages) to 256, several blocks (24, 80, 96), both dtypes."""
+    matrix, block = rotation(head_dim)
+    want_map = {"in": matrix, "query": matrix / block, "out": matrix.t() / block}[kind].double()
+    gen = torch.Generator().manual_seed(head_dim)
+    x = torch.randn(37, 3, head_dim, generator=gen)
+    x[..., 1] *= 40.0  # an outlier channel
+    want = x.double() @ want_map
+    torch.testing.assert_close(rotate(x, kind).double(), want, rtol=1e-6, atol=1e-4)
+    # bfloat16: the exact result rounded once, but for a last-bit tie.
+    xb = x.bfloat16()
+    got = rotate(xb, kind)
+    exact = (xb.double() @ want_map).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == xb.shape
+    assert (got != exact).float().mean() < 0.01
+    torch.testing.assert_close(got.float(), exact.float(), rtol=2**-7, atol=1e-6)

@@ -14,8 +14,9 @@
 //                                                   flash_scores
 //   tierkv/model/csrc/small_batch_linear.cpp        small_batch_linear, invariant_linear
 //   tierkv/model/csrc/fused_elementwise.cpp         rms_norm, silu_and_mul, rotary
+//   tierkv/kv/formats/csrc/hadamard.cpp             hadamard
 // (the Python contracts: tierkv/kv/backends/cpu/ops.py, tiers.py, layout.py and writes.py,
-// tierkv/kv/backends/partial.py, tierkv/model/layers.py).
+// tierkv/kv/backends/partial.py, tierkv/model/layers.py, tierkv/kv/formats/rotation.py).
 
 #include <torch/extension.h>
 
@@ -65,6 +66,10 @@ TORCH_LIBRARY(tierkv, m) {
   m.def(
       "flash_scores(Tensor q, Tensor k, Tensor lse, int shift, int window, float sm_scale) "
       "-> Tensor");
+
+  // --- The rotated basis of quantized formats (hadamard.cpp) ---
+  // x [..., D] through the block Walsh-Hadamard transform with column signs, times scale.
+  m.def("hadamard(Tensor x, Tensor signs, float scale, bool signs_first) -> Tensor");
 
   // --- Model layers (small_batch_linear.cpp, fused_elementwise.cpp) ---
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
