@@ -24,13 +24,16 @@ def test_tiered_policy_strings_parse() -> None:
     )
     assert KVPolicy.parse(policy.name) == policy
     default = KVPolicy.parse("default")
-    assert default.name == "k8v8/k4v2-g64:ah=1,w=128,r=32" and default.budget is None
+    assert default.name == "k8v8/k4v2-g64:ah=1,al=0.8,w=128,pk=15,r=32" and default.budget is None
     assert default.high.group_size == default.low.group_size == 64  # type: ignore[union-attr]
-    assert (default.alpha_high, default.alpha_low, default.recent, default.pool) == (1, 0.2, 128, 7)
+    params = (default.alpha_high, default.alpha_low, default.recent, default.pool)
+    assert params == (1, 0.8, 128, 15)
     budget = KVPolicy.parse("default@0.2")
-    assert budget.name == "k8v8/k4v2-g64@0.2:ah=1,w=128,r=32" and budget == default.with_budget(0.2)
+    name = "k8v8/k4v2-g64@0.2:ah=1,al=0.8,w=128,pk=15,r=32"
+    assert budget.name == name and budget == default.with_budget(0.2)
     # The name's own parameters override the default's.
-    assert KVPolicy.parse("default-g32:pk=1,w=32").name == "k8v8/k4v2-g32:ah=1,w=32,pk=1,r=32"
+    got = KVPolicy.parse("default-g32:pk=1,w=32").name
+    assert got == "k8v8/k4v2-g32:ah=1,al=0.8,w=32,pk=1,r=32"
     assert KVPolicy.parse("default:w=16").residual == 16  # the ring never exceeds the window
     assert KVPolicy.parse("k8v4/k4v2-g64").low.group_size == 64  # type: ignore[union-attr]
 

@@ -37,7 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         default=EngineConfig.kv_policy,
         help=(
             "KV cache policy: default (the tuned differentiated policy, the default; "
-            "= k8v8/k4v2-g64:ah=1,w=128,r=32); fp16 "
+            "= k8v8/k4v2-g64:ah=1,al=0.8,w=128,pk=15,r=32); fp16 "
             "(uncompressed); uniform k8v8, k8v4, k8v2, k4v4, k4v2, k4v1, k2v2 (optional group "
             "size suffix, e.g. k4v2-g64, and residual window of uncompressed newest tokens, "
             "e.g. k8v8:r=32, the default; r=0 for none); differentiated HIGH/LOW[-gN] such as "

@@ -31,7 +31,7 @@ request):
   defaults were tuned on the demo model's dev split (``docs/fidelity.md``).
 - ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
 - ``default``: the engine's compressing default (``EngineConfig.kv_policy``),
-  ``k8v8/k4v2-g64:ah=1,w=128,r=32``; it takes the same suffixes (``default@0.2``,
+  ``k8v8/k4v2-g64:ah=1,al=0.8,w=128,pk=15,r=32``; it takes the same suffixes (``default@0.2``,
   ``default:w=32``, ``default-g32``), whose parameters override its own. Why these values, as
   measured on SmolLM2-135M-Instruct's dev prompts (``docs/fidelity.md``): the tokens that
   receive most attention, the attention sinks and the newest tokens, are the ones whose value
@@ -41,8 +41,12 @@ request):
   the recent window is 128 tokens, ``ah=1`` (DiffKV's published value) keeps tokens
   with above-average attention high, and the newest 32 tokens are also read uncompressed from
   a residual ring (``r=32``; dev answers 0.547 -> 0.656; without it even prompts that never
-  leave the high tier lost half their answers). At 4k-token contexts it stores 4.0x fewer
-  bytes per token than the uncompressed bf16 cache (4.15x without the ring).
+  leave the high tier lost half their answers). Prefill scores are max-pooled over 15
+  positions and tokens under ``0.8 / N`` pruned (``pk=15,al=0.8``): the pooling keeps the
+  neighbours of an attended token (the digits after "the magic number is"), the higher
+  threshold pays for them; at ``pk=7,al=0.2`` half of the dev needles at 1k-2k tokens were
+  pruned, here every one is kept at the same bytes. At 4k-token contexts it stores 4.1x fewer
+  bytes per token than the uncompressed bf16 cache.
 
 Scores. A query *counts* when its position is at least ``prompt_len - sw`` (``prompt_len`` is
 the length at admission): the last ``sw`` prompt queries and every decode query. Each counting
@@ -127,7 +131,7 @@ _QUANTIZED_NAMES = tuple(name for name, fmt in FORMATS.items() if fmt.quantized)
 DEFAULT_TIERS = "k8v8/k4v2"
 # Parameters of ``default`` (before any the name adds, which override them); see above.
 DEFAULT_TIERED_RESIDUAL = 32
-DEFAULT_PARAMS = f"ah=1,w=128,r={DEFAULT_TIERED_RESIDUAL}"
+DEFAULT_PARAMS = f"ah=1,al=0.8,w=128,pk=15,r={DEFAULT_TIERED_RESIDUAL}"
 # The group size of ``default`` unless its name sets one: 64 channels halve the scale/zero
 # bytes of 32, which the tuning sweep preferred (see docs/fidelity.md).
 DEFAULT_GROUP = 64
@@ -169,7 +173,7 @@ _SYNTAX = (
     "residual window such as k8v8:r=32), "
     "HIGH/LOW tiers such as k8v4/k4v2 written "
     "HIGH[-gN]/LOW[-gN][@BUDGET][:ah=2.0,al=0.2,w=64,sw=64,pk=7,di=8,r=0,h=1], "
-    "and default (= k8v8/k4v2-g64:ah=1,w=128,r=32, same suffixes)"
+    "and default (= k8v8/k4v2-g64:ah=1,al=0.8,w=128,pk=15,r=32, same suffixes)"
 )
 
 
