@@ -124,6 +124,10 @@ def test_the_backend_is_chosen_by_name(checkpoints: dict[str, Path]) -> None:
     store = KVStore(PagePool(8, default_page_bytes(64)), 1, 1, 64, torch.float32, 1, 64)
     assert PagedAttention(store, [None]).backend == "reference"
     assert PagedAttention(store, [None], backend="fast").backend == "fast"
+    # Tiered chunks take the fast dense paths where a backend of the chain offers them (the
+    # backends' own flag, not their names): the reference chain stays on the oracle.
+    assert not PagedAttention(store, [None])._fused
+    assert PagedAttention(store, [None], backend="torch")._fused
     with pytest.raises(ValueError, match="attention backend"):
         PagedAttention(store, [None], backend="flashinfer")
     llm = LLM(str(checkpoints["llama"]), attention_backend="fast", kv_cache_memory="8MiB")

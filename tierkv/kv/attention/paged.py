@@ -93,8 +93,8 @@ class PagedAttention:
         self._plan: _StepPlan | None = None
         self._workspace: dict = {}
         self._decode_step = DecodeStep(store, self._step_cache, self._workspace)
-        # Tiered prefill chunks take the fast dense paths where the chain has fast backends.
-        self._fused = any(b.name in ("cpu", "torch") for b in self.chain.backends)
+        # Tiered prefill chunks take the fast dense paths where a backend of the chain says so.
+        self._fused = any(b.fast_tiered_paths for b in self.chain.backends)
         store.writer_for = self.chain.writer
 
     def __call__(

@@ -118,6 +118,11 @@ class KVBackend(ABC):
     name: str = ""
     #: Whether ``decode`` reads residual rings in place (after the step's write).
     reads_rings_in_place: bool = False
+    #: Whether a chain holding this backend takes the fast paths for tiered work it does not
+    #: serve itself: a tiered prefill chunk by dense attention over the gathered prefix
+    #: (``tiered.attend_prefill``), a tiered decode the oracle serves by its fused torch ops
+    #: over the codes (with a workspace) rather than the plain gather.
+    fast_tiered_paths: bool = False
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine (no compiler...), or None."""

@@ -24,6 +24,7 @@ class CpuBackend(KVBackend):
 
     name = "cpu"
     reads_rings_in_place = True
+    fast_tiered_paths = True
 
     def unavailable(self) -> str | None:
         return None if ops.available() else (ops.unavailable_reason() or "not built")

@@ -19,6 +19,7 @@ class TorchBackend(KVBackend):
     """Quantized formats whose channel groups fill whole bytes at both bit widths."""
 
     name = "torch"
+    fast_tiered_paths = True
 
     def refusal(
         self, fmt: KVFormat, head_dim: int, dtype: torch.dtype, device: torch.device
