@@ -95,3 +95,37 @@ def test_the_guard_catches_a_step_planned_inside_its_first_layer(
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     with layers_may_not_sync(monkeypatch), pytest.raises(HostSync):
         llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("policy", ["fp16", "k8v8"])
+def test_the_cpu_backend_gathers_a_steps_page_tables_in_plan(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every layer's page table is gathered once per step by ``CpuBackend.plan``, before the
+    first layer, never inside a layer's attention (where it would wait on the host)."""
+    from tierkv.kv.backends.cpu import ops
+
+    inside, calls = [False], []
+    for name in ("plan_decode", "plan_full"):
+        original = getattr(ops, name)
+
+        def spy(*args: object, _f=original, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+            calls.append(inside[0])
+            _f(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    call = PagedAttention.__call__
+
+    def layer(self: PagedAttention, *args: object) -> torch.Tensor:
+        inside[0] = True
+        try:
+            return call(self, *args)  # type: ignore[arg-type]
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(PagedAttention, "__call__", layer)
+    llm = LLM(str(DEMO), dtype="float32", kv_policy=policy, attention_backend="cpu")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm.generate([[5, 6, 7, 8], [9, 10, 11]], params, use_tqdm=False)
+    # One gather per decode step (5 after the prompts' step), none inside a layer.
+    assert calls and not any(calls) and len(calls) == 5

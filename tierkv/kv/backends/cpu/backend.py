@@ -124,6 +124,23 @@ class CpuBackend(KVBackend):
                 return f"{fmt.name}: the cpu tier kernels are not built for it"
         return None
 
+    def plan(self, step: DecodeStep, group: DecodeGroup) -> None:
+        # Every layer's page table (and the rings'), gathered once per step before its first
+        # layer: each layer's decode then reads only its slice.
+        store = step.store
+        if store.formats[group.f].quantized:
+            ops.plan_decode(
+                store,
+                group.slots,
+                group.lens,
+                group.f,
+                step.cache,
+                max_len=group.max_len,
+                ring_pages=group.ring_pages,
+            )
+        else:
+            ops.plan_full(store, group.slots, group.lens, step.cache, max_len=group.max_len)
+
     def decode(
         self,
         step: DecodeStep,

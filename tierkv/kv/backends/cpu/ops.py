@@ -158,25 +158,38 @@ def decode(
     tensors unless the caller knows them on the host.
     """
     cache = {} if cache is None else cache
-    per_page = store.layouts[f].tokens_per_page
-    plan = cache.get(("native", f))
-    if plan is None:
-        num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
-        # [L, B, H, num]: one contiguous [B, H, num] table per layer.
-        pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
-        plan = cache[("native", f)] = (pages, lens.to(torch.int64).contiguous())
-    pages, ends = plan
+    if ("native", f) not in cache:
+        plan_decode(store, slots, lens, f, cache, max_len=max_len, ring_pages=ring_pages)
+    pages, ends = cache[("native", f)]
     starts = cache.get(("native_starts", f, window))
     if starts is None:
         starts = torch.zeros_like(ends) if window is None else (ends - window).clamp_(min=0)
         cache[("native_starts", f, window)] = starts
-    rings = cache.get(("native_ring", f), False)
-    if rings is False:
-        rings = cache[("native_ring", f)] = (
-            ring_tables(store, slots, ring_pages) if store.num_residual else None
-        )
+    rings = cache[("native_ring", f)]
     ring = None if rings is None else Ring(rings[0][layer], rings[1], rings[2])
     return partial(store, layer, q, pages[layer], starts, ends, f, ring=ring)[0]
+
+
+def plan_decode(
+    store: KVStore,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    f: int,
+    cache: dict,
+    *,
+    max_len: int | None = None,
+    ring_pages: int | None = None,
+) -> None:
+    """Put what ``decode`` reads at every layer of a step into ``cache``: the page ids of
+    every layer ``[L, B, H, pages]`` (one contiguous table per layer), the lengths, and the
+    rings' tables. The backend's ``plan`` calls it once per step, before the first layer."""
+    per_page = store.layouts[f].tokens_per_page
+    num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
+    pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
+    cache[("native", f)] = (pages, lens.to(torch.int64).contiguous())
+    cache[("native_ring", f)] = (
+        ring_tables(store, slots, ring_pages) if store.num_residual else None
+    )
 
 
 def decode_full(
@@ -198,23 +211,35 @@ def decode_full(
     ids of every layer for the step, as in ``decode``.
     """
     cache = {} if cache is None else cache
-    plan = cache.get("native_full")
-    if plan is None:
-        per_page = store.layouts[0].tokens_per_page
-        num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
-        pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
-        # The kernel's signature wants a quantized layout too; none of its tokens is read.
-        carrier = store.register(FORMATS["k8v8"])
-        ends = lens.to(torch.int64).contiguous()
-        size = torch.full_like(ends, num * per_page)
-        plan = cache["native_full"] = (pages, carrier, ends, size)
-    pages, carrier, ends, size = plan
+    if "native_full" not in cache:
+        plan_full(store, slots, lens, cache, max_len=max_len)
+    pages, carrier, ends, size = cache["native_full"]
     starts = cache.get(("native_full_starts", window))
     if starts is None:
         starts = ends.new_zeros(ends.shape) if window is None else (ends - window).clamp(min=0)
         cache[("native_full_starts", window)] = starts
     ring = Ring(pages[layer], size, ends)
     return partial(store, layer, q, pages[layer], starts, ends, carrier, ring=ring)[0]
+
+
+def plan_full(
+    store: KVStore,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    cache: dict,
+    *,
+    max_len: int | None = None,
+) -> None:
+    """``plan_decode`` for ``decode_full``: the page ids of every layer, the carrier format,
+    the lengths and the ring size covering them, once per step."""
+    per_page = store.layouts[0].tokens_per_page
+    num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
+    pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
+    # The kernel's signature wants a quantized layout too; none of its tokens is read.
+    carrier = store.register(FORMATS["k8v8"])
+    ends = lens.to(torch.int64).contiguous()
+    size = torch.full_like(ends, num * per_page)
+    cache["native_full"] = (pages, carrier, ends, size)
 
 
 __all__ = [
@@ -225,6 +250,8 @@ __all__ = [
     "decode_full",
     "kernel_bit_pairs",
     "partial",
+    "plan_decode",
+    "plan_full",
     "store_tokens",
     "supports",
     "tiered_decode",
