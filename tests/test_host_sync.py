@@ -97,16 +97,25 @@ def test_the_guard_catches_a_step_planned_inside_its_first_layer(
         llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
 
 
-@pytest.mark.parametrize("policy", ["fp16", "k8v8"])
-def test_the_cpu_backend_gathers_a_steps_page_tables_in_plan(
-    policy: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("backend", "policy", "planners"),
+    [
+        ("cpu", "fp16", ("plan_decode", "plan_full")),
+        ("cpu", "k8v8", ("plan_decode", "plan_full")),
+        ("torch", "k8v8", ("plan_pages",)),
+    ],
+)
+def test_the_fast_backends_gather_a_steps_page_tables_in_plan(
+    backend: str, policy: str, planners: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every layer's page table is gathered once per step by ``CpuBackend.plan``, before the
-    first layer, never inside a layer's attention (where it would wait on the host)."""
-    from tierkv.kv.backends.cpu import ops
+    """Every layer's page table is gathered once per step by the backend's ``plan``, before
+    the first layer, never inside a layer's attention (where it would wait on the host)."""
+    from tierkv.kv.backends.cpu import ops as cpu_ops
+    from tierkv.kv.backends.torch import ops as torch_ops
 
+    ops = cpu_ops if backend == "cpu" else torch_ops
     inside, calls = [False], []
-    for name in ("plan_decode", "plan_full"):
+    for name in planners:
         original = getattr(ops, name)
 
         def spy(*args: object, _f=original, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
@@ -124,7 +133,7 @@ def test_the_cpu_backend_gathers_a_steps_page_tables_in_plan(
             inside[0] = False
 
     monkeypatch.setattr(PagedAttention, "__call__", layer)
-    llm = LLM(str(DEMO), dtype="float32", kv_policy=policy, attention_backend="cpu")
+    llm = LLM(str(DEMO), dtype="float32", kv_policy=policy, attention_backend=backend)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm.generate([[5, 6, 7, 8], [9, 10, 11]], params, use_tqdm=False)
     # One gather per decode step (5 after the prompts' step), none inside a layer.

@@ -57,6 +57,12 @@ class TorchBackend(KVBackend):
             store, layer, q, slots, query_pos, window, host, residual, workspace
         )
 
+    def plan(self, step: DecodeStep, group: DecodeGroup) -> None:
+        # Every layer's page table, gathered once per step before its first layer.
+        ops.plan_pages(
+            step.store, group.slots, group.lens, group.f, step.cache, max_len=group.max_len
+        )
+
     def decode(
         self,
         step: DecodeStep,

@@ -166,6 +166,26 @@ def supports(fmt: KVFormat, head_dim: int) -> bool:
     return fmt.fills_bytes(head_dim)
 
 
+def plan_pages(
+    store: KVStore,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    f: int,
+    cache: dict,
+    *,
+    max_len: int | None = None,
+) -> None:
+    """Put every layer's page ids of ``slots`` ``[L, B, H, pages]`` into ``cache``, once per
+    step (``TorchBackend.plan`` calls it before the first layer; ``decode`` when nobody did)."""
+    per_page = store.layouts[f].tokens_per_page
+    num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
+    pages = store.tables[slots, :, :, HIGH, :num]  # [B, L, H, num]
+    # Columns past a head's own pages hold stale ids (see KVStore._gather).
+    valid = torch.arange(num) < store.held[slots, :, :, HIGH][..., None]
+    pages = torch.where(valid, pages, pages[..., :1])
+    cache[("pages", f)] = (num, pages.transpose(0, 1).contiguous())
+
+
 def decode(
     store: KVStore,
     layer: int,
@@ -204,15 +224,9 @@ def decode(
     group = hq // heads
     groups = dim // min(fmt.group_size, dim)
 
-    plan = cache.get(("pages", f))
-    if plan is None:
-        num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
-        pages = store.tables[slots, :, :, HIGH, :num]  # [B, L, H, num]
-        # Columns past a head's own pages hold stale ids (see KVStore._gather).
-        valid = torch.arange(num) < store.held[slots, :, :, HIGH][..., None]
-        pages = torch.where(valid, pages, pages[..., :1])
-        plan = cache[("pages", f)] = (num, pages.transpose(0, 1).contiguous())
-    num, all_pages = plan
+    if ("pages", f) not in cache:
+        plan_pages(store, slots, lens, f, cache, max_len=max_len)
+    num, all_pages = cache[("pages", f)]
     tokens = num * per_page
     hidden = cache.get(("mask", f, window))
     if hidden is None:
