@@ -11,7 +11,7 @@ request):
   group-wise per token and KV head. An optional suffix ``-gN`` sets the group size to N
   channels (``k4v2-g64``); the default is ``quant.DEFAULT_GROUP_SIZE``. A uniform policy keeps
   a full-precision *residual* of the newest ``r`` tokens (``k8v8:r=32``, the default 32;
-  ``r=0`` for none), see below.
+  ``r=0`` for none), see docs/kv_policies.md.
 - Every quantized policy stores its keys and values in a rotated basis (``h=1``, the default;
   ``k4v4:h=0`` or ``default:h=0`` stores them as the model computes them), where outlier
   channels no longer set every group's scale (``tierkv.kv.formats.rotation``). Attention is
@@ -29,24 +29,19 @@ request):
   ``di`` (decision interval in decode steps; 8, and 1 in budget mode),
   e.g. ``k8v4/k4v2-g64:ah=1.0,al=0.02,w=64,pk=1`` (DiffKV's published thresholds). The
   defaults were tuned on the demo model's dev split (``docs/fidelity.md``).
-- ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode, see below.
+- ``@BUDGET`` (a fraction in (0, 1], ``k8v4/k4v2@0.2``): budget mode (docs/kv_policies.md).
 - ``default``: the engine's compressing default (``EngineConfig.kv_policy``),
   ``k8v8/k4v2-g64:ah=1,al=0.8,w=128,pk=15,r=32``; it takes the same suffixes (``default@0.2``,
   ``default:w=32``, ``default-g32``), whose parameters override its own. Why these values, as
-  measured on SmolLM2-135M-Instruct's dev prompts (``docs/fidelity.md``): the tokens that
-  receive most attention, the attention sinks and the newest tokens, are the ones whose value
-  error reaches the output almost unscaled (a token's value error enters the output weighted
-  by its attention), so the high tier keeps 8-bit values (the earlier ``k8v4`` high tier put
-  the sinks' values at 4 bits and kept 0.10 of the dev answers; ``k8v8`` high keeps 0.55),
-  the recent window is 128 tokens, ``ah=1`` (DiffKV's published value) keeps tokens
-  with above-average attention high, and the newest 32 tokens are also read uncompressed from
-  a residual ring (``r=32``; dev answers 0.547 -> 0.656; without it even prompts that never
-  leave the high tier lost half their answers). Prefill scores are max-pooled over 15
-  positions and tokens under ``0.8 / N`` pruned (``pk=15,al=0.8``): the pooling keeps the
-  neighbours of an attended token (the digits after "the magic number is"), the higher
-  threshold pays for them; at ``pk=7,al=0.2`` half of the dev needles at 1k-2k tokens were
-  pruned, here every one is kept at the same bytes. At 4k-token contexts it stores 4.1x fewer
-  bytes per token than the uncompressed bf16 cache.
+  measured on SmolLM2-135M-Instruct's dev prompts (``docs/fidelity.md``): a token's value
+  error enters the output weighted by its attention, so the high tier keeps 8-bit values for
+  the tokens that get most (the sinks, the newest 128; ``ah=1``, DiffKV's value, keeps those
+  above average), and the newest 32 are also read uncompressed from a residual ring
+  (``r=32``). Prefill scores are max-pooled over 15 positions and tokens under ``0.8 / N``
+  pruned (``pk=15,al=0.8``): the pooling keeps the neighbours of an attended token (the digits
+  after "the magic number is"), where ``pk=7,al=0.2`` pruned half the dev needles at 1k-2k
+  tokens for the same bytes. At 4k-token contexts it stores 4.1x fewer bytes per token than
+  the uncompressed bf16 cache.
 
 Scores. A query *counts* when its position is at least ``prompt_len - sw`` (``prompt_len`` is
 the length at admission): the last ``sw`` prompt queries and every decode query. Each counting
@@ -75,48 +70,8 @@ where ``di=1`` had it (ppl ratio 1.0050 against 1.0051, KL 0.0040, the same retr
 1.0072) and took a decode step of 32 requests x 1536 tokens from 20.1 to 12.8 ms
 (BENCHMARKS.md).
 
-Budget mode (``@f``): after the same scoring, each (request, layer, KV head) may hold at most
-``floor(f * N / fp16_tokens_per_page)`` pages, the pages ``fp16`` would need for ``N`` tokens
-in a 16-bit dtype scaled by ``f``. Tokens are ranked by mean score (the recent window first, it
-is always kept); a token wants the high tier if it is high and recent or above ``ah / N``, else
-the low tier; tokens are kept in rank order while their summed per-token page costs stay one page
-under the limit (that page covers the two partly filled last pages). ``al`` is not used: the
-budget decides what is pruned. The bound holds between engine steps (a step first reserves a
-page per head for its new token and demotions) once ``f * N`` fp16 tokens can hold the recent
-window at the high precision; before that the recent window alone exceeds it. Budget mode
-therefore decides every step unless ``di`` is given: with ``di > 1`` the bound holds at decision
-steps, and in between each head may hold up to ``di - 1`` newer tokens more.
-
-Bytes per token (``KVStore.bytes_per_token``): a page of ``page_bytes`` holds
-``tokens_per_page`` tokens of one (request, layer, KV head) in one format, and its page-table
-entry costs 8 bytes (int64), so one token costs, over all layers and KV heads::
-
-    num_layers * num_kv_heads * (page_bytes + 8) / tokens_per_page(format)
-
-``tokens_per_page`` already accounts for every per-token field (codes, fp16 scales and zeros,
-the f32 score, the i32 position) and the page's alignment waste; the measured use of a request
-exceeds this only by its partly filled last page per head and tier. A differentiated request
-costs ``bytes_per_token(high)`` per high token plus ``bytes_per_token(low)`` per low token;
-admission reserves the prompt at the high precision (an upper bound) plus one low page per
-(layer, head), the room a decision needs to demote before it frees.
-
-Residual window (uniform policies). Quantization error on the few tokens a query attends to
-most, its own and its immediate predecessors, is what flips near-tied greedy choices, so a
-uniform policy also keeps the newest ``r`` tokens of each (request, layer, KV head) in the
-compute dtype, in a ring of uncompressed pages of the same pool: a query at position ``p``
-attends to positions ``p - r + 1 .. p`` at full precision and to older ones quantized (KIVI
-and transformers' QuantizedCache keep such a residual too). The rule depends only on
-positions, so chunking and batching do not change it. Every token is still quantized when it
-arrives; the ring costs ``ceil(r / fp_tokens_per_page)`` pages per (layer, head) and request,
-a constant beside the per-token cost (``KVStore.residual_bytes``). On the demo model this
-takes ``k8v8``'s greedy agreement with ``fp16`` (float32, 64 prompts x 128 tokens) from 54/64
-without the ring to the figure in BENCHMARKS.md with it.
-
-Preemption. Uniform policies encode each token on its own, so a preempted request recomputes
-exactly the cache it had and its output is unchanged. A differentiated policy's recompute
-treats prompt and generated tokens as one new prompt and scores it with the prefill rule, so
-the kept set, and therefore the output after the preemption point, may differ from an
-uninterrupted run; the request still runs to its normal end and returns all its pages.
+Budget mode's rule, bytes per token, the residual window of uniform policies and what
+preemption does to each kind of policy: docs/kv_policies.md.
 """
 
 from __future__ import annotations
