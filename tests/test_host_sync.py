@@ -28,19 +28,9 @@ class HostSync(AssertionError):
     """A layer read a tensor's value on the host."""
 
 
-@contextmanager
-def layers_may_not_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Inside ``PagedAttention.__call__``, every tensor-to-Python conversion raises."""
+def _track_layers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A flag, ``[True]`` while ``PagedAttention.__call__`` (a layer's attention) runs."""
     inside = [False]
-    for name in _CONVERSIONS:
-        original = getattr(torch.Tensor, name)
-
-        def guarded(self: torch.Tensor, *args: object, _name: str = name, _f=original) -> object:  # type: ignore[no-untyped-def]
-            if inside[0]:
-                raise HostSync(f"Tensor.{_name} inside a layer's attention")
-            return _f(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
     call = PagedAttention.__call__
 
     def layer(self: PagedAttention, *args: object) -> torch.Tensor:
@@ -51,6 +41,22 @@ def layers_may_not_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             inside[0] = False
 
     monkeypatch.setattr(PagedAttention, "__call__", layer)
+    return inside
+
+
+@contextmanager
+def layers_may_not_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside ``PagedAttention.__call__``, every tensor-to-Python conversion raises."""
+    inside = _track_layers(monkeypatch)
+    for name in _CONVERSIONS:
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self: torch.Tensor, *args: object, _name: str = name, _f=original) -> object:  # type: ignore[no-untyped-def]
+            if inside[0]:
+                raise HostSync(f"Tensor.{_name} inside a layer's attention")
+            return _f(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
     yield
 
 
@@ -114,7 +120,7 @@ def test_the_fast_backends_gather_a_steps_page_tables_in_plan(
     from tierkv.kv.backends.torch import ops as torch_ops
 
     ops = cpu_ops if backend == "cpu" else torch_ops
-    inside, calls = [False], []
+    inside, calls = _track_layers(monkeypatch), []
     for name in planners:
         original = getattr(ops, name)
 
@@ -123,16 +129,6 @@ def test_the_fast_backends_gather_a_steps_page_tables_in_plan(
             _f(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)
-    call = PagedAttention.__call__
-
-    def layer(self: PagedAttention, *args: object) -> torch.Tensor:
-        inside[0] = True
-        try:
-            return call(self, *args)  # type: ignore[arg-type]
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(PagedAttention, "__call__", layer)
     llm = LLM(str(DEMO), dtype="float32", kv_policy=policy, attention_backend=backend)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm.generate([[5, 6, 7, 8], [9, 10, 11]], params, use_tqdm=False)

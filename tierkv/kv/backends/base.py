@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tierkv.kv.formats.quant import KVFormat
+from tierkv.kv.store.tables import HIGH
 
 if TYPE_CHECKING:
     from tierkv.kv.store.kv_store import KVStore
@@ -99,6 +100,22 @@ class DecodeStep:
     store: KVStore
     cache: dict = field(default_factory=dict)
     workspace: dict = field(default_factory=dict)
+
+
+def high_page_tables(
+    store: KVStore, slots: torch.Tensor, f: int, max_len: int, *, stale_to_first: bool = False
+) -> tuple[int, torch.Tensor]:
+    """The high-tier page ids of ``slots`` in every layer, ``[L, B, H, P]`` with one
+    contiguous ``[B, H, P]`` table per layer, ``P`` the pages of ``max_len`` tokens in format
+    index ``f``; and ``P``. What a backend's ``plan`` gathers once per step. Columns past a
+    head's own pages hold stale ids; ``stale_to_first`` points them at the head's first page,
+    for kernels that read every column (see ``KVStore._gather``)."""
+    num = -(-max_len // store.layouts[f].tokens_per_page)
+    pages = store.tables[slots, :, :, HIGH, :num]  # [B, L, H, P]
+    if stale_to_first:
+        valid = torch.arange(num) < store.held[slots, :, :, HIGH][..., None]
+        pages = torch.where(valid, pages, pages[..., :1])
+    return num, pages.transpose(0, 1).contiguous()
 
 
 def byte_refusal(fmt: KVFormat, head_dim: int) -> str | None:

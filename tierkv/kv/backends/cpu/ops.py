@@ -43,6 +43,7 @@ import torch
 
 from tierkv import extension
 from tierkv.extension import available, unavailable_reason
+from tierkv.kv.backends.base import high_page_tables
 from tierkv.kv.backends.cpu.layout import (
     Ring,
     kernel_bit_pairs,
@@ -57,7 +58,7 @@ from tierkv.kv.backends.cpu.layout import (
 from tierkv.kv.backends.cpu.tiers import compact_tiers, tiered_decode
 from tierkv.kv.backends.cpu.writes import store_tokens
 from tierkv.kv.formats.quant import FORMATS
-from tierkv.kv.store.kv_store import HIGH, KVStore
+from tierkv.kv.store.kv_store import KVStore
 
 
 def partial(
@@ -183,9 +184,7 @@ def plan_decode(
     """Put what ``decode`` reads at every layer of a step into ``cache``: the page ids of
     every layer ``[L, B, H, pages]`` (one contiguous table per layer), the lengths, and the
     rings' tables. The backend's ``plan`` calls it once per step, before the first layer."""
-    per_page = store.layouts[f].tokens_per_page
-    num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
-    pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
+    _, pages = high_page_tables(store, slots, f, int(lens.max()) if max_len is None else max_len)
     cache[("native", f)] = (pages, lens.to(torch.int64).contiguous())
     cache[("native_ring", f)] = (
         ring_tables(store, slots, ring_pages) if store.num_residual else None
@@ -232,13 +231,11 @@ def plan_full(
 ) -> None:
     """``plan_decode`` for ``decode_full``: the page ids of every layer, the carrier format,
     the lengths and the ring size covering them, once per step."""
-    per_page = store.layouts[0].tokens_per_page
-    num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
-    pages = store.tables[slots, :, :, HIGH, :num].transpose(0, 1).contiguous()
+    num, pages = high_page_tables(store, slots, 0, int(lens.max()) if max_len is None else max_len)
     # The kernel's signature wants a quantized layout too; none of its tokens is read.
     carrier = store.register(FORMATS["k8v8"])
     ends = lens.to(torch.int64).contiguous()
-    size = torch.full_like(ends, num * per_page)
+    size = torch.full_like(ends, num * store.layouts[0].tokens_per_page)
     cache["native_full"] = (pages, carrier, ends, size)
 
 

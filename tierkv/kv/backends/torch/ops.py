@@ -42,9 +42,10 @@ import math
 
 import torch
 
+from tierkv.kv.backends.base import high_page_tables
 from tierkv.kv.backends.partial import merge, residual_part
 from tierkv.kv.formats.quant import KVFormat
-from tierkv.kv.store.kv_store import HIGH, KVStore
+from tierkv.kv.store.kv_store import KVStore
 from tierkv.kv.store.views import Residual
 
 
@@ -177,13 +178,8 @@ def plan_pages(
 ) -> None:
     """Put every layer's page ids of ``slots`` ``[L, B, H, pages]`` into ``cache``, once per
     step (``TorchBackend.plan`` calls it before the first layer; ``decode`` when nobody did)."""
-    per_page = store.layouts[f].tokens_per_page
-    num = -(-(int(lens.max()) if max_len is None else max_len) // per_page)
-    pages = store.tables[slots, :, :, HIGH, :num]  # [B, L, H, num]
-    # Columns past a head's own pages hold stale ids (see KVStore._gather).
-    valid = torch.arange(num) < store.held[slots, :, :, HIGH][..., None]
-    pages = torch.where(valid, pages, pages[..., :1])
-    cache[("pages", f)] = (num, pages.transpose(0, 1).contiguous())
+    length = int(lens.max()) if max_len is None else max_len
+    cache[("pages", f)] = high_page_tables(store, slots, f, length, stale_to_first=True)
 
 
 def decode(

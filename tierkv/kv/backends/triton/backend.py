@@ -18,11 +18,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierkv.kv.backends.base import DecodeGroup, DecodeStep, KVBackend, TieredAttention, UnitHost
+from tierkv.kv.backends.base import (
+    DecodeGroup,
+    DecodeStep,
+    KVBackend,
+    TieredAttention,
+    UnitHost,
+    high_page_tables,
+)
 from tierkv.kv.backends.partial import merge, residual_part
 from tierkv.kv.formats.layout import PageLayout
 from tierkv.kv.formats.quant import KVFormat
-from tierkv.kv.store.kv_store import HIGH
 
 if TYPE_CHECKING:
     from tierkv.kv.store.kv_store import KVStore
@@ -139,12 +145,8 @@ class TritonBackend(KVBackend):
         # once per step, not once per layer. Columns past a head's own pages hold stale ids:
         # they point at its first page (never read: those positions are masked).
         store, f = step.store, group.f
-        num = -(-group.max_len // store.layouts[f].tokens_per_page)
-        pages = store.tables[group.slots, :, :, HIGH, :num]
-        held = store.held[group.slots, :, :, HIGH][..., None]
-        pages = torch.where(torch.arange(num) < held, pages, pages[..., :1])
-        device = store.pool.arena.device
-        step.cache[("triton_pages", f)] = pages.transpose(0, 1).contiguous().to(device)
+        _, pages = high_page_tables(store, group.slots, f, group.max_len, stale_to_first=True)
+        step.cache[("triton_pages", f)] = pages.to(store.pool.arena.device)
 
     def decode(
         self,

@@ -50,34 +50,28 @@ inline f32x16 stage_in_vector(f32x16 v, int h) {
   return (lane & h) != 0 ? p - v : v + p;
 }
 
-// H(x) over one block of b floats in place (b a power of two, at least 16).
-inline void fwht_vectors(f32x16* v, int64_t b) {
-  const int64_t n = b / kLanes;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int h = 1; h < kLanes; h *= 2) v[i] = stage_in_vector(v[i], h);
-  }
+// The butterfly stages (a + c, a - c) of spans 1, 2, 4, ... up to n / 2 over n elements in
+// place: whole vectors (the stages across a row's vectors) or single floats (any block size).
+template <typename T>
+inline void butterflies(T* x, int64_t n) {
   for (int64_t h = 1; h < n; h *= 2) {
     for (int64_t i = 0; i < n; i += 2 * h) {
       for (int64_t j = i; j < i + h; ++j) {
-        const f32x16 a = v[j], c = v[j + h];
-        v[j] = a + c;
-        v[j + h] = a - c;
-      }
-    }
-  }
-}
-
-// H(x) over one block of b floats in place, any power of two (the scalar stages).
-inline void fwht_scalar(float* x, int64_t b) {
-  for (int64_t h = 1; h < b; h *= 2) {
-    for (int64_t i = 0; i < b; i += 2 * h) {
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j], c = x[j + h];
+        const T a = x[j], c = x[j + h];
         x[j] = a + c;
         x[j + h] = a - c;
       }
     }
   }
+}
+
+// H(x) over one block of b floats in place (b a power of two, at least 16), as vectors.
+inline void fwht_vectors(f32x16* v, int64_t b) {
+  const int64_t n = b / kLanes;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int h = 1; h < kLanes; h *= 2) v[i] = stage_in_vector(v[i], h);
+  }
+  butterflies(v, n);
 }
 
 inline float to_float(float x) { return x; }
@@ -108,7 +102,7 @@ void rotate_scalar_rows(const T* x, T* y, const std::vector<float>& pre,
     std::vector<float> buf(static_cast<size_t>(dim));
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t d = 0; d < dim; ++d) buf[d] = to_float(x[r * dim + d]) * pre[d];
-      for (int64_t block = 0; block < dim; block += b) fwht_scalar(buf.data() + block, b);
+      for (int64_t block = 0; block < dim; block += b) butterflies(buf.data() + block, b);
       for (int64_t d = 0; d < dim; ++d) y[r * dim + d] = static_cast<T>(buf[d] * post[d]);
     }
   });
